@@ -1,0 +1,136 @@
+//! What libuprobe says: problems found while setting up, and the summary at exit, as a readable
+//! table (`UPROBES_FORMAT=text`, the default) or JSON Lines (`UPROBES_FORMAT=json`), written to
+//! stderr or appended to `UPROBES_OUTPUT` (`%p` is replaced by the pid).
+
+use serde_json::json;
+
+use crate::probes::{ProbeInfo, ProbeState};
+use crate::sys;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Where and how reports go.
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// `UPROBES_OUTPUT` as given (with `%p` unexpanded); `None` is stderr.
+    pub path: Option<String>,
+    pub format: Format,
+}
+
+impl Output {
+    /// Append `text` to the output. The file is opened for each report and closed after, so that
+    /// libuprobe holds no descriptor the program might close, reuse or inherit.
+    pub fn emit(&self, text: &str) {
+        match &self.path {
+            None => {
+                let _ = sys::write_all(2, text.as_bytes());
+            }
+            Some(template) => {
+                let path = template.replace("%p", &sys::getpid().to_string());
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path);
+                match file {
+                    Ok(mut f) => {
+                        let _ = std::io::Write::write_all(&mut f, text.as_bytes());
+                    }
+                    Err(e) => {
+                        let msg = format!("libuprobe: cannot write report to {path}: {e}\n{text}");
+                        let _ = sys::write_all(2, msg.as_bytes());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A problem found while setting up probes.
+    pub fn problem(&self, spec: &str, message: &str) {
+        let line = match self.format {
+            Format::Text => format!("libuprobe: {spec}: {message}\n"),
+            Format::Json => format!(
+                "{}\n",
+                json!({"type": "error", "spec": spec, "message": message})
+            ),
+        };
+        self.emit(&line);
+    }
+
+    /// The summary written at exit.
+    pub fn summary(&self, probes: &[ProbeInfo]) {
+        let text = match self.format {
+            Format::Text => summary_text(sys::getpid(), probes),
+            Format::Json => summary_json(sys::getpid(), probes),
+        };
+        self.emit(&text);
+    }
+}
+
+pub fn summary_json(pid: i32, probes: &[ProbeInfo]) -> String {
+    let list: Vec<_> = probes
+        .iter()
+        .map(|p| {
+            let mut v = json!({
+                "id": p.id,
+                "spec": p.spec,
+                "object": p.object,
+                "symbol": p.symbol,
+                "offset": p.offset,
+                "state": p.state.as_str(),
+                "hits": p.hits,
+            });
+            if let Some(e) = &p.error {
+                v["error"] = json!(e);
+            }
+            v
+        })
+        .collect();
+    format!(
+        "{}\n",
+        json!({"type": "summary", "pid": pid, "probes": list})
+    )
+}
+
+pub fn summary_text(pid: i32, probes: &[ProbeInfo]) -> String {
+    let mut out = format!("libuprobe: pid {pid}: {} probe(s)\n", probes.len());
+    let spec_w = probes
+        .iter()
+        .map(|p| p.spec.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let sym_w = probes
+        .iter()
+        .map(|p| p.symbol.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    out += &format!(
+        "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  WHERE\n",
+        "ID", "HITS", "STATE", "SPEC", "SYMBOL"
+    );
+    for p in probes {
+        let place = match (p.state, p.offset) {
+            (ProbeState::Failed, _) => p.error.clone().unwrap_or_default(),
+            (ProbeState::Pending, _) => format!("{} (not loaded)", p.object),
+            (_, Some(off)) => format!("{}+{off:#x}", p.object),
+            (_, None) => p.object.clone(),
+        };
+        out += &format!(
+            "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  {place}\n",
+            p.id,
+            p.hits,
+            p.state.as_str(),
+            p.spec,
+            p.symbol
+        );
+    }
+    if !probes.is_empty() && probes.iter().all(|p| p.state == ProbeState::Pending) {
+        out += "libuprobe: no object named by the specs was ever loaded\n";
+    }
+    out
+}

@@ -1,0 +1,299 @@
+//! The probe spec grammar, shared by `UPROBES`, `uprobe run -p` and the control socket:
+//!
+//! ```text
+//! OBJECT:SYMBOL            function entry; SYMBOL may be a glob (* ? [...]) or name@VERSION
+//! OBJECT:SYMBOL+OFFSET     an instruction inside it (decimal or 0x hex), on an instruction boundary
+//! OBJECT:0xADDRESS         a file virtual address, as readelf prints it
+//! ```
+//!
+//! Several specs are separated by `;`, `,` or white space (not inside `(...)` or `[...]`).
+
+/// What a spec points at inside its object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Symbol { pattern: String, offset: u64 },
+    Address(u64),
+}
+
+/// A parsed spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec {
+    /// As the user typed it.
+    pub text: String,
+    pub object: String,
+    pub target: Target,
+}
+
+impl Spec {
+    /// The symbol part for display: the pattern, or the address.
+    pub fn symbol_text(&self) -> String {
+        match &self.target {
+            Target::Symbol { pattern, .. } => pattern.clone(),
+            Target::Address(a) => format!("{a:#x}"),
+        }
+    }
+}
+
+/// Why a spec could not be parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecError {
+    pub spec: String,
+    pub why: String,
+}
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "malformed spec `{}`: {} (expected OBJECT:SYMBOL, OBJECT:SYMBOL+OFFSET or OBJECT:0xADDRESS)",
+            self.spec, self.why
+        )
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// Split a list of specs on `;`, `,` and white space outside brackets.
+pub fn split_specs(list: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in list.char_indices() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth -= 1,
+            ';' | ',' if depth <= 0 => {
+                out.push(&list[start..i]);
+                start = i + 1;
+            }
+            c if c.is_whitespace() && depth <= 0 => {
+                out.push(&list[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    out.push(&list[start..]);
+    out.into_iter().filter(|s| !s.is_empty()).collect()
+}
+
+fn parse_number(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+pub fn parse(text: &str) -> Result<Spec, SpecError> {
+    let err = |why: &str| SpecError {
+        spec: text.to_string(),
+        why: why.to_string(),
+    };
+    let t = text.trim();
+    let (object, rest) = t
+        .split_once(':')
+        .ok_or_else(|| err("no `:` between object and symbol"))?;
+    if object.is_empty() {
+        return Err(err("empty object"));
+    }
+    if rest.is_empty() {
+        return Err(err("empty symbol"));
+    }
+    if rest.chars().any(|c| c.is_whitespace() || c == ':') {
+        return Err(err("unexpected character in symbol"));
+    }
+    let target = if rest.starts_with("0x") || rest.starts_with("0X") {
+        Target::Address(parse_number(rest).ok_or_else(|| err("bad hex address"))?)
+    } else {
+        let (pattern, offset) = match rest.split_once('+') {
+            Some((p, o)) => (
+                p,
+                parse_number(o).ok_or_else(|| err("offset must be decimal or 0x hex"))?,
+            ),
+            None => (rest, 0),
+        };
+        if pattern.is_empty() {
+            return Err(err("empty symbol"));
+        }
+        if rest.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(err(
+                "a symbol cannot start with a digit (addresses are 0x hex)",
+            ));
+        }
+        if !glob_is_valid(pattern) {
+            return Err(err("unclosed `[` in symbol pattern"));
+        }
+        Target::Symbol {
+            pattern: pattern.to_string(),
+            offset,
+        }
+    };
+    Ok(Spec {
+        text: t.to_string(),
+        object: object.to_string(),
+        target,
+    })
+}
+
+pub fn is_glob(p: &str) -> bool {
+    p.contains(['*', '?', '['])
+}
+
+fn glob_is_valid(p: &str) -> bool {
+    let mut open = false;
+    for c in p.chars() {
+        match c {
+            '[' if !open => open = true,
+            ']' if open => open = false,
+            _ => {}
+        }
+    }
+    !open
+}
+
+/// Shell-style glob: `*`, `?`, `[abc]`, `[a-z]`, `[!a]`.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        let step = match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ni));
+                pi += 1;
+                continue;
+            }
+            Some('?') => Some(pi + 1),
+            Some('[') => class_match(&p, pi, n[ni]),
+            Some(&c) if c == n[ni] => Some(pi + 1),
+            _ => None,
+        };
+        match step {
+            Some(next) => {
+                pi = next;
+                ni += 1;
+            }
+            None => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Match `c` against the class starting at `p[at] == '['`; the index after `]` if it matches.
+fn class_match(p: &[char], at: usize, c: char) -> Option<usize> {
+    let mut i = at + 1;
+    let negate = matches!(p.get(i), Some('!') | Some('^'));
+    if negate {
+        i += 1;
+    }
+    let mut hit = false;
+    let mut first = true;
+    while let Some(&pc) = p.get(i) {
+        if pc == ']' && !first {
+            return (hit != negate).then_some(i + 1);
+        }
+        first = false;
+        if p.get(i + 1) == Some(&'-') && p.get(i + 2).is_some_and(|&e| e != ']') {
+            hit |= pc <= c && c <= p[i + 2];
+            i += 3;
+        } else {
+            hit |= pc == c;
+            i += 1;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sym(o: &str, p: &str, off: u64) -> Result<(String, Target), String> {
+        Ok((
+            o.into(),
+            Target::Symbol {
+                pattern: p.into(),
+                offset: off,
+            },
+        ))
+    }
+
+    #[test]
+    fn parses_the_grammar() {
+        let cases: &[(&str, Result<(String, Target), String>)] = &[
+            ("libc.so.6:malloc", sym("libc.so.6", "malloc", 0)),
+            ("libc:str*", sym("libc", "str*", 0)),
+            ("app:work+12", sym("app", "work", 12)),
+            ("app:work+0x1f", sym("app", "work", 0x1f)),
+            (
+                "/usr/lib/libz.so.1:inflate",
+                sym("/usr/lib/libz.so.1", "inflate", 0),
+            ),
+            (
+                "libc.so.6:memcpy@GLIBC_2.2.5",
+                sym("libc.so.6", "memcpy@GLIBC_2.2.5", 0),
+            ),
+            ("app:0x1139", Ok(("app".into(), Target::Address(0x1139)))),
+            ("malloc", Err("no `:`".into())),
+            (":malloc", Err("empty object".into())),
+            ("libc:", Err("empty symbol".into())),
+            ("libc:+4", Err("empty symbol".into())),
+            ("libc:f+zz", Err("offset must be".into())),
+            ("libc:0xzz", Err("bad hex".into())),
+            ("libc:12", Err("cannot start with a digit".into())),
+            ("libc:f[a", Err("unclosed".into())),
+        ];
+        for (text, want) in cases {
+            let got = parse(text)
+                .map(|s| (s.object, s.target))
+                .map_err(|e| e.to_string());
+            match (got, want) {
+                (Ok(g), Ok(w)) => assert_eq!(&g, w, "{text}"),
+                (Err(g), Err(w)) => assert!(g.contains(w.as_str()), "{text}: {g}"),
+                (g, w) => panic!("{text}: got {g:?}, want {w:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn splits_lists() {
+        assert_eq!(
+            split_specs("a:b;c:d, e:f  g:h\n"),
+            ["a:b", "c:d", "e:f", "g:h"]
+        );
+        assert_eq!(
+            split_specs("libc:open(str,int);x:[a,b]*"),
+            ["libc:open(str,int)", "x:[a,b]*"]
+        );
+        assert!(split_specs(" ;, ").is_empty());
+    }
+
+    #[test]
+    fn globs() {
+        let cases = [
+            ("str*", "strlen", true),
+            ("str*", "memcpy", false),
+            ("*", "", true),
+            ("f?o", "foo", true),
+            ("f?o", "fo", false),
+            ("foo_[ab]", "foo_b", true),
+            ("foo_[!ab]", "foo_b", false),
+            ("foo_[a-c]x", "foo_cx", true),
+            ("*_chk", "__memcpy_chk", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbY", false),
+            ("malloc", "malloc", true),
+        ];
+        for (p, n, want) in cases {
+            assert_eq!(glob_match(p, n), want, "{p} vs {n}");
+        }
+    }
+}

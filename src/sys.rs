@@ -1,0 +1,265 @@
+//! The one place where libuprobe talks to the kernel: raw system calls, the signal restorer, and the
+//! per-thread state block.
+//!
+//! # Safety
+//!
+//! Everything here is a raw system call made with `syscall`, never through libc. That is deliberate:
+//! the user may put a probe on any libc function (`mprotect`, `write`, even `__errno_location`), and
+//! the trap handler must neither trap again nor touch `errno`. A raw call cannot be probed and never
+//! writes `errno`; its error comes back as a plain [`Errno`].
+//!
+//! The per-thread state is an initial-exec TLS block defined in assembly. Rust's `thread_local!` in a
+//! shared object compiles to `__tls_get_addr`, which may allocate (to grow the DTV after a dlopen), so
+//! it is not async-signal-safe. An initial-exec access is two instructions and never calls anything;
+//! it is valid because libuprobe is loaded at startup (LD_PRELOAD), where static TLS is guaranteed.
+
+use core::arch::{asm, global_asm};
+
+/// An error number returned by a raw system call. `Copy`, so the trap path can carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+impl std::error::Error for Errno {}
+
+#[inline(always)]
+unsafe fn syscall6(nr: i64, a: [usize; 6]) -> isize {
+    let ret: isize;
+    // SAFETY: the caller vouches for the arguments of system call `nr`; the asm clobbers only what the
+    // syscall ABI says the kernel clobbers (rax, rcx, r11) and does not touch the stack.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a[0], in("rsi") a[1], in("rdx") a[2],
+            in("r10") a[3], in("r8") a[4], in("r9") a[5],
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret
+}
+
+#[inline(always)]
+fn check(ret: isize) -> Result<usize, Errno> {
+    if (-4095..0).contains(&ret) {
+        Err(Errno(-ret as i32))
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Change the protection of `[addr, addr + len)`.
+///
+/// # Safety
+/// The range must not cover memory that Rust code relies on being accessible with the old protection
+/// (the callers only change text pages of mapped objects and XOL pages, and always keep PROT_EXEC).
+pub unsafe fn mprotect(addr: usize, len: usize, prot: i32) -> Result<(), Errno> {
+    // SAFETY: the caller's contract.
+    check(unsafe { syscall6(libc::SYS_mprotect, [addr, len, prot as usize, 0, 0, 0]) }).map(drop)
+}
+
+/// Map anonymous private memory at exactly `hint` if that range is free (MAP_FIXED_NOREPLACE), or
+/// anywhere when `hint` is 0.
+pub fn mmap_anon(hint: usize, len: usize, prot: i32) -> Result<usize, Errno> {
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if hint != 0 {
+        flags |= libc::MAP_FIXED_NOREPLACE;
+    }
+    // SAFETY: an anonymous mapping with MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let ret = check(unsafe {
+        syscall6(
+            libc::SYS_mmap,
+            [hint, len, prot as usize, flags as usize, usize::MAX, 0],
+        )
+    })?;
+    if hint != 0 && ret != hint {
+        // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat it as a hint.
+        // SAFETY: the range was just mapped by us and nothing references it.
+        unsafe { munmap(ret, len) };
+        return Err(Errno(libc::EEXIST));
+    }
+    Ok(ret)
+}
+
+/// # Safety
+/// Nothing may reference the range afterwards.
+pub unsafe fn munmap(addr: usize, len: usize) {
+    // SAFETY: the caller's contract.
+    let _ = unsafe { syscall6(libc::SYS_munmap, [addr, len, 0, 0, 0, 0]) };
+}
+
+/// `write(2)` until done or failed. Async-signal-safe.
+pub fn write_all(fd: i32, mut buf: &[u8]) -> Result<(), Errno> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a valid readable slice.
+        let r = check(unsafe {
+            syscall6(
+                libc::SYS_write,
+                [fd as usize, buf.as_ptr() as usize, buf.len(), 0, 0, 0],
+            )
+        });
+        match r {
+            Ok(n) => buf = &buf[n..],
+            Err(Errno(libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub fn getpid() -> i32 {
+    // SAFETY: getpid has no arguments and cannot fail.
+    unsafe { syscall6(libc::SYS_getpid, [0; 6]) as i32 }
+}
+
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { syscall6(libc::SYS_gettid, [0; 6]) as i32 }
+}
+
+/// Send `sig` to this thread. Async-signal-safe.
+pub fn raise_here(sig: i32) {
+    // SAFETY: tgkill to our own pid/tid with a valid signal number.
+    let _ = unsafe {
+        syscall6(
+            libc::SYS_tgkill,
+            [getpid() as usize, gettid() as usize, sig as usize, 0, 0, 0],
+        )
+    };
+}
+
+pub fn sched_yield() {
+    // SAFETY: no arguments.
+    let _ = unsafe { syscall6(libc::SYS_sched_yield, [0; 6]) };
+}
+
+/// The kernel's `struct sigaction` for x86-64 `rt_sigaction` (not glibc's layout).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct KernelSigaction {
+    pub handler: usize,
+    pub flags: u64,
+    pub restorer: usize,
+    pub mask: u64,
+}
+
+pub const SA_RESTORER: u64 = 0x0400_0000;
+
+/// `rt_sigaction(2)`, raw. Async-signal-safe.
+pub fn rt_sigaction(
+    sig: i32,
+    act: Option<&KernelSigaction>,
+    old: Option<&mut KernelSigaction>,
+) -> Result<(), Errno> {
+    let act = act.map_or(0, |a| a as *const _ as usize);
+    let old = old.map_or(0, |o| o as *mut _ as usize);
+    // SAFETY: both pointers are null or point to valid KernelSigaction values; sigsetsize is 8.
+    check(unsafe { syscall6(libc::SYS_rt_sigaction, [sig as usize, act, old, 8, 0, 0]) }).map(drop)
+}
+
+/// `rt_sigprocmask(2)` on a kernel 64-bit signal set, raw. Async-signal-safe.
+pub fn rt_sigprocmask(how: i32, set: Option<&u64>, old: Option<&mut u64>) -> Result<(), Errno> {
+    let set = set.map_or(0, |s| s as *const u64 as usize);
+    let old = old.map_or(0, |o| o as *mut u64 as usize);
+    // SAFETY: both pointers are null or point to valid u64 signal sets; sigsetsize is 8.
+    check(unsafe { syscall6(libc::SYS_rt_sigprocmask, [how as usize, set, old, 8, 0, 0]) })
+        .map(drop)
+}
+
+/// Bit of `sig` in a kernel signal set.
+pub const fn sigbit(sig: i32) -> u64 {
+    1u64 << (sig - 1)
+}
+
+// The restorer our SIGTRAP handler returns through. It lives in libuprobe, not libc, so that a probe
+// on libc's own `__restore_rt` does not trap again every time our handler returns.
+global_asm!(
+    ".pushsection .text.uprobe_sigreturn,\"ax\",@progbits",
+    ".globl uprobe_sigreturn",
+    ".hidden uprobe_sigreturn",
+    ".type uprobe_sigreturn, @function",
+    ".p2align 4",
+    "uprobe_sigreturn:",
+    "    mov eax, 15", // __NR_rt_sigreturn
+    "    syscall",
+    "    ud2",
+    ".size uprobe_sigreturn, . - uprobe_sigreturn",
+    ".popsection",
+);
+
+extern "C" {
+    fn uprobe_sigreturn();
+}
+
+/// Address of our signal restorer.
+pub fn sigreturn_trampoline() -> usize {
+    uprobe_sigreturn as *const () as usize
+}
+
+/// The state a thread keeps for libuprobe. Zero-initialised in every new thread by the C library
+/// (it is `.tbss`), so "all zero" must mean "a program thread doing nothing of ours".
+#[repr(C)]
+pub struct ThreadState {
+    /// > 0 while this thread runs libuprobe code (setup, patching, report, our trap handler), or for
+    /// its whole life if it is a runtime thread. Traps taken meanwhile run no consumers.
+    pub runtime_depth: core::sync::atomic::AtomicU32,
+}
+
+global_asm!(
+    ".pushsection .tbss.uprobe_thread_state,\"awT\",@nobits",
+    ".globl uprobe_thread_state",
+    ".hidden uprobe_thread_state",
+    ".type uprobe_thread_state, @object",
+    ".p2align 6",
+    "uprobe_thread_state:",
+    ".zero {size}",
+    ".size uprobe_thread_state, {size}",
+    ".popsection",
+    size = const core::mem::size_of::<ThreadState>(),
+);
+
+/// This thread's [`ThreadState`]. Two instructions, no call: async-signal-safe.
+#[inline(always)]
+pub fn thread_state() -> &'static ThreadState {
+    let p: *const ThreadState;
+    // SAFETY: initial-exec TLS access: fs:0 is the thread pointer, and the GOT slot holds the
+    // (negative) offset of our block in static TLS. Reads only.
+    unsafe {
+        asm!(
+            "mov {p}, qword ptr [rip + uprobe_thread_state@GOTTPOFF]",
+            "add {p}, qword ptr fs:0",
+            p = out(reg) p,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    // SAFETY: the block is valid, aligned and lives as long as the thread; every field is atomic.
+    unsafe { &*p }
+}
+
+/// Read one byte of the program's text. Used by the trap path to see whether a breakpoint is still
+/// in place.
+///
+/// # Safety
+/// `addr` must be mapped and readable.
+#[inline(always)]
+pub unsafe fn read_code_byte(addr: usize) -> u8 {
+    // SAFETY: the caller's contract; volatile because another thread may rewrite it.
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+/// Page size (4 KiB on x86-64; read once from the auxiliary vector to be exact).
+pub fn page_size() -> usize {
+    // SAFETY: getauxval is always safe to call.
+    let ps = unsafe { libc::getauxval(libc::AT_PAGESZ) } as usize;
+    if ps == 0 {
+        4096
+    } else {
+        ps
+    }
+}

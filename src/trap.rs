@@ -1,0 +1,341 @@
+//! The SIGTRAP handler: find the probe for the trapping address without locks, run its consumers,
+//! then resume the program through the XOL slot or by emulating the displaced instruction.
+//!
+//! # Safety: the async-signal-safe set
+//!
+//! Everything reachable from [`on_sigtrap`] is in this file, plus `sys::{thread_state,
+//! read_code_byte, rt_sigaction, rt_sigprocmask, raise_here}` and `signals::chain`. The rules:
+//! - no allocation, no lock, no formatting, no panic, no libc call (so `errno` is never written and
+//!   no probed libc function is entered from here);
+//! - shared state is read through atomics: the lookup [`Table`] is published through an `AtomicPtr`
+//!   and freed by the writer only after every reader that could hold it has left ([`ReadGuard`]);
+//! - the handler is installed with `SA_NODEFER`, and marks its thread as "in the runtime" while it
+//!   runs, so that a trap taken inside it (a compiler-inserted `memcpy` on a probed libc, say) resumes
+//!   at once without running consumers instead of recursing or being force-killed.
+
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::sys;
+use crate::xol::{Cond, Emu, IndirectOperand, LoopKind, Resume, NO_REG};
+
+/// `si_code` of a SIGTRAP raised by `int3`.
+const SI_KERNEL: i32 = 0x80;
+
+/// What a hit updates: the consumer side of one probe. Shared between the registry (which owns it)
+/// and published tables (which keep it alive while a trap may be updating it).
+#[derive(Default)]
+pub struct Consumer {
+    pub hits: AtomicU64,
+}
+
+/// One breakpoint in one mapping.
+#[derive(Clone, Copy)]
+pub struct TableEntry {
+    pub addr: u64,
+    pub resume: Resume,
+    /// Range in [`Table::consumers`]. Empty for a breakpoint that was removed: a thread that trapped
+    /// just before the removal still finds how to resume.
+    pub first: u32,
+    pub count: u32,
+}
+
+/// The immutable lookup table the trap handler reads: sorted by address.
+#[derive(Default)]
+pub struct Table {
+    pub entries: Vec<TableEntry>,
+    pub consumers: Vec<Arc<Consumer>>,
+}
+
+impl Table {
+    #[inline]
+    fn lookup(&self, addr: u64) -> Option<&TableEntry> {
+        let i = self.entries.binary_search_by(|e| e.addr.cmp(&addr)).ok()?;
+        self.entries.get(i)
+    }
+}
+
+static TABLE: AtomicPtr<Table> = AtomicPtr::new(core::ptr::null_mut());
+static EPOCH: AtomicUsize = AtomicUsize::new(0);
+static READERS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// A reader's hold on the current table (signal-hook's half-lock: two reader counters by epoch
+/// parity; a writer swaps the table, bumps the epoch and waits for the old parity to drain).
+struct ReadGuard {
+    parity: usize,
+}
+
+impl ReadGuard {
+    #[inline]
+    fn enter() -> ReadGuard {
+        loop {
+            let e = EPOCH.load(Ordering::SeqCst);
+            READERS[e & 1].fetch_add(1, Ordering::SeqCst);
+            if EPOCH.load(Ordering::SeqCst) == e {
+                return ReadGuard { parity: e & 1 };
+            }
+            READERS[e & 1].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    #[inline]
+    fn table(&self) -> Option<&Table> {
+        // SAFETY: a table reachable from TABLE is freed only after the readers of our parity left.
+        unsafe { TABLE.load(Ordering::SeqCst).as_ref() }
+    }
+}
+
+impl Drop for ReadGuard {
+    #[inline]
+    fn drop(&mut self) {
+        READERS[self.parity].fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Replace the table. Called only with the registry mutex held (one writer at a time), never from
+/// the trap path. Returns once no trap can still be reading the old table, which it then frees.
+pub fn publish(new: Table) {
+    debug_assert!(new.entries.windows(2).all(|w| w[0].addr < w[1].addr));
+    let old = TABLE.swap(Box::into_raw(Box::new(new)), Ordering::SeqCst);
+    let e = EPOCH.fetch_add(1, Ordering::SeqCst);
+    while READERS[e & 1].load(Ordering::SeqCst) != 0 {
+        sys::sched_yield();
+    }
+    if !old.is_null() {
+        // SAFETY: `old` came from Box::into_raw in an earlier publish, and no reader holds it now.
+        drop(unsafe { Box::from_raw(old) });
+    }
+}
+
+/// After fork the child has one thread: no reader can be inside a table, whatever the counters say.
+pub fn reset_readers_after_fork() {
+    READERS[0].store(0, Ordering::SeqCst);
+    READERS[1].store(0, Ordering::SeqCst);
+}
+
+/// Install the SIGTRAP handler. Returns the disposition it replaced, for chaining.
+pub fn install_handler() -> Result<sys::KernelSigaction, sys::Errno> {
+    // Block every other asynchronous signal while we run, so that no program handler runs on this
+    // thread while it is marked as "in the runtime" (its hits would not be counted). Faults stay
+    // unblocked: a fault in here must get the program's usual treatment, not a forced kill.
+    let faults = [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGTRAP,
+    ];
+    let mask = faults.iter().fold(!0u64, |m, &s| m & !sys::sigbit(s));
+    let act = sys::KernelSigaction {
+        handler: on_sigtrap as *const () as usize,
+        flags: (libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART) as u64 | sys::SA_RESTORER,
+        restorer: sys::sigreturn_trampoline(),
+        mask,
+    };
+    let mut old = sys::KernelSigaction {
+        handler: 0,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    sys::rt_sigaction(libc::SIGTRAP, Some(&act), Some(&mut old))?;
+    Ok(old)
+}
+
+/// The SIGTRAP handler. Async-signal-safe (see the module's Safety section).
+unsafe extern "C" fn on_sigtrap(sig: i32, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    let ts = sys::thread_state();
+    let depth = ts.runtime_depth.load(Ordering::Relaxed);
+    // Only this thread writes its own depth; a nested handler restores it before returning.
+    ts.runtime_depth.store(depth + 1, Ordering::Relaxed);
+    // SAFETY: the kernel passes valid siginfo and ucontext pointers to an SA_SIGINFO handler.
+    let handled = unsafe { handle_breakpoint(&*info, &mut *(ctx as *mut libc::ucontext_t), depth) };
+    ts.runtime_depth.store(depth, Ordering::Relaxed);
+    if !handled {
+        // SAFETY: same pointers, passed on unchanged.
+        unsafe { crate::signals::chain(sig, info, ctx) };
+    }
+}
+
+/// Is this trap one of our breakpoints? If so, count it and set up the resume; return true.
+#[inline(always)]
+fn handle_breakpoint(info: &libc::siginfo_t, uc: &mut libc::ucontext_t, depth: u32) -> bool {
+    if info.si_code != SI_KERNEL {
+        return false; // raise(), kill(), tgkill(): never ours
+    }
+    let g = &mut uc.uc_mcontext.gregs;
+    let site = (g[libc::REG_RIP as usize] as u64).wrapping_sub(1);
+    let guard = ReadGuard::enter();
+    let Some(table) = guard.table() else {
+        return false;
+    };
+    let Some(entry) = table.lookup(site) else {
+        return false;
+    };
+    if depth == 0 {
+        let (first, count) = (entry.first as usize, entry.count as usize);
+        for c in table.consumers.get(first..first + count).unwrap_or(&[]) {
+            c.hits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let resume = entry.resume;
+    drop(guard);
+    // SAFETY: `site` is inside a mapping we patched (it is in the table) and we just trapped there.
+    if unsafe { sys::read_code_byte(site as usize) } != 0xcc {
+        // The breakpoint was removed after this trap: the original instruction is back, run it.
+        g[libc::REG_RIP as usize] = site as i64;
+        return true;
+    }
+    match resume {
+        Resume::Xol { slot } => g[libc::REG_RIP as usize] = slot as i64,
+        Resume::Emulate(emu) => emulate(emu, g),
+    }
+    true
+}
+
+const EFL_CF: u64 = 1 << 0;
+const EFL_PF: u64 = 1 << 2;
+const EFL_ZF: u64 = 1 << 6;
+const EFL_SF: u64 = 1 << 7;
+const EFL_OF: u64 = 1 << 11;
+
+#[inline(always)]
+fn cond_holds(cond: Cond, fl: u64) -> bool {
+    let f = |bit| fl & bit != 0;
+    match cond {
+        Cond::O => f(EFL_OF),
+        Cond::No => !f(EFL_OF),
+        Cond::B => f(EFL_CF),
+        Cond::Ae => !f(EFL_CF),
+        Cond::E => f(EFL_ZF),
+        Cond::Ne => !f(EFL_ZF),
+        Cond::Be => f(EFL_CF) || f(EFL_ZF),
+        Cond::A => !f(EFL_CF) && !f(EFL_ZF),
+        Cond::S => f(EFL_SF),
+        Cond::Ns => !f(EFL_SF),
+        Cond::P => f(EFL_PF),
+        Cond::Np => !f(EFL_PF),
+        Cond::L => f(EFL_SF) != f(EFL_OF),
+        Cond::Ge => f(EFL_SF) == f(EFL_OF),
+        Cond::Le => f(EFL_ZF) || f(EFL_SF) != f(EFL_OF),
+        Cond::G => !f(EFL_ZF) && f(EFL_SF) == f(EFL_OF),
+    }
+}
+
+type Gregs = [i64; 23];
+
+#[inline(always)]
+fn reg(g: &Gregs, r: u8) -> u64 {
+    if r == NO_REG {
+        0
+    } else {
+        g[r as usize] as u64
+    }
+}
+
+#[inline(always)]
+fn indirect_target(op: IndirectOperand, g: &Gregs) -> u64 {
+    match op {
+        IndirectOperand::Reg(r) => reg(g, r),
+        IndirectOperand::Mem {
+            base,
+            index,
+            scale,
+            disp,
+        } => {
+            let addr = reg(g, base)
+                .wrapping_add(reg(g, index).wrapping_mul(scale as u64))
+                .wrapping_add(disp);
+            // SAFETY: the instruction itself would read these 8 bytes; if they are not mapped, the
+            // fault is the program's own, as it would have been without the probe.
+            unsafe { core::ptr::read_volatile(addr as *const u64) }
+        }
+    }
+}
+
+/// Push a return address the way `call` does. The kernel put the signal frame below the red zone,
+/// so the 8 bytes below the interrupted rsp are free.
+#[inline(always)]
+fn push(g: &mut Gregs, value: u64) {
+    let sp = (g[libc::REG_RSP as usize] as u64).wrapping_sub(8);
+    // SAFETY: the displaced call would write the same 8 bytes of the program's stack.
+    unsafe { core::ptr::write_volatile(sp as *mut u64, value) };
+    g[libc::REG_RSP as usize] = sp as i64;
+}
+
+/// Apply a control-flow instruction to the saved context.
+#[inline(always)]
+fn emulate(emu: Emu, g: &mut Gregs) {
+    const RIP: usize = libc::REG_RIP as usize;
+    const RCX: usize = libc::REG_RCX as usize;
+    let flags = g[libc::REG_EFL as usize] as u64;
+    let new_rip = match emu {
+        Emu::Jmp { target } => target,
+        Emu::Call { target, next } => {
+            push(g, next);
+            target
+        }
+        Emu::Jcc { cond, target, next } => {
+            if cond_holds(cond, flags) {
+                target
+            } else {
+                next
+            }
+        }
+        Emu::Loop {
+            kind,
+            addr32,
+            target,
+            next,
+        } => {
+            let rcx = g[RCX] as u64;
+            let count = if addr32 {
+                // A 32-bit count register is written as ecx: the upper half is cleared.
+                (rcx as u32).wrapping_sub(1) as u64
+            } else {
+                rcx.wrapping_sub(1)
+            };
+            g[RCX] = count as i64;
+            let zf = flags & EFL_ZF != 0;
+            let again = count != 0
+                && match kind {
+                    LoopKind::Loop => true,
+                    LoopKind::Loope => zf,
+                    LoopKind::Loopne => !zf,
+                };
+            if again {
+                target
+            } else {
+                next
+            }
+        }
+        Emu::Jrcxz {
+            addr32,
+            target,
+            next,
+        } => {
+            let rcx = g[RCX] as u64;
+            let count = if addr32 { rcx as u32 as u64 } else { rcx };
+            if count == 0 {
+                target
+            } else {
+                next
+            }
+        }
+        Emu::Ret { pop } => {
+            let sp = g[libc::REG_RSP as usize] as u64;
+            // SAFETY: `ret` would read the same 8 bytes.
+            let to = unsafe { core::ptr::read_volatile(sp as *const u64) };
+            g[libc::REG_RSP as usize] = sp.wrapping_add(8 + pop as u64) as i64;
+            to
+        }
+        Emu::CallIndirect { op, next } => {
+            let target = indirect_target(op, g); // operands are read before the push, as the CPU does
+            push(g, next);
+            target
+        }
+        Emu::JmpIndirect { op } => indirect_target(op, g),
+    };
+    g[RIP] = new_rip as i64;
+}
