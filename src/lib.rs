@@ -65,23 +65,13 @@ fn read_config() -> (Config, Vec<String>) {
         Err(_) | Ok("") | Ok("text") => Format::Text,
         Ok("json") => Format::Json,
         Ok(other) => {
-            problems.push(format!(
-                "UPROBES_FORMAT={other} is not `text` or `json`; using text"
-            ));
+            problems.push(format!("UPROBES_FORMAT={other} is not `text` or `json`; using text"));
             Format::Text
         }
     };
-    let path = std::env::var("UPROBES_OUTPUT")
-        .ok()
-        .filter(|p| !p.is_empty());
+    let path = std::env::var("UPROBES_OUTPUT").ok().filter(|p| !p.is_empty());
     let specs = std::env::var("UPROBES").unwrap_or_default();
-    (
-        Config {
-            specs,
-            output: Output { path, format },
-        },
-        problems,
-    )
+    (Config { specs, output: Output { path, format } }, problems)
 }
 
 extern "C" fn uprobe_init() {

@@ -56,10 +56,7 @@ pub fn parse_maps_line(line: &str) -> Option<MapEntry> {
     let (major, minor) = dev.split_once(':')?;
     let dev = (u64::from_str_radix(major, 16).ok()? << 32) | u64::from_str_radix(minor, 16).ok()?;
     let mut prot = 0;
-    for (i, bit) in [libc::PROT_READ, libc::PROT_WRITE, libc::PROT_EXEC]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, bit) in [libc::PROT_READ, libc::PROT_WRITE, libc::PROT_EXEC].into_iter().enumerate() {
         if perms.get(i).is_some_and(|&c| c != b'-') {
             prot |= bit;
         }
@@ -104,9 +101,7 @@ pub fn loaded_objects(maps: &[MapEntry]) -> Vec<LoadedObject> {
         let path = m.path.trim_end_matches(" (deleted)").to_string();
         out.push(LoadedObject {
             id,
-            is_main: exe
-                .as_deref()
-                .is_some_and(|e| e.as_os_str() == path.as_str()),
+            is_main: exe.as_deref().is_some_and(|e| e.as_os_str() == path.as_str()),
             is_self: Some(id) == me,
             path,
         });
@@ -117,9 +112,7 @@ pub fn loaded_objects(maps: &[MapEntry]) -> Vec<LoadedObject> {
 /// The file libuprobe itself was loaded from.
 fn self_file(maps: &[MapEntry]) -> Option<FileId> {
     let here = self_file as *const () as u64;
-    maps.iter()
-        .find(|m| m.start <= here && here < m.end)
-        .and_then(|m| m.file)
+    maps.iter().find(|m| m.start <= here && here < m.end).and_then(|m| m.file)
 }
 
 fn file_name(path: &str) -> &str {
@@ -138,8 +131,7 @@ pub fn object_matches(pattern: &str, path: &str, soname: Option<&str>) -> bool {
         return true;
     }
     [name, soname.unwrap_or("")].iter().any(|n| {
-        n.strip_prefix(pattern)
-            .is_some_and(|rest| rest.starts_with(".so") || rest.starts_with('-'))
+        n.strip_prefix(pattern).is_some_and(|rest| rest.starts_with(".so") || rest.starts_with('-'))
     })
 }
 
@@ -214,11 +206,7 @@ impl ElfInfo {
                 }
             }
         }
-        Ok(ElfInfo {
-            soname: elf.soname.map(str::to_string),
-            funcs,
-            segments,
-        })
+        Ok(ElfInfo { soname: elf.soname.map(str::to_string), funcs, segments })
     }
 
     /// File offset of virtual address `vaddr` in an executable segment.
@@ -231,9 +219,7 @@ impl ElfInfo {
 
     /// The function containing `vaddr`, if any.
     pub fn func_containing(&self, vaddr: u64) -> Option<&FuncSym> {
-        self.funcs
-            .iter()
-            .find(|f| !f.ifunc && vaddr >= f.vaddr && vaddr < f.vaddr + f.size.max(1))
+        self.funcs.iter().find(|f| !f.ifunc && vaddr >= f.vaddr && vaddr < f.vaddr + f.size.max(1))
     }
 }
 
@@ -289,11 +275,7 @@ mod tests {
         for (line, want) in cases {
             let got =
                 parse_maps_line(line).map(|m| (m.start, m.end, m.prot, m.offset, m.file, m.path));
-            assert_eq!(
-                got,
-                want.map(|w| (w.0, w.1, w.2, w.3, w.4, w.5.to_string())),
-                "{line}"
-            );
+            assert_eq!(got, want.map(|w| (w.0, w.1, w.2, w.3, w.4, w.5.to_string())), "{line}");
         }
     }
 
@@ -305,12 +287,7 @@ mod tests {
             ("libc", libc, Some("libc.so.6"), true),
             (libc, libc, None, true),
             ("libcrypto", libc, Some("libc.so.6"), false),
-            (
-                "libc",
-                "/usr/lib/libcrypto.so.3",
-                Some("libcrypto.so.3"),
-                false,
-            ),
+            ("libc", "/usr/lib/libcrypto.so.3", Some("libcrypto.so.3"), false),
             ("libc", "/lib/libc-2.31.so", None, true),
             ("app", "/home/u/app", None, true),
             ("ap", "/home/u/app", None, false),

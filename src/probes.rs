@@ -113,9 +113,8 @@ static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
 
 /// Run `f` with the registry locked. The only way to reach it; never called on the trap path.
 pub fn with_registry<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
-    let mut guard: MutexGuard<'_, Option<Registry>> = REGISTRY
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut guard: MutexGuard<'_, Option<Registry>> =
+        REGISTRY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     f(guard.get_or_insert_with(Registry::default))
 }
 
@@ -135,13 +134,7 @@ impl Registry {
             Err(e) => {
                 let msg = e.to_string();
                 let id = self.add_probe(text, "", "", ProbeState::Failed, Some(msg.clone()), None);
-                return (
-                    vec![id],
-                    vec![ProbeError {
-                        spec: text.trim().into(),
-                        message: msg,
-                    }],
-                );
+                return (vec![id], vec![ProbeError { spec: text.trim().into(), message: msg }]);
             }
         };
         let maps = objects::read_maps().unwrap_or_default();
@@ -181,11 +174,7 @@ impl Registry {
         let mut planned = Vec::new();
         for r in resolved {
             let site_known = self.sites.contains_key(&r.key);
-            let plan = if site_known {
-                Ok(None)
-            } else {
-                self.plan_site(r.key, &maps).map(Some)
-            };
+            let plan = if site_known { Ok(None) } else { self.plan_site(r.key, &maps).map(Some) };
             match plan {
                 Ok(installs) => {
                     let consumer = Arc::new(Consumer::default());
@@ -222,10 +211,7 @@ impl Registry {
                 Some(message.clone()),
                 None,
             ));
-            errors.push(ProbeError {
-                spec: spec.text.clone(),
-                message,
-            });
+            errors.push(ProbeError { spec: spec.text.clone(), message });
         }
         if !planned.is_empty() || !ids.is_empty() {
             self.publish();
@@ -239,10 +225,7 @@ impl Registry {
                     p.error = Some(message.clone());
                     p.site = None;
                 }
-                errors.push(ProbeError {
-                    spec: spec.text.clone(),
-                    message,
-                });
+                errors.push(ProbeError { spec: spec.text.clone(), message });
                 undone = true;
             }
         }
@@ -360,10 +343,7 @@ impl Registry {
         maps: &[MapEntry],
     ) -> Result<Vec<Resolved>, String> {
         let elf = self.elf_info(obj)?;
-        let site = |offset| SiteKey {
-            file: obj.id,
-            offset,
-        };
+        let site = |offset| SiteKey { file: obj.id, offset };
         match &spec.target {
             Target::Address(vaddr) => {
                 let off = elf.file_offset(*vaddr).ok_or_else(|| {
@@ -377,18 +357,11 @@ impl Registry {
                     }
                     None => format!("{vaddr:#x}"),
                 };
-                Ok(vec![Resolved {
-                    symbol,
-                    key: site(off),
-                    path: obj.path.clone(),
-                }])
+                Ok(vec![Resolved { symbol, key: site(off), path: obj.path.clone() }])
             }
             Target::Symbol { pattern, offset } => {
-                let matches: Vec<_> = elf
-                    .funcs
-                    .iter()
-                    .filter(|f| symbol_matches(pattern, f))
-                    .collect();
+                let matches: Vec<_> =
+                    elf.funcs.iter().filter(|f| symbol_matches(pattern, f)).collect();
                 if matches.is_empty() {
                     return Err(format!("no function matching `{pattern}` in {}", obj.path));
                 }
@@ -442,11 +415,7 @@ impl Registry {
                 .ok_or_else(|| format!("IFUNC `{}` resolved to unmapped {addr:#x}", f.name))?;
             let off = addr - m.start + m.offset;
             // The implementation's size, when its own symbol is known.
-            let impl_elf = if m.file == Some(obj.id) {
-                Some(elf)
-            } else {
-                None
-            };
+            let impl_elf = if m.file == Some(obj.id) { Some(elf) } else { None };
             let size = impl_elf
                 .and_then(|e| {
                     e.funcs
@@ -458,35 +427,16 @@ impl Registry {
             (m.file.expect("checked"), m.path.clone(), off, size)
         } else {
             let off = elf.file_offset(f.vaddr).ok_or_else(|| {
-                format!(
-                    "`{}` is not in an executable segment of {}",
-                    f.name, obj.path
-                )
+                format!("`{}` is not in an executable segment of {}", f.name, obj.path)
             })?;
             (obj.id, obj.path.clone(), off, f.size)
         };
-        let fobj = LoadedObject {
-            id: file,
-            path: path.clone(),
-            is_main: false,
-            is_self: false,
-        };
+        let fobj = LoadedObject { id: file, path: path.clone(), is_main: false, is_self: false };
         if offset != 0 {
             self.check_boundary(&fobj, maps, start, size, offset, &f.name)?;
         }
-        let symbol = if offset == 0 {
-            f.name.clone()
-        } else {
-            format!("{}+{offset:#x}", f.name)
-        };
-        Ok(Resolved {
-            symbol,
-            key: SiteKey {
-                file,
-                offset: start + offset,
-            },
-            path,
-        })
+        let symbol = if offset == 0 { f.name.clone() } else { format!("{}+{offset:#x}", f.name) };
+        Ok(Resolved { symbol, key: SiteKey { file, offset: start + offset }, path })
     }
 
     /// Check that `offset` into the function at file offset `start` is an instruction boundary,
@@ -550,10 +500,7 @@ impl Registry {
     /// Decide how the instruction at `key` resumes in every mapping of its file.
     fn plan_site(&mut self, key: SiteKey, maps: &[MapEntry]) -> Result<Vec<Install>, String> {
         let mut installs = Vec::new();
-        for m in maps
-            .iter()
-            .filter(|m| m.file == Some(key.file) && m.is_exec())
-        {
+        for m in maps.iter().filter(|m| m.file == Some(key.file) && m.is_exec()) {
             let Some(addr) = m.addr_of(key.offset) else {
                 continue;
             };
@@ -564,10 +511,7 @@ impl Registry {
                 ));
             }
             if m.prot & libc::PROT_READ == 0 {
-                return Err(format!(
-                    "{} is mapped execute-only at {:#x}",
-                    m.path, m.start
-                ));
+                return Err(format!("{} is mapped execute-only at {:#x}", m.path, m.start));
             }
             let avail = (m.end - addr).min(16) as usize;
             let mut bytes = [0u8; 16];
@@ -591,18 +535,10 @@ impl Registry {
                     r
                 }
             };
-            installs.push(Install {
-                addr,
-                orig: bytes[0],
-                prot: m.prot,
-                resume,
-            });
+            installs.push(Install { addr, orig: bytes[0], prot: m.prot, resume });
         }
         if installs.is_empty() {
-            return Err(format!(
-                "file offset {:#x} is not mapped executable",
-                key.offset
-            ));
+            return Err(format!("file offset {:#x} is not mapped executable", key.offset));
         }
         Ok(installs)
     }
@@ -612,26 +548,14 @@ impl Registry {
         let mut table = Table::default();
         for site in self.sites.values() {
             let first = table.consumers.len() as u32;
-            table
-                .consumers
-                .extend(site.consumers.iter().map(|(_, c)| c.clone()));
+            table.consumers.extend(site.consumers.iter().map(|(_, c)| c.clone()));
             let count = site.consumers.len() as u32;
             for i in &site.installs {
-                table.entries.push(TableEntry {
-                    addr: i.addr,
-                    resume: i.resume,
-                    first,
-                    count,
-                });
+                table.entries.push(TableEntry { addr: i.addr, resume: i.resume, first, count });
             }
         }
         for (&addr, &resume) in &self.tombstones {
-            table.entries.push(TableEntry {
-                addr,
-                resume,
-                first: 0,
-                count: 0,
-            });
+            table.entries.push(TableEntry { addr, resume, first: 0, count: 0 });
         }
         table.entries.sort_by_key(|e| (e.addr, e.count == 0));
         table.entries.dedup_by_key(|e| e.addr);
@@ -690,10 +614,7 @@ fn write_breakpoints(installs: &[Install]) -> Result<(), String> {
     for (n, i) in installs.iter().enumerate() {
         if let Err(e) = poke(i.addr, 0xcc, i.prot) {
             restore_breakpoints(&installs[..n]);
-            return Err(format!(
-                "cannot write a breakpoint at {:#x}: mprotect: {e}",
-                i.addr
-            ));
+            return Err(format!("cannot write a breakpoint at {:#x}: mprotect: {e}", i.addr));
         }
     }
     Ok(())

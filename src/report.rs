@@ -31,10 +31,7 @@ impl Output {
             }
             Some(template) => {
                 let path = template.replace("%p", &sys::getpid().to_string());
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path);
+                let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
                 match file {
                     Ok(mut f) => {
                         let _ = std::io::Write::write_all(&mut f, text.as_bytes());
@@ -52,10 +49,9 @@ impl Output {
     pub fn problem(&self, spec: &str, message: &str) {
         let line = match self.format {
             Format::Text => format!("libuprobe: {spec}: {message}\n"),
-            Format::Json => format!(
-                "{}\n",
-                json!({"type": "error", "spec": spec, "message": message})
-            ),
+            Format::Json => {
+                format!("{}\n", json!({"type": "error", "spec": spec, "message": message}))
+            }
         };
         self.emit(&line);
     }
@@ -89,26 +85,13 @@ pub fn summary_json(pid: i32, probes: &[ProbeInfo]) -> String {
             v
         })
         .collect();
-    format!(
-        "{}\n",
-        json!({"type": "summary", "pid": pid, "probes": list})
-    )
+    format!("{}\n", json!({"type": "summary", "pid": pid, "probes": list}))
 }
 
 pub fn summary_text(pid: i32, probes: &[ProbeInfo]) -> String {
     let mut out = format!("libuprobe: pid {pid}: {} probe(s)\n", probes.len());
-    let spec_w = probes
-        .iter()
-        .map(|p| p.spec.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    let sym_w = probes
-        .iter()
-        .map(|p| p.symbol.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
+    let spec_w = probes.iter().map(|p| p.spec.len()).max().unwrap_or(4).max(4);
+    let sym_w = probes.iter().map(|p| p.symbol.len()).max().unwrap_or(6).max(6);
     out += &format!(
         "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  WHERE\n",
         "ID", "HITS", "STATE", "SPEC", "SYMBOL"

@@ -97,23 +97,15 @@ pub unsafe fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
         libc::SIG_IGN if !from_cpu => {}
         libc::SIG_DFL | libc::SIG_IGN => {
             // As the kernel does for a trap nobody handles: the default action (core dump).
-            let dfl = sys::KernelSigaction {
-                handler: libc::SIG_DFL,
-                flags: 0,
-                restorer: 0,
-                mask: 0,
-            };
+            let dfl =
+                sys::KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
             let _ = sys::rt_sigaction(sig, Some(&dfl), None);
             let _ = sys::rt_sigprocmask(libc::SIG_UNBLOCK, Some(&sys::sigbit(sig)), None);
             sys::raise_here(sig);
         }
         handler => {
             if a.flags & libc::SA_RESETHAND as u64 != 0 {
-                write_action(AppAction {
-                    handler: libc::SIG_DFL,
-                    flags: 0,
-                    mask: 0,
-                });
+                write_action(AppAction { handler: libc::SIG_DFL, flags: 0, mask: 0 });
             }
             // The mask the kernel would have set for the program's handler, less SIGTRAP (which must
             // never be blocked while breakpoints exist). sigreturn restores the interrupted mask.
@@ -255,11 +247,7 @@ pub unsafe extern "C" fn sigaction(
 
 fn virtual_signal(handler: libc::sighandler_t, flags: u64) -> libc::sighandler_t {
     let old = read_action().handler;
-    write_action(AppAction {
-        handler,
-        flags,
-        mask: 0,
-    });
+    write_action(AppAction { handler, flags, mask: 0 });
     old
 }
 

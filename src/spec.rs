@@ -85,14 +85,10 @@ fn parse_number(s: &str) -> Option<u64> {
 }
 
 pub fn parse(text: &str) -> Result<Spec, SpecError> {
-    let err = |why: &str| SpecError {
-        spec: text.to_string(),
-        why: why.to_string(),
-    };
+    let err = |why: &str| SpecError { spec: text.to_string(), why: why.to_string() };
     let t = text.trim();
-    let (object, rest) = t
-        .split_once(':')
-        .ok_or_else(|| err("no `:` between object and symbol"))?;
+    let (object, rest) =
+        t.split_once(':').ok_or_else(|| err("no `:` between object and symbol"))?;
     if object.is_empty() {
         return Err(err("empty object"));
     }
@@ -106,33 +102,23 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
         Target::Address(parse_number(rest).ok_or_else(|| err("bad hex address"))?)
     } else {
         let (pattern, offset) = match rest.split_once('+') {
-            Some((p, o)) => (
-                p,
-                parse_number(o).ok_or_else(|| err("offset must be decimal or 0x hex"))?,
-            ),
+            Some((p, o)) => {
+                (p, parse_number(o).ok_or_else(|| err("offset must be decimal or 0x hex"))?)
+            }
             None => (rest, 0),
         };
         if pattern.is_empty() {
             return Err(err("empty symbol"));
         }
         if rest.starts_with(|c: char| c.is_ascii_digit()) {
-            return Err(err(
-                "a symbol cannot start with a digit (addresses are 0x hex)",
-            ));
+            return Err(err("a symbol cannot start with a digit (addresses are 0x hex)"));
         }
         if !glob_is_valid(pattern) {
             return Err(err("unclosed `[` in symbol pattern"));
         }
-        Target::Symbol {
-            pattern: pattern.to_string(),
-            offset,
-        }
+        Target::Symbol { pattern: pattern.to_string(), offset }
     };
-    Ok(Spec {
-        text: t.to_string(),
-        object: object.to_string(),
-        target,
-    })
+    Ok(Spec { text: t.to_string(), object: object.to_string(), target })
 }
 
 pub fn is_glob(p: &str) -> bool {
@@ -217,13 +203,7 @@ mod tests {
     use super::*;
 
     fn sym(o: &str, p: &str, off: u64) -> Result<(String, Target), String> {
-        Ok((
-            o.into(),
-            Target::Symbol {
-                pattern: p.into(),
-                offset: off,
-            },
-        ))
+        Ok((o.into(), Target::Symbol { pattern: p.into(), offset: off }))
     }
 
     #[test]
@@ -233,14 +213,8 @@ mod tests {
             ("libc:str*", sym("libc", "str*", 0)),
             ("app:work+12", sym("app", "work", 12)),
             ("app:work+0x1f", sym("app", "work", 0x1f)),
-            (
-                "/usr/lib/libz.so.1:inflate",
-                sym("/usr/lib/libz.so.1", "inflate", 0),
-            ),
-            (
-                "libc.so.6:memcpy@GLIBC_2.2.5",
-                sym("libc.so.6", "memcpy@GLIBC_2.2.5", 0),
-            ),
+            ("/usr/lib/libz.so.1:inflate", sym("/usr/lib/libz.so.1", "inflate", 0)),
+            ("libc.so.6:memcpy@GLIBC_2.2.5", sym("libc.so.6", "memcpy@GLIBC_2.2.5", 0)),
             ("app:0x1139", Ok(("app".into(), Target::Address(0x1139)))),
             ("malloc", Err("no `:`".into())),
             (":malloc", Err("empty object".into())),
@@ -252,9 +226,7 @@ mod tests {
             ("libc:f[a", Err("unclosed".into())),
         ];
         for (text, want) in cases {
-            let got = parse(text)
-                .map(|s| (s.object, s.target))
-                .map_err(|e| e.to_string());
+            let got = parse(text).map(|s| (s.object, s.target)).map_err(|e| e.to_string());
             match (got, want) {
                 (Ok(g), Ok(w)) => assert_eq!(&g, w, "{text}"),
                 (Err(g), Err(w)) => assert!(g.contains(w.as_str()), "{text}: {g}"),
@@ -265,14 +237,8 @@ mod tests {
 
     #[test]
     fn splits_lists() {
-        assert_eq!(
-            split_specs("a:b;c:d, e:f  g:h\n"),
-            ["a:b", "c:d", "e:f", "g:h"]
-        );
-        assert_eq!(
-            split_specs("libc:open(str,int);x:[a,b]*"),
-            ["libc:open(str,int)", "x:[a,b]*"]
-        );
+        assert_eq!(split_specs("a:b;c:d, e:f  g:h\n"), ["a:b", "c:d", "e:f", "g:h"]);
+        assert_eq!(split_specs("libc:open(str,int);x:[a,b]*"), ["libc:open(str,int)", "x:[a,b]*"]);
         assert!(split_specs(" ;, ").is_empty());
     }
 

@@ -73,10 +73,7 @@ pub fn mmap_anon(hint: usize, len: usize, prot: i32) -> Result<usize, Errno> {
     }
     // SAFETY: an anonymous mapping with MAP_FIXED_NOREPLACE never replaces an existing mapping.
     let ret = check(unsafe {
-        syscall6(
-            libc::SYS_mmap,
-            [hint, len, prot as usize, flags as usize, usize::MAX, 0],
-        )
+        syscall6(libc::SYS_mmap, [hint, len, prot as usize, flags as usize, usize::MAX, 0])
     })?;
     if hint != 0 && ret != hint {
         // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat it as a hint.
@@ -99,10 +96,7 @@ pub fn write_all(fd: i32, mut buf: &[u8]) -> Result<(), Errno> {
     while !buf.is_empty() {
         // SAFETY: `buf` is a valid readable slice.
         let r = check(unsafe {
-            syscall6(
-                libc::SYS_write,
-                [fd as usize, buf.as_ptr() as usize, buf.len(), 0, 0, 0],
-            )
+            syscall6(libc::SYS_write, [fd as usize, buf.as_ptr() as usize, buf.len(), 0, 0, 0])
         });
         match r {
             Ok(n) => buf = &buf[n..],
@@ -127,10 +121,7 @@ pub fn gettid() -> i32 {
 pub fn raise_here(sig: i32) {
     // SAFETY: tgkill to our own pid/tid with a valid signal number.
     let _ = unsafe {
-        syscall6(
-            libc::SYS_tgkill,
-            [getpid() as usize, gettid() as usize, sig as usize, 0, 0, 0],
-        )
+        syscall6(libc::SYS_tgkill, [getpid() as usize, gettid() as usize, sig as usize, 0, 0, 0])
     };
 }
 

@@ -119,13 +119,7 @@ pub fn install_handler() -> Result<sys::KernelSigaction, sys::Errno> {
     // Block every other asynchronous signal while we run, so that no program handler runs on this
     // thread while it is marked as "in the runtime" (its hits would not be counted). Faults stay
     // unblocked: a fault in here must get the program's usual treatment, not a forced kill.
-    let faults = [
-        libc::SIGSEGV,
-        libc::SIGBUS,
-        libc::SIGILL,
-        libc::SIGFPE,
-        libc::SIGTRAP,
-    ];
+    let faults = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP];
     let mask = faults.iter().fold(!0u64, |m, &s| m & !sys::sigbit(s));
     let act = sys::KernelSigaction {
         handler: on_sigtrap as *const () as usize,
@@ -133,12 +127,7 @@ pub fn install_handler() -> Result<sys::KernelSigaction, sys::Errno> {
         restorer: sys::sigreturn_trampoline(),
         mask,
     };
-    let mut old = sys::KernelSigaction {
-        handler: 0,
-        flags: 0,
-        restorer: 0,
-        mask: 0,
-    };
+    let mut old = sys::KernelSigaction { handler: 0, flags: 0, restorer: 0, mask: 0 };
     sys::rt_sigaction(libc::SIGTRAP, Some(&act), Some(&mut old))?;
     Ok(old)
 }
@@ -238,12 +227,7 @@ fn reg(g: &Gregs, r: u8) -> u64 {
 fn indirect_target(op: IndirectOperand, g: &Gregs) -> u64 {
     match op {
         IndirectOperand::Reg(r) => reg(g, r),
-        IndirectOperand::Mem {
-            base,
-            index,
-            scale,
-            disp,
-        } => {
+        IndirectOperand::Mem { base, index, scale, disp } => {
             let addr = reg(g, base)
                 .wrapping_add(reg(g, index).wrapping_mul(scale as u64))
                 .wrapping_add(disp);
@@ -283,19 +267,8 @@ fn emulate(emu: Emu, g: &mut Gregs) {
                 next
             }
         }
-        Emu::Loop {
-            kind,
-            addr32,
-            target,
-            next,
-        } => {
-            let rcx = g[RCX] as u64;
-            let count = if addr32 {
-                // A 32-bit count register is written as ecx: the upper half is cleared.
-                (rcx as u32).wrapping_sub(1) as u64
-            } else {
-                rcx.wrapping_sub(1)
-            };
+        Emu::Loop { kind, target, next } => {
+            let count = (g[RCX] as u64).wrapping_sub(1);
             g[RCX] = count as i64;
             let zf = flags & EFL_ZF != 0;
             let again = count != 0
@@ -310,11 +283,7 @@ fn emulate(emu: Emu, g: &mut Gregs) {
                 next
             }
         }
-        Emu::Jrcxz {
-            addr32,
-            target,
-            next,
-        } => {
+        Emu::Jrcxz { addr32, target, next } => {
             let rcx = g[RCX] as u64;
             let count = if addr32 { rcx as u32 as u64 } else { rcx };
             if count == 0 {

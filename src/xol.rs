@@ -46,10 +46,7 @@ impl std::fmt::Display for XolError {
                 write!(f, "cannot relocate `{insn}` into an XOL slot: {why}")
             }
             XolError::NoArea { near, errno } => {
-                write!(
-                    f,
-                    "no XOL area could be mapped within 2 GiB of {near:#x}: {errno}"
-                )
+                write!(f, "no XOL area could be mapped within 2 GiB of {near:#x}: {errno}")
             }
         }
     }
@@ -110,40 +107,14 @@ pub enum LoopKind {
 /// absolute runtime addresses; `next` is the address of the following instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Emu {
-    Jmp {
-        target: u64,
-    },
-    Call {
-        target: u64,
-        next: u64,
-    },
-    Jcc {
-        cond: Cond,
-        target: u64,
-        next: u64,
-    },
-    /// `ecx` instead of `rcx` when `addr32` (0x67 prefix).
-    Loop {
-        kind: LoopKind,
-        addr32: bool,
-        target: u64,
-        next: u64,
-    },
-    Jrcxz {
-        addr32: bool,
-        target: u64,
-        next: u64,
-    },
-    Ret {
-        pop: u16,
-    },
-    CallIndirect {
-        op: IndirectOperand,
-        next: u64,
-    },
-    JmpIndirect {
-        op: IndirectOperand,
-    },
+    Jmp { target: u64 },
+    Call { target: u64, next: u64 },
+    Jcc { cond: Cond, target: u64, next: u64 },
+    Loop { kind: LoopKind, target: u64, next: u64 },
+    Jrcxz { addr32: bool, target: u64, next: u64 },
+    Ret { pop: u16 },
+    CallIndirect { op: IndirectOperand, next: u64 },
+    JmpIndirect { op: IndirectOperand },
 }
 
 /// How a thread that hit a breakpoint goes on.
@@ -186,62 +157,30 @@ pub fn decode(bytes: &[u8], ip: u64) -> Result<Decoded, XolError> {
     }
     let len = insn.len();
     let next = ip.wrapping_add(len as u64);
-    let refuse = |why| {
-        Err(XolError::Refused {
-            insn: format_insn(&insn),
-            why,
-        })
-    };
+    let refuse = |why| Err(XolError::Refused { insn: format_insn(&insn), why });
     let target = insn.near_branch_target();
     let emu = match insn.code() {
         Code::Jmp_rel8_64 | Code::Jmp_rel32_64 => Some(Emu::Jmp { target }),
         Code::Call_rel32_64 => Some(Emu::Call { target, next }),
         Code::Loop_rel8_64_RCX | Code::Loope_rel8_64_RCX | Code::Loopne_rel8_64_RCX => {
-            Some(Emu::Loop {
-                kind: loop_kind(insn.code()),
-                addr32: false,
-                target,
-                next,
-            })
+            Some(Emu::Loop { kind: loop_kind(insn.code()), target, next })
         }
         Code::Loop_rel8_64_ECX | Code::Loope_rel8_64_ECX | Code::Loopne_rel8_64_ECX => {
-            Some(Emu::Loop {
-                kind: loop_kind(insn.code()),
-                addr32: true,
-                target,
-                next,
-            })
+            return refuse("loop with a 32-bit count register (0x67 prefix)");
         }
-        Code::Jrcxz_rel8_64 => Some(Emu::Jrcxz {
-            addr32: false,
-            target,
-            next,
-        }),
-        Code::Jecxz_rel8_64 => Some(Emu::Jrcxz {
-            addr32: true,
-            target,
-            next,
-        }),
+        Code::Jrcxz_rel8_64 => Some(Emu::Jrcxz { addr32: false, target, next }),
+        Code::Jecxz_rel8_64 => Some(Emu::Jrcxz { addr32: true, target, next }),
         Code::Retnq => Some(Emu::Ret { pop: 0 }),
-        Code::Retnq_imm16 => Some(Emu::Ret {
-            pop: insn.immediate16(),
-        }),
-        Code::Call_rm64 => Some(Emu::CallIndirect {
-            op: indirect_operand(&insn)?,
-            next,
-        }),
-        Code::Jmp_rm64 => Some(Emu::JmpIndirect {
-            op: indirect_operand(&insn)?,
-        }),
+        Code::Retnq_imm16 => Some(Emu::Ret { pop: insn.immediate16() }),
+        Code::Call_rm64 => Some(Emu::CallIndirect { op: indirect_operand(&insn)?, next }),
+        Code::Jmp_rm64 => Some(Emu::JmpIndirect { op: indirect_operand(&insn)? }),
+        // Not a transfer of control within the program: runs in the slot, rcx fixed up after.
+        Code::Syscall => None,
         _ if insn.is_jcc_short_or_near() => {
             if insn.code_size() != iced_x86::CodeSize::Code64 || !is_64bit_jcc(insn.code()) {
                 return refuse("16-bit branch");
             }
-            Some(Emu::Jcc {
-                cond: cond(insn.condition_code()),
-                target,
-                next,
-            })
+            Some(Emu::Jcc { cond: cond(insn.condition_code()), target, next })
         }
         _ => {
             use iced_x86::FlowControl as F;
@@ -269,8 +208,8 @@ fn is_64bit_jcc(code: Code) -> bool {
 
 fn loop_kind(code: Code) -> LoopKind {
     match code {
-        Code::Loope_rel8_64_RCX | Code::Loope_rel8_64_ECX => LoopKind::Loope,
-        Code::Loopne_rel8_64_RCX | Code::Loopne_rel8_64_ECX => LoopKind::Loopne,
+        Code::Loope_rel8_64_RCX => LoopKind::Loope,
+        Code::Loopne_rel8_64_RCX => LoopKind::Loopne,
         _ => LoopKind::Loop,
     }
 }
@@ -297,12 +236,7 @@ fn cond(cc: ConditionCode) -> Cond {
 }
 
 fn indirect_operand(insn: &Instruction) -> Result<IndirectOperand, XolError> {
-    let refuse = |why| {
-        Err(XolError::Refused {
-            insn: format_insn(insn),
-            why,
-        })
-    };
+    let refuse = |why| Err(XolError::Refused { insn: format_insn(insn), why });
     match insn.op0_kind() {
         OpKind::Register => match greg(insn.op0_register()) {
             Some(r) => Ok(IndirectOperand::Reg(r)),
@@ -370,10 +304,8 @@ fn greg(r: Register) -> Option<Greg> {
 pub fn slot_code(d: &Decoded, site: u64, slot: u64) -> Result<Vec<u8>, XolError> {
     debug_assert!(d.emu.is_none());
     let mut enc = Encoder::new(64);
-    enc.encode(&d.insn, slot).map_err(|e| XolError::Relocate {
-        insn: d.text(),
-        why: e.to_string(),
-    })?;
+    enc.encode(&d.insn, slot)
+        .map_err(|e| XolError::Relocate { insn: d.text(), why: e.to_string() })?;
     let mut code = enc.take_buffer();
     let next = site.wrapping_add(d.len as u64);
     if d.insn.code() == Code::Syscall {
@@ -386,19 +318,14 @@ pub fn slot_code(d: &Decoded, site: u64, slot: u64) -> Result<Vec<u8>, XolError>
     code.push(0xe9); // jmp rel32
     code.extend_from_slice(&rel32(here, next, d)?.to_le_bytes());
     if code.len() > SLOT_SIZE {
-        return Err(XolError::Relocate {
-            insn: d.text(),
-            why: "slot too small".into(),
-        });
+        return Err(XolError::Relocate { insn: d.text(), why: "slot too small".into() });
     }
     Ok(code)
 }
 
 fn rel32(from: u64, to: u64, d: &Decoded) -> Result<i32, XolError> {
-    i32::try_from(to.wrapping_sub(from) as i64).map_err(|_| XolError::Relocate {
-        insn: d.text(),
-        why: "slot out of rel32 reach".into(),
-    })
+    i32::try_from(to.wrapping_sub(from) as i64)
+        .map_err(|_| XolError::Relocate { insn: d.text(), why: "slot out of rel32 reach".into() })
 }
 
 /// A region of slots near one object.
@@ -452,11 +379,7 @@ impl XolAreas {
             return Ok(slot);
         }
         let base = map_area_near(site)?;
-        self.areas.push(XolArea {
-            base,
-            len: AREA_SIZE,
-            used: SLOT_SIZE as u64,
-        });
+        self.areas.push(XolArea { base, len: AREA_SIZE, used: SLOT_SIZE as u64 });
         Ok(base)
     }
 
@@ -496,10 +419,7 @@ fn map_area_near(site: u64) -> Result<u64, XolError> {
             Err(e) => last = e,
         }
     }
-    Err(XolError::NoArea {
-        near: site,
-        errno: last,
-    })
+    Err(XolError::NoArea { near: site, errno: last })
 }
 
 #[cfg(test)]
@@ -517,46 +437,14 @@ mod tests {
         let cases: &[(&[u8], Option<Emu>)] = &[
             (&[0xeb, 0x10], Some(Emu::Jmp { target: 0x1012 })),
             (&[0xe9, 0, 1, 0, 0], Some(Emu::Jmp { target: 0x1105 })),
-            (
-                &[0xe8, 0, 0, 0, 0],
-                Some(Emu::Call {
-                    target: 0x1005,
-                    next: 0x1005,
-                }),
-            ),
-            (
-                &[0x75, 0xfe],
-                Some(Emu::Jcc {
-                    cond: Cond::Ne,
-                    target: 0x1000,
-                    next: 0x1002,
-                }),
-            ),
+            (&[0xe8, 0, 0, 0, 0], Some(Emu::Call { target: 0x1005, next: 0x1005 })),
+            (&[0x75, 0xfe], Some(Emu::Jcc { cond: Cond::Ne, target: 0x1000, next: 0x1002 })),
             (
                 &[0x0f, 0x84, 0, 0, 0, 0],
-                Some(Emu::Jcc {
-                    cond: Cond::E,
-                    target: 0x1006,
-                    next: 0x1006,
-                }),
+                Some(Emu::Jcc { cond: Cond::E, target: 0x1006, next: 0x1006 }),
             ),
-            (
-                &[0xe2, 0xfe],
-                Some(Emu::Loop {
-                    kind: LoopKind::Loop,
-                    addr32: false,
-                    target: 0x1000,
-                    next: 0x1002,
-                }),
-            ),
-            (
-                &[0xe3, 0x02],
-                Some(Emu::Jrcxz {
-                    addr32: false,
-                    target: 0x1004,
-                    next: 0x1002,
-                }),
-            ),
+            (&[0xe2, 0xfe], Some(Emu::Loop { kind: LoopKind::Loop, target: 0x1000, next: 0x1002 })),
+            (&[0xe3, 0x02], Some(Emu::Jrcxz { addr32: false, target: 0x1004, next: 0x1002 })),
             (&[0xc3], Some(Emu::Ret { pop: 0 })),
             (&[0xc2, 0x10, 0x00], Some(Emu::Ret { pop: 16 })),
             (
@@ -589,16 +477,9 @@ mod tests {
 
     #[test]
     fn refuses_what_cannot_run_elsewhere() {
-        for bytes in [
-            &[0xcc][..],
-            &[0xcd, 0x80],
-            &[0x0f, 0x0b],
-            &[0xc7, 0xf8, 0, 0, 0, 0],
-            &[0xcb],
-        ] {
-            let e = dec(bytes)
-                .err()
-                .unwrap_or_else(|| panic!("{bytes:02x?} accepted"));
+        for bytes in [&[0xcc][..], &[0xcd, 0x80], &[0x0f, 0x0b], &[0xc7, 0xf8, 0, 0, 0, 0], &[0xcb]]
+        {
+            let e = dec(bytes).err().unwrap_or_else(|| panic!("{bytes:02x?} accepted"));
             assert!(matches!(e, XolError::Refused { .. }), "{bytes:02x?}: {e}");
         }
         assert!(matches!(
