@@ -1,1 +1,58 @@
-fn main() {}
+//! Builds the C fixtures the tests and the benchmark run under the preloaded library. Each fixture is
+//! an executable or shared library built from an explicit list of sources with the C compiler the `cc`
+//! crate finds; their directory reaches the tests as the `UPROBE_FIXTURES` environment variable.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Fixture {
+    out: &'static str,
+    sources: &'static [&'static str],
+    flags: &'static [&'static str],
+}
+
+/// Shared libraries first: executables link against them.
+const FIXTURES: &[Fixture] = &[
+    Fixture { out: "libcounted.so", sources: &["counted.c"], flags: &["-shared", "-fPIC"] },
+    Fixture {
+        out: "counts",
+        sources: &["counts.c"],
+        flags: &["-L{out}", "-lcounted", "-Wl,-rpath,$ORIGIN"],
+    },
+    Fixture { out: "zoo", sources: &["zoo.S", "zoo_main.c"], flags: &[] },
+    Fixture { out: "threads", sources: &["threads.c"], flags: &["-pthread"] },
+    Fixture { out: "workload", sources: &["workload.c"], flags: &["-pthread", "-fno-builtin"] },
+    Fixture { out: "own_trap", sources: &["own_trap.c"], flags: &[] },
+    Fixture { out: "bench", sources: &["bench.c"], flags: &["-O2"] },
+];
+
+fn main() {
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("fixtures");
+    std::fs::create_dir_all(&out).expect("create fixtures dir");
+    let compiler = cc::Build::new().cargo_metadata(false).get_compiler();
+    let src = Path::new("c_fixtures");
+    println!("cargo:rerun-if-changed=build.rs");
+    for f in FIXTURES {
+        let mut cmd = Command::new(compiler.path());
+        cmd.args(["-O1", "-g", "-Wall", "-fno-omit-frame-pointer"]);
+        for s in f.sources {
+            println!("cargo:rerun-if-changed={}", src.join(s).display());
+            cmd.arg(src.join(s));
+        }
+        for flag in f.flags {
+            cmd.arg(flag.replace("{out}", &out.display().to_string()));
+        }
+        cmd.arg("-o").arg(out.join(f.out));
+        let result =
+            cmd.output().unwrap_or_else(|e| panic!("cannot run {:?}: {e}", compiler.path()));
+        if !result.status.success() {
+            panic!(
+                "building fixture {} failed:\n{:?}\n{}",
+                f.out,
+                cmd,
+                String::from_utf8_lossy(&result.stderr)
+            );
+        }
+    }
+    println!("cargo:rustc-env=UPROBE_FIXTURES={}", out.display());
+}

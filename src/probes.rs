@@ -118,6 +118,12 @@ pub fn with_registry<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
     f(guard.get_or_insert_with(Registry::default))
 }
 
+/// A function a spec matched that cannot be probed, and why.
+struct Unresolved {
+    symbol: String,
+    message: String,
+}
+
 /// One resolved place to probe, before it has a site.
 struct Resolved {
     symbol: String,
@@ -166,7 +172,14 @@ impl Registry {
                 continue;
             }
             match self.resolve(&spec, obj, &maps) {
-                Ok(mut r) => resolved.append(&mut r),
+                Ok(outcomes) => {
+                    for o in outcomes {
+                        match o {
+                            Ok(r) => resolved.push(r),
+                            Err(u) => failed.push((obj.path.clone(), u.symbol, u.message)),
+                        }
+                    }
+                }
                 Err(message) => failed.push((obj.path.clone(), spec.symbol_text(), message)),
             }
         }
@@ -341,7 +354,7 @@ impl Registry {
         spec: &Spec,
         obj: &LoadedObject,
         maps: &[MapEntry],
-    ) -> Result<Vec<Resolved>, String> {
+    ) -> Result<Vec<Result<Resolved, Unresolved>>, String> {
         let elf = self.elf_info(obj)?;
         let site = |offset| SiteKey { file: obj.id, offset };
         match &spec.target {
@@ -357,7 +370,7 @@ impl Registry {
                     }
                     None => format!("{vaddr:#x}"),
                 };
-                Ok(vec![Resolved { symbol, key: site(off), path: obj.path.clone() }])
+                Ok(vec![Ok(Resolved { symbol, key: site(off), path: obj.path.clone() })])
             }
             Target::Symbol { pattern, offset } => {
                 let matches: Vec<_> =
@@ -370,8 +383,7 @@ impl Registry {
                 for f in matches {
                     by_addr.entry(f.vaddr).or_default().push(f);
                 }
-                let mut out: Vec<Resolved> = Vec::new();
-                let mut errors = Vec::new();
+                let mut out: Vec<Result<Resolved, Unresolved>> = Vec::new();
                 for (_, mut names) in by_addr {
                     names.sort_by_key(|f| {
                         (
@@ -383,14 +395,17 @@ impl Registry {
                         )
                     });
                     let f = names[0];
-                    match self.resolve_function(obj, &elf, f, *offset, maps) {
-                        Ok(r) if out.iter().any(|o| o.key == r.key) => {}
-                        Ok(r) => out.push(r),
-                        Err(e) => errors.push(e),
+                    if let Some(e) = refused_in_libc(obj, &names) {
+                        out.push(Err(Unresolved { symbol: f.name.clone(), message: e }));
+                        continue;
                     }
-                }
-                if out.is_empty() {
-                    return Err(errors.join("; "));
+                    match self.resolve_function(obj, &elf, f, *offset, maps) {
+                        Ok(r) if out.iter().any(|o| o.as_ref().is_ok_and(|o| o.key == r.key)) => {}
+                        Ok(r) => out.push(Ok(r)),
+                        Err(message) => {
+                            out.push(Err(Unresolved { symbol: f.name.clone(), message }))
+                        }
+                    }
                 }
                 Ok(out)
             }
@@ -409,10 +424,18 @@ impl Registry {
             // Probe the implementation the process actually calls, not the resolver.
             let addr = resolve_ifunc(obj, f)
                 .ok_or_else(|| format!("cannot resolve IFUNC `{}` in {}", f.name, obj.path))?;
-            let m = maps
-                .iter()
-                .find(|m| m.start <= addr && addr < m.end && m.file.is_some())
-                .ok_or_else(|| format!("IFUNC `{}` resolved to unmapped {addr:#x}", f.name))?;
+            let m = maps.iter().find(|m| m.start <= addr && addr < m.end);
+            let m = match m {
+                Some(m) if m.file.is_some() => m,
+                Some(m) => {
+                    return Err(format!(
+                        "IFUNC `{}` resolves to {addr:#x} in {}, which is not a file: only files can be probed",
+                        f.name,
+                        if m.path.is_empty() { "anonymous memory" } else { m.path.as_str() }
+                    ))
+                }
+                None => return Err(format!("IFUNC `{}` resolved to unmapped {addr:#x}", f.name)),
+            };
             let off = addr - m.start + m.offset;
             // The implementation's size, when its own symbol is known.
             let impl_elf = if m.file == Some(obj.id) { Some(elf) } else { None };
@@ -561,6 +584,39 @@ impl Registry {
         table.entries.dedup_by_key(|e| e.addr);
         trap::publish(table);
     }
+}
+
+/// Functions that glibc itself calls while every signal is blocked by a raw system call (a new
+/// thread before `start_thread` restores its mask; a `posix_spawn` child before it execs). A
+/// breakpoint there is fatal: the kernel kills a process whose synchronous SIGTRAP is blocked.
+const RUN_WITH_SIGNALS_BLOCKED: &[&str] = &[
+    // start_thread, before the new thread's mask is restored
+    "__ctype_init",
+    "_setjmp",
+    "__sigsetjmp",
+    // start_thread's exit path, after it blocks every signal again
+    "__getpagesize",
+    "__madvise",
+    // lock slow paths taken in both windows when contended
+    "__lll_lock_wait_private",
+    "__lll_lock_wake_private",
+    // the posix_spawn child resets dispositions with every signal blocked
+    "__libc_sigaction",
+];
+
+fn refused_in_libc(obj: &LoadedObject, names: &[&objects::FuncSym]) -> Option<String> {
+    let libc = obj
+        .path
+        .rsplit('/')
+        .next()
+        .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"));
+    let f = names.iter().find(|f| RUN_WITH_SIGNALS_BLOCKED.contains(&f.name.as_str()))?;
+    libc.then(|| {
+        format!(
+            "`{}` is refused: glibc runs it with every signal blocked, where a breakpoint would kill the process",
+            f.name
+        )
+    })
 }
 
 fn symbol_matches(pattern: &str, f: &objects::FuncSym) -> bool {
