@@ -85,6 +85,9 @@ extern "C" fn uprobe_init() {
     if specs.is_empty() {
         return;
     }
+    if config.output.path.is_none() {
+        report::keep_stderr();
+    }
     signals::resolve_real_functions();
     match trap::install_handler() {
         Ok(previous) => signals::took_sigtrap(previous),

@@ -2,6 +2,8 @@
 //! table (`UPROBES_FORMAT=text`, the default) or JSON Lines (`UPROBES_FORMAT=json`), written to
 //! stderr or appended to `UPROBES_OUTPUT` (`%p` is replaced by the pid).
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
 use serde_json::json;
 
 use crate::probes::{ProbeInfo, ProbeState};
@@ -21,13 +23,25 @@ pub struct Output {
     pub format: Format,
 }
 
+/// A duplicate of the stderr the program started with. Many programs close stderr on their way out
+/// (gnulib's `close_stdout` does, in every coreutils program), before our destructor runs.
+static STDERR: AtomicI32 = AtomicI32::new(2);
+
+/// Keep the program's stderr for the report: a close-on-exec duplicate, numbered high so that it
+/// never takes a descriptor number the program expects `open` to return.
+pub fn keep_stderr() {
+    if let Ok(fd) = sys::dup_cloexec_at_least(2, 900).or_else(|_| sys::dup_cloexec_at_least(2, 3)) {
+        STDERR.store(fd, Ordering::Relaxed);
+    }
+}
+
 impl Output {
     /// Append `text` to the output. The file is opened for each report and closed after, so that
     /// libuprobe holds no descriptor the program might close, reuse or inherit.
     pub fn emit(&self, text: &str) {
         match &self.path {
             None => {
-                let _ = sys::write_all(2, text.as_bytes());
+                let _ = sys::write_all(STDERR.load(Ordering::Relaxed), text.as_bytes());
             }
             Some(template) => {
                 let path = template.replace("%p", &sys::getpid().to_string());

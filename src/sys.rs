@@ -107,6 +107,18 @@ pub fn write_all(fd: i32, mut buf: &[u8]) -> Result<(), Errno> {
     Ok(())
 }
 
+/// `fcntl(fd, F_DUPFD_CLOEXEC, min)`: a close-on-exec duplicate numbered `min` or above.
+pub fn dup_cloexec_at_least(fd: i32, min: i32) -> Result<i32, Errno> {
+    // SAFETY: fcntl F_DUPFD_CLOEXEC only creates a descriptor.
+    check(unsafe {
+        syscall6(
+            libc::SYS_fcntl,
+            [fd as usize, libc::F_DUPFD_CLOEXEC as usize, min as usize, 0, 0, 0],
+        )
+    })
+    .map(|fd| fd as i32)
+}
+
 pub fn getpid() -> i32 {
     // SAFETY: getpid has no arguments and cannot fail.
     unsafe { syscall6(libc::SYS_getpid, [0; 6]) as i32 }

@@ -171,6 +171,15 @@ fn text_report_to_stderr_by_default_and_pid_in_output_path() {
     assert_eq!(cols[..5], ["1", "1000", "active", "counts:leaf", "leaf"], "{row}");
     assert!(stderr.contains("nolib:x") && stderr.contains("pending"), "{stderr}");
 
+    // A program that closes stderr on its way out (as gnulib's close_stdout does) still gets its
+    // report on the stderr it started with.
+    let mut cmd = std::process::Command::new(fixture("counts"));
+    cmd.args(["10", "close"]).env("LD_PRELOAD", lib()).env("UPROBES", "counts:leaf");
+    let (stdout, stderr, status) = run_command(cmd);
+    assert_eq!((stdout.as_str(), status.code()), ("counts: 494\n", Some(7)));
+    let row = stderr.lines().find(|l| l.contains("counts:leaf")).expect(&stderr);
+    assert_eq!(row.split_whitespace().take(2).collect::<Vec<_>>(), ["1", "10"], "{stderr}");
+
     let dir = scratch("pid-dir");
     std::fs::create_dir_all(&dir).unwrap();
     let mut cmd = std::process::Command::new(fixture("counts"));

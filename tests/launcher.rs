@@ -1,0 +1,68 @@
+//! `uprobe run`: the launcher passes the program's exit status through and reports.
+
+mod common;
+use common::*;
+
+use std::process::Command;
+
+fn uprobe() -> Command {
+    lib(); // the launcher finds libuprobe.so beside itself
+    Command::new(env!("CARGO_BIN_EXE_uprobe"))
+}
+
+#[test]
+fn run_reports_json_to_a_file_and_keeps_the_exit_status() {
+    let out = scratch("launcher.jsonl");
+    let mut cmd = uprobe();
+    cmd.args(["run", "-p", "counts:leaf", "-p", "libcounted:lib_add;libcounted:lib_mul", "-o"])
+        .arg(&out)
+        .arg("--json")
+        .arg("--")
+        .arg(fixture("counts"))
+        .arg("250");
+    let (stdout, stderr, status) = run_command(cmd);
+    assert_eq!(status.code(), Some(7), "{stderr}");
+    assert_eq!(stdout, run_plain("counts", &["250"]).stdout);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let hits: Vec<_> =
+        summary["probes"].as_array().unwrap().iter().map(|p| p["hits"].clone()).collect();
+    assert_eq!(hits, [250, 250, 500]);
+    std::fs::remove_file(out).unwrap();
+}
+
+#[test]
+fn run_passes_a_terminating_signal_through() {
+    let mut cmd = uprobe();
+    cmd.args(["run", "-p", "own_trap:probed", "--"]).arg(fixture("own_trap")).arg("die");
+    let (_, stderr, status) = run_command(cmd);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGTRAP), "{stderr}");
+}
+
+#[test]
+fn run_prints_the_table_to_stderr_by_default() {
+    let mut cmd = uprobe();
+    cmd.args(["run", "-p", "counts:leaf", "--"]).arg(fixture("counts"));
+    let (_, stderr, status) = run_command(cmd);
+    assert_eq!(status.code(), Some(7));
+    let row = stderr.lines().find(|l| l.contains("counts:leaf")).expect(&stderr);
+    assert_eq!(row.split_whitespace().take(3).collect::<Vec<_>>(), ["1", "1000", "active"]);
+}
+
+#[test]
+fn run_explains_a_missing_library_and_help_documents_run() {
+    let mut cmd = uprobe();
+    cmd.env("UPROBE_LIB", "/nonexistent/libuprobe.so").args(["run", "--", "/bin/true"]);
+    let (_, stderr, status) = run_command(cmd);
+    assert_eq!(status.code(), Some(127));
+    assert!(stderr.contains("UPROBE_LIB=/nonexistent/libuprobe.so is not a file"), "{stderr}");
+
+    let mut cmd = uprobe();
+    cmd.args(["run", "--help"]);
+    let (stdout, _, status) = run_command(cmd);
+    assert!(status.success());
+    for flag in ["--probe", "--output", "--json", "PROGRAM"] {
+        assert!(stdout.contains(flag), "{flag} in:\n{stdout}");
+    }
+}
