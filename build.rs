@@ -24,6 +24,8 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "workload", sources: &["workload.c"], flags: &["-pthread", "-fno-builtin"] },
     Fixture { out: "own_trap", sources: &["own_trap.c"], flags: &[] },
     Fixture { out: "bench", sources: &["bench.c"], flags: &["-O2"] },
+    Fixture { out: "dl", sources: &["dl.c"], flags: &["-ldl"] },
+    Fixture { out: "forks", sources: &["forks.c"], flags: &["-pthread", "-ldl"] },
 ];
 
 fn main() {

@@ -18,6 +18,29 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+/// The next definition of `$name` after ours (libc's), cached in `$cache`. Every interposer's
+/// real function is looked up once at startup, so that no interposer calls `dlsym` later (it is not
+/// async-signal-safe, and a vfork child must not call it).
+macro_rules! real_fn {
+    ($cache:ident, $name:literal, $ty:ty) => {{
+        let mut p = $cache.load(core::sync::atomic::Ordering::Acquire);
+        if p == 0 {
+            // SAFETY: dlsym with a NUL-terminated name.
+            p = unsafe { libc::dlsym(libc::RTLD_NEXT, concat!($name, "\0").as_ptr().cast()) }
+                as usize;
+            $cache.store(p, core::sync::atomic::Ordering::Release);
+        }
+        if p == 0 {
+            None
+        } else {
+            // SAFETY: the symbol has this C signature in libc.
+            Some(unsafe { core::mem::transmute::<usize, $ty>(p) })
+        }
+    }};
+}
+
+mod dl_hook;
+mod fork_hook;
 mod objects;
 mod probes;
 mod report;
@@ -40,6 +63,12 @@ impl InRuntime {
     pub(crate) fn enter() -> InRuntime {
         let d = &sys::thread_state().runtime_depth;
         d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        InRuntime(())
+    }
+
+    /// The guard of a section entered earlier and forgotten (across fork's prepare and
+    /// parent/child handlers): dropping it leaves the section.
+    pub(crate) fn resume() -> InRuntime {
         InRuntime(())
     }
 }
@@ -81,6 +110,7 @@ extern "C" fn uprobe_init() {
     for p in problems {
         config.output.problem("UPROBES_FORMAT", &p);
     }
+    fork_hook::apply_follow_setting();
     let specs = spec::split_specs(&config.specs);
     if specs.is_empty() {
         return;
@@ -89,32 +119,43 @@ extern "C" fn uprobe_init() {
         report::keep_stderr();
     }
     signals::resolve_real_functions();
+    dl_hook::resolve_real_functions();
+    fork_hook::resolve_real_functions();
+    fork_hook::init();
     match trap::install_handler() {
         Ok(previous) => signals::took_sigtrap(previous),
         Err(e) => {
-            config.output.problem(
-                &config.specs,
-                &format!("cannot install the SIGTRAP handler: {e}; no probes"),
-            );
+            let message = format!("cannot install the SIGTRAP handler: {e}; no probes");
+            config.output.problem(&config.specs, &message);
             return;
         }
     }
+    if let Err(e) = dl_hook::install_link_map_hook() {
+        let message = format!("{e}: objects loaded by libc itself will not get their probes");
+        config.output.problem("link-map hook", &message);
+    }
     for text in specs {
-        let (_, errors) = probes::with_registry(|r| r.register(text));
+        let errors = probes::with_registry(|r| r.register(text).1).unwrap_or_default();
         for e in errors {
             config.output.problem(&e.spec, &e.message);
         }
     }
 }
 
-extern "C" fn uprobe_fini() {
+/// Write the summary of this process (at exit, and before an exec replaces the image).
+pub(crate) fn write_summary() {
     let _rt = InRuntime::enter();
     let Some(config) = CONFIG.get() else { return };
     if spec::split_specs(&config.specs).is_empty() {
         return;
     }
-    let probes = probes::with_registry(|r| r.snapshot());
-    config.output.summary(&probes);
+    if let Some(probes) = probes::with_registry(|r| r.snapshot()) {
+        config.output.summary(&probes);
+    }
+}
+
+extern "C" fn uprobe_fini() {
+    write_summary();
 }
 
 #[used]

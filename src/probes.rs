@@ -13,13 +13,14 @@
 //!   restore still knows the trap was ours; it finds the original instruction and re-executes it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::objects::{self, ElfInfo, FileId, LoadedObject, MapEntry};
 use crate::spec::{self, Spec, Target};
-use crate::sys;
 use crate::trap::{self, Consumer, Table, TableEntry};
 use crate::xol::{self, Resume, XolAreas};
+use crate::{fork_hook, sys};
 
 pub type ProbeId = u32;
 
@@ -27,7 +28,7 @@ pub type ProbeId = u32;
 pub enum ProbeState {
     /// Breakpoints are in every mapping of the site.
     Active,
-    /// Its object is not loaded (yet).
+    /// Its object is not loaded (yet, or any more).
     Pending,
     /// Could not be set up; `error` says why.
     Failed,
@@ -57,14 +58,17 @@ pub struct ProbeInfo {
     pub hits: u64,
 }
 
+/// A probe as the user registered it: resolved to a site, still waiting for its object (`spec`
+/// kept to resolve it when the object appears), or failed.
 struct Probe {
     id: ProbeId,
     spec: String,
     object: String,
     symbol: String,
-    state: ProbeState,
-    error: Option<String>,
+    failed: Option<String>,
     site: Option<SiteKey>,
+    /// While the object is not loaded: the parsed spec, resolved at every rescan.
+    pending: Option<Spec>,
     consumer: Arc<Consumer>,
 }
 
@@ -85,7 +89,17 @@ struct Install {
 
 struct Site {
     consumers: Vec<(ProbeId, Arc<Consumer>)>,
+    /// Every current mapping of the site's file that holds it. Empty while the file is unmapped
+    /// (after dlclose): the site and its counts live on, and are installed again when it returns.
     installs: Vec<Install>,
+    /// libuprobe's own breakpoint on the loader's `r_brk` (see dl_hook.rs).
+    link_map_hook: bool,
+}
+
+impl Site {
+    fn wanted(&self) -> bool {
+        !self.consumers.is_empty() || self.link_map_hook
+    }
 }
 
 /// A failure to set up one probe, with the message the user sees.
@@ -111,11 +125,78 @@ pub struct Registry {
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
 
+/// Objects may have changed while the registry was busy (or on the trap path): the registry's
+/// holder rescans before it lets go.
+pub fn want_rescan() {
+    trap::RESCAN_WANTED.store(true, Ordering::SeqCst);
+}
+
+fn run_locked<R>(
+    guard: &mut MutexGuard<'_, Option<Registry>>,
+    f: impl FnOnce(&mut Registry) -> R,
+) -> R {
+    let reg = guard.get_or_insert_with(Registry::default);
+    let r = f(reg);
+    while trap::RESCAN_WANTED.swap(false, Ordering::SeqCst) {
+        reg.rescan(false);
+    }
+    r
+}
+
 /// Run `f` with the registry locked. The only way to reach it; never called on the trap path.
-pub fn with_registry<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
-    let mut guard: MutexGuard<'_, Option<Registry>> =
-        REGISTRY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    f(guard.get_or_insert_with(Registry::default))
+/// `None` in a process that does not own the runtime (a child made by a raw clone, which ran no
+/// atfork handler: its copy of the lock may be held by a thread that does not exist).
+pub fn with_registry<R>(f: impl FnOnce(&mut Registry) -> R) -> Option<R> {
+    if !fork_hook::owns_runtime() {
+        return None;
+    }
+    let mut guard = REGISTRY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    Some(run_locked(&mut guard, f))
+}
+
+/// As [`with_registry`], but gives up at once when the registry is busy, asking its holder to
+/// rescan instead. For the link-map hook, which runs with the loader's lock held: waiting for a
+/// registry holder that is itself waiting for the loader would deadlock.
+pub fn try_rescan(in_loader: bool) {
+    if !fork_hook::owns_runtime() {
+        return;
+    }
+    match REGISTRY.try_lock() {
+        Ok(mut guard) => drop(run_locked(&mut guard, |r| r.rescan(in_loader))),
+        Err(std::sync::TryLockError::Poisoned(p)) => {
+            drop(run_locked(&mut p.into_inner(), |r| r.rescan(in_loader)))
+        }
+        Err(std::sync::TryLockError::WouldBlock) => want_rescan(),
+    }
+}
+
+/// The registry lock held across fork (pthread_atfork), so that no child inherits it held by a
+/// thread that does not exist there.
+static FORK_GUARD: Mutex<()> = Mutex::new(());
+static mut HELD_ACROSS_FORK: Option<MutexGuard<'static, Option<Registry>>> = None;
+
+pub fn lock_for_fork() {
+    let _serialize = FORK_GUARD.lock();
+    let guard = REGISTRY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // SAFETY: written only here and in unlock_after_fork, both by the forking thread between the
+    // prepare and the parent/child handlers of one fork.
+    unsafe { *core::ptr::addr_of_mut!(HELD_ACROSS_FORK) = Some(guard) };
+}
+
+/// In the parent and in the child after fork. In the child, also: counts start at zero.
+pub fn unlock_after_fork(child: bool) {
+    // SAFETY: as in lock_for_fork.
+    let guard = unsafe { (*core::ptr::addr_of_mut!(HELD_ACROSS_FORK)).take() };
+    if let Some(mut guard) = guard {
+        if child {
+            if let Some(reg) = guard.as_mut() {
+                for p in &reg.probes {
+                    p.consumer.hits.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+        drop(guard);
+    }
 }
 
 /// A function a spec matched that cannot be probed, and why.
@@ -131,6 +212,19 @@ struct Resolved {
     path: String,
 }
 
+/// Why a spec could not be resolved against an object now.
+enum NotYet {
+    /// It needs an IFUNC resolved, which must wait until the object is relocated.
+    Ifunc,
+    Error(String),
+}
+
+impl From<String> for NotYet {
+    fn from(s: String) -> Self {
+        NotYet::Error(s)
+    }
+}
+
 impl Registry {
     /// Register every probe `text` names. Returns the ids created (failed and pending ones
     /// included) and the problems found, each with a message for the user.
@@ -139,7 +233,7 @@ impl Registry {
             Ok(s) => s,
             Err(e) => {
                 let msg = e.to_string();
-                let id = self.add_probe(text, "", "", ProbeState::Failed, Some(msg.clone()), None);
+                let id = self.new_probe(text, "", "", None, Some(msg.clone()));
                 return (vec![id], vec![ProbeError { spec: text.trim().into(), message: msg }]);
             }
         };
@@ -147,22 +241,31 @@ impl Registry {
         let objects = objects::loaded_objects(&maps);
         let matching = self.matching_objects(&spec.object, &objects);
         if matching.is_empty() {
-            let id = self.add_probe(
-                &spec.text,
-                &spec.object,
-                &spec.symbol_text(),
-                ProbeState::Pending,
-                None,
-                None,
-            );
+            let id = self.new_probe(&spec.text, &spec.object, &spec.symbol_text(), None, None);
+            self.probe_mut(id).pending = Some(spec);
             return (vec![id], vec![]);
         }
+        let (ids, errors, _) = self.attach_spec(&spec, &matching, &maps, None, false);
+        (ids, errors)
+    }
+
+    /// Resolve `spec` in `matching` objects and attach a probe to each site. `reuse` is a pending
+    /// probe that becomes the first of them. With `in_loader`, a spec that needs an IFUNC resolved
+    /// is left alone (returns false) until its object is relocated.
+    fn attach_spec(
+        &mut self,
+        spec: &Spec,
+        matching: &[LoadedObject],
+        maps: &[MapEntry],
+        mut reuse: Option<ProbeId>,
+        in_loader: bool,
+    ) -> (Vec<ProbeId>, Vec<ProbeError>, bool) {
         let mut ids = Vec::new();
         let mut errors = Vec::new();
         // (object, symbol, message) of each probe that could not be set up.
         let mut failed: Vec<(String, String, String)> = Vec::new();
         let mut resolved = Vec::new();
-        for obj in &matching {
+        for obj in matching {
             if obj.is_self {
                 failed.push((
                     obj.path.clone(),
@@ -171,7 +274,7 @@ impl Registry {
                 ));
                 continue;
             }
-            match self.resolve(&spec, obj, &maps) {
+            match self.resolve(spec, obj, maps, in_loader) {
                 Ok(outcomes) => {
                     for o in outcomes {
                         match o {
@@ -180,72 +283,170 @@ impl Registry {
                         }
                     }
                 }
-                Err(message) => failed.push((obj.path.clone(), spec.symbol_text(), message)),
+                Err(NotYet::Ifunc) => return (ids, errors, false),
+                Err(NotYet::Error(message)) => {
+                    failed.push((obj.path.clone(), spec.symbol_text(), message))
+                }
             }
         }
-        // Plan every new site, publish them all at once, then write the breakpoints.
-        let mut planned = Vec::new();
+        let mut new_installs = Vec::new();
         for r in resolved {
-            let site_known = self.sites.contains_key(&r.key);
-            let plan = if site_known { Ok(None) } else { self.plan_site(r.key, &maps).map(Some) };
-            match plan {
+            let planned = if self.sites.contains_key(&r.key) {
+                Ok(Vec::new())
+            } else {
+                self.plan_site(r.key, maps)
+            };
+            match planned {
                 Ok(installs) => {
                     let consumer = Arc::new(Consumer::default());
-                    let id = self.add_probe(
-                        &spec.text,
-                        &r.path,
-                        &r.symbol,
-                        ProbeState::Active,
-                        None,
-                        Some((r.key, consumer.clone())),
-                    );
+                    let id = match reuse.take() {
+                        Some(id) => {
+                            let p = self.probe_mut(id);
+                            (p.object, p.symbol, p.pending) =
+                                (r.path.clone(), r.symbol.clone(), None);
+                            id
+                        }
+                        None => self.new_probe(&spec.text, &r.path, &r.symbol, None, None),
+                    };
+                    let p = self.probe_mut(id);
+                    p.site = Some(r.key);
+                    p.consumer = consumer.clone();
                     let site = self.sites.entry(r.key).or_insert_with(|| Site {
                         consumers: Vec::new(),
-                        installs: installs.clone().unwrap_or_default(),
+                        installs: Vec::new(),
+                        link_map_hook: false,
                     });
                     site.consumers.push((id, consumer));
-                    if let Some(installs) = installs {
-                        for i in &installs {
-                            self.tombstones.remove(&i.addr);
-                        }
-                        planned.push((id, r.key, installs));
+                    for i in &installs {
+                        self.tombstones.remove(&i.addr);
                     }
+                    site.installs.extend_from_slice(&installs);
+                    new_installs.push((r.key, installs));
                     ids.push(id);
                 }
                 Err(message) => failed.push((r.path, r.symbol, message)),
             }
         }
         for (object, symbol, message) in failed {
-            ids.push(self.add_probe(
-                &spec.text,
-                &object,
-                &symbol,
-                ProbeState::Failed,
-                Some(message.clone()),
-                None,
-            ));
+            let id = match reuse.take() {
+                Some(id) => {
+                    let p = self.probe_mut(id);
+                    (p.object, p.symbol, p.pending, p.failed) =
+                        (object, symbol, None, Some(message.clone()));
+                    id
+                }
+                None => self.new_probe(&spec.text, &object, &symbol, None, Some(message.clone())),
+            };
+            ids.push(id);
             errors.push(ProbeError { spec: spec.text.clone(), message });
         }
-        if !planned.is_empty() || !ids.is_empty() {
-            self.publish();
-        }
+        errors.extend(self.install(new_installs, &spec.text));
+        (ids, errors, true)
+    }
+
+    /// Publish sites with new installs, then write their breakpoints; a site whose writes fail is
+    /// undone entirely and its probes marked failed.
+    fn install(
+        &mut self,
+        new_installs: Vec<(SiteKey, Vec<Install>)>,
+        spec: &str,
+    ) -> Vec<ProbeError> {
+        self.publish();
+        let mut errors = Vec::new();
         let mut undone = false;
-        for (id, key, installs) in planned {
+        for (key, installs) in new_installs {
             if let Err(message) = write_breakpoints(&installs) {
-                self.sites.remove(&key);
-                if let Some(p) = self.probes.iter_mut().find(|p| p.id == id) {
-                    p.state = ProbeState::Failed;
-                    p.error = Some(message.clone());
-                    p.site = None;
+                let site = self.sites.get_mut(&key).expect("site present");
+                site.installs.retain(|i| !installs.iter().any(|n| n.addr == i.addr));
+                if site.installs.is_empty() {
+                    let site = self.sites.remove(&key).expect("site present");
+                    for (id, _) in site.consumers {
+                        let p = self.probe_mut(id);
+                        (p.site, p.failed) = (None, Some(message.clone()));
+                    }
                 }
-                errors.push(ProbeError { spec: spec.text.clone(), message });
+                errors.push(ProbeError { spec: spec.to_string(), message });
                 undone = true;
             }
         }
         if undone {
             self.publish();
         }
-        (ids, errors)
+        errors
+    }
+
+    /// Bring the breakpoints in line with what is mapped now (the kernel's mmap and munmap hooks):
+    /// forget installs whose mapping vanished, install every site in mappings that appeared, and
+    /// resolve pending probes whose object appeared. All under the registry lock, so a probe
+    /// unregistered meanwhile is simply not there to install.
+    pub fn rescan(&mut self, in_loader: bool) -> Vec<ProbeError> {
+        let maps = objects::read_maps().unwrap_or_default();
+        let still_mapped = |key: &SiteKey, addr: u64| {
+            maps.iter().any(|m| {
+                m.file == Some(key.file) && m.is_exec() && m.addr_of(key.offset) == Some(addr)
+            })
+        };
+        let mut changed = false;
+        for (key, site) in self.sites.iter_mut() {
+            let before = site.installs.len();
+            site.installs.retain(|i| still_mapped(key, i.addr));
+            changed |= site.installs.len() != before;
+        }
+        let before = self.tombstones.len();
+        self.tombstones
+            .retain(|&addr, _| maps.iter().any(|m| m.is_exec() && m.start <= addr && addr < m.end));
+        changed |= self.tombstones.len() != before;
+        self.resumes.retain(|&(addr, _), _| maps.iter().any(|m| m.start <= addr && addr < m.end));
+
+        // Sites in mappings that appeared (a dlopen again, a second namespace, an mmap).
+        let mut errors = Vec::new();
+        let mut new_installs = Vec::new();
+        let keys: Vec<SiteKey> = self.sites.keys().copied().collect();
+        for key in keys {
+            let known: Vec<u64> = self.sites[&key].installs.iter().map(|i| i.addr).collect();
+            for m in maps.iter().filter(|m| m.file == Some(key.file) && m.is_exec()) {
+                let Some(addr) = m.addr_of(key.offset) else { continue };
+                if known.contains(&addr) {
+                    continue;
+                }
+                match self.plan_install(key, m, addr) {
+                    Ok(i) => {
+                        self.tombstones.remove(&i.addr);
+                        self.sites.get_mut(&key).expect("site").installs.push(i);
+                        new_installs.push((key, vec![i]));
+                    }
+                    Err(message) => errors.push(ProbeError {
+                        spec: format!("{}+{:#x}", m.path, key.offset),
+                        message,
+                    }),
+                }
+            }
+        }
+        if !new_installs.is_empty() {
+            errors.extend(self.install(new_installs, "rescan"));
+        } else if changed {
+            self.publish();
+        }
+
+        // Pending probes whose object appeared.
+        let pending: Vec<(ProbeId, Spec)> =
+            self.probes.iter().filter_map(|p| p.pending.clone().map(|s| (p.id, s))).collect();
+        if !pending.is_empty() {
+            let objects = objects::loaded_objects(&maps);
+            for (id, spec) in pending {
+                let matching = self.matching_objects(&spec.object, &objects);
+                if matching.is_empty() {
+                    continue;
+                }
+                let (_, errs, done) =
+                    self.attach_spec(&spec, &matching, &maps, Some(id), in_loader);
+                if !done {
+                    want_rescan();
+                }
+                errors.extend(errs);
+            }
+        }
+        errors
     }
 
     /// Unregister probe `id`. When it was the last consumer of its site, the original bytes are back
@@ -258,7 +459,7 @@ impl Registry {
         if let Some(key) = probe.site {
             if let Some(site) = self.sites.get_mut(&key) {
                 site.consumers.retain(|(cid, _)| *cid != id);
-                if site.consumers.is_empty() {
+                if !site.wanted() {
                     let site = self.sites.remove(&key).expect("site present");
                     restore_breakpoints(&site.installs);
                     for i in &site.installs {
@@ -271,19 +472,56 @@ impl Registry {
         true
     }
 
+    /// Put libuprobe's own breakpoint on the loader's `r_brk` (`_dl_debug_state`), which the loader
+    /// calls on every change to the link map, whoever asked for it.
+    pub fn install_link_map_hook(&mut self, r_brk: u64) -> Result<(), String> {
+        let maps = objects::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
+        let m = maps
+            .iter()
+            .find(|m| m.start <= r_brk && r_brk < m.end && m.is_exec() && m.file.is_some())
+            .ok_or_else(|| format!("r_brk {r_brk:#x} is not in an executable file mapping"))?;
+        let key = SiteKey { file: m.file.expect("checked"), offset: r_brk - m.start + m.offset };
+        if let Some(site) = self.sites.get_mut(&key) {
+            site.link_map_hook = true;
+            self.publish();
+            return Ok(());
+        }
+        let install = self.plan_install(key, m, r_brk)?;
+        if !trap::can_hijack(install.resume) {
+            return Err(
+                "the loader's r_brk starts with an instruction the hook cannot resume".into()
+            );
+        }
+        self.sites.insert(
+            key,
+            Site { consumers: Vec::new(), installs: vec![install], link_map_hook: true },
+        );
+        let errors = self.install(vec![(key, vec![install])], "link-map hook");
+        errors.into_iter().next().map_or(Ok(()), |e| Err(e.message))
+    }
+
     /// Every probe, in id order, with its hits now.
     pub fn snapshot(&self) -> Vec<ProbeInfo> {
         self.probes
             .iter()
-            .map(|p| ProbeInfo {
-                id: p.id,
-                spec: p.spec.clone(),
-                object: p.object.clone(),
-                symbol: p.symbol.clone(),
-                offset: p.site.map(|k| k.offset),
-                state: p.state,
-                error: p.error.clone(),
-                hits: p.consumer.hits.load(std::sync::atomic::Ordering::Relaxed),
+            .map(|p| {
+                let installed =
+                    p.site.and_then(|k| self.sites.get(&k)).is_some_and(|s| !s.installs.is_empty());
+                let state = match (&p.failed, installed) {
+                    (Some(_), _) => ProbeState::Failed,
+                    (None, true) => ProbeState::Active,
+                    (None, false) => ProbeState::Pending,
+                };
+                ProbeInfo {
+                    id: p.id,
+                    spec: p.spec.clone(),
+                    object: p.object.clone(),
+                    symbol: p.symbol.clone(),
+                    offset: p.site.map(|k| k.offset),
+                    state,
+                    error: p.failed.clone(),
+                    hits: p.consumer.hits.load(Ordering::Relaxed),
+                }
             })
             .collect()
     }
@@ -293,31 +531,30 @@ impl Registry {
         self.xol.mapped_bytes()
     }
 
-    fn add_probe(
+    fn new_probe(
         &mut self,
         spec: &str,
         object: &str,
         symbol: &str,
-        state: ProbeState,
-        error: Option<String>,
-        site: Option<(SiteKey, Arc<Consumer>)>,
+        site: Option<SiteKey>,
+        failed: Option<String>,
     ) -> ProbeId {
         self.next_id += 1;
-        let (site, consumer) = match site {
-            Some((k, c)) => (Some(k), c),
-            None => (None, Arc::new(Consumer::default())),
-        };
         self.probes.push(Probe {
             id: self.next_id,
             spec: spec.trim().to_string(),
             object: object.to_string(),
             symbol: symbol.to_string(),
-            state,
-            error,
+            failed,
             site,
-            consumer,
+            pending: None,
+            consumer: Arc::new(Consumer::default()),
         });
         self.next_id
+    }
+
+    fn probe_mut(&mut self, id: ProbeId) -> &mut Probe {
+        self.probes.iter_mut().find(|p| p.id == id).expect("probe id")
     }
 
     fn elf_info(&mut self, obj: &LoadedObject) -> Result<Arc<ElfInfo>, String> {
@@ -354,7 +591,8 @@ impl Registry {
         spec: &Spec,
         obj: &LoadedObject,
         maps: &[MapEntry],
-    ) -> Result<Vec<Result<Resolved, Unresolved>>, String> {
+        in_loader: bool,
+    ) -> Result<Vec<Result<Resolved, Unresolved>>, NotYet> {
         let elf = self.elf_info(obj)?;
         let site = |offset| SiteKey { file: obj.id, offset };
         match &spec.target {
@@ -376,7 +614,7 @@ impl Registry {
                 let matches: Vec<_> =
                     elf.funcs.iter().filter(|f| symbol_matches(pattern, f)).collect();
                 if matches.is_empty() {
-                    return Err(format!("no function matching `{pattern}` in {}", obj.path));
+                    return Err(format!("no function matching `{pattern}` in {}", obj.path).into());
                 }
                 // Aliases (malloc, __libc_malloc, ...) share an address: one site, one name.
                 let mut by_addr: BTreeMap<u64, Vec<&objects::FuncSym>> = BTreeMap::new();
@@ -398,6 +636,9 @@ impl Registry {
                     if let Some(e) = refused_in_libc(obj, &names) {
                         out.push(Err(Unresolved { symbol: f.name.clone(), message: e }));
                         continue;
+                    }
+                    if f.ifunc && in_loader {
+                        return Err(NotYet::Ifunc);
                     }
                     match self.resolve_function(obj, &elf, f, *offset, maps) {
                         Ok(r) if out.iter().any(|o| o.as_ref().is_ok_and(|o| o.key == r.key)) => {}
@@ -524,46 +765,51 @@ impl Registry {
     fn plan_site(&mut self, key: SiteKey, maps: &[MapEntry]) -> Result<Vec<Install>, String> {
         let mut installs = Vec::new();
         for m in maps.iter().filter(|m| m.file == Some(key.file) && m.is_exec()) {
-            let Some(addr) = m.addr_of(key.offset) else {
-                continue;
-            };
-            if m.shared {
-                return Err(format!(
-                    "{} is mapped shared at {:#x}: a breakpoint would be written to the file",
-                    m.path, m.start
-                ));
+            if let Some(addr) = m.addr_of(key.offset) {
+                installs.push(self.plan_install(key, m, addr)?);
             }
-            if m.prot & libc::PROT_READ == 0 {
-                return Err(format!("{} is mapped execute-only at {:#x}", m.path, m.start));
-            }
-            let avail = (m.end - addr).min(16) as usize;
-            let mut bytes = [0u8; 16];
-            bytes[..avail].copy_from_slice(&self.clean_read(addr, avail));
-            if bytes[0] == 0xcc {
-                return Err(format!(
-                    "there is already an int3 at {addr:#x} (the program's own breakpoint?)"
-                ));
-            }
-            let resume = match self.resumes.get(&(addr, bytes)) {
-                Some(r) => *r,
-                None => {
-                    let d = xol::decode(&bytes[..avail], addr).map_err(|e| e.to_string())?;
-                    let r = match d.emu {
-                        Some(emu) => Resume::Emulate(emu),
-                        None => Resume::Xol {
-                            slot: self.xol.install(&d, addr).map_err(|e| e.to_string())?,
-                        },
-                    };
-                    self.resumes.insert((addr, bytes), r);
-                    r
-                }
-            };
-            installs.push(Install { addr, orig: bytes[0], prot: m.prot, resume });
         }
         if installs.is_empty() {
             return Err(format!("file offset {:#x} is not mapped executable", key.offset));
         }
         Ok(installs)
+    }
+
+    /// Decide how the instruction of `key` at `addr`, in mapping `m`, resumes.
+    fn plan_install(&mut self, key: SiteKey, m: &MapEntry, addr: u64) -> Result<Install, String> {
+        debug_assert_eq!(m.addr_of(key.offset), Some(addr));
+        if m.shared {
+            return Err(format!(
+                "{} is mapped shared at {:#x}: a breakpoint would be written to the file",
+                m.path, m.start
+            ));
+        }
+        if m.prot & libc::PROT_READ == 0 {
+            return Err(format!("{} is mapped execute-only at {:#x}", m.path, m.start));
+        }
+        let avail = (m.end - addr).min(16) as usize;
+        let mut bytes = [0u8; 16];
+        bytes[..avail].copy_from_slice(&self.clean_read(addr, avail));
+        if bytes[0] == 0xcc {
+            return Err(format!(
+                "there is already an int3 at {addr:#x} (the program's own breakpoint?)"
+            ));
+        }
+        let resume = match self.resumes.get(&(addr, bytes)) {
+            Some(r) => *r,
+            None => {
+                let d = xol::decode(&bytes[..avail], addr).map_err(|e| e.to_string())?;
+                let r = match d.emu {
+                    Some(emu) => Resume::Emulate(emu),
+                    None => {
+                        Resume::Xol { slot: self.xol.install(&d, addr).map_err(|e| e.to_string())? }
+                    }
+                };
+                self.resumes.insert((addr, bytes), r);
+                r
+            }
+        };
+        Ok(Install { addr, orig: bytes[0], prot: m.prot, resume })
     }
 
     /// Give the trap path a new table built from the current sites and tombstones.
@@ -573,14 +819,27 @@ impl Registry {
             let first = table.consumers.len() as u32;
             table.consumers.extend(site.consumers.iter().map(|(_, c)| c.clone()));
             let count = site.consumers.len() as u32;
+            let link_map_hook = site.link_map_hook;
             for i in &site.installs {
-                table.entries.push(TableEntry { addr: i.addr, resume: i.resume, first, count });
+                table.entries.push(TableEntry {
+                    addr: i.addr,
+                    resume: i.resume,
+                    first,
+                    count,
+                    link_map_hook,
+                });
             }
         }
         for (&addr, &resume) in &self.tombstones {
-            table.entries.push(TableEntry { addr, resume, first: 0, count: 0 });
+            table.entries.push(TableEntry {
+                addr,
+                resume,
+                first: 0,
+                count: 0,
+                link_map_hook: false,
+            });
         }
-        table.entries.sort_by_key(|e| (e.addr, e.count == 0));
+        table.entries.sort_by_key(|e| (e.addr, e.count == 0 && !e.link_map_hook));
         table.entries.dedup_by_key(|e| e.addr);
         trap::publish(table);
     }
@@ -600,8 +859,28 @@ const RUN_WITH_SIGNALS_BLOCKED: &[&str] = &[
     // lock slow paths taken in both windows when contended
     "__lll_lock_wait_private",
     "__lll_lock_wake_private",
-    // the posix_spawn child resets dispositions with every signal blocked
+    // the posix_spawn child (also behind system() and popen()), before it restores the mask:
+    // dispositions, attributes, file actions
     "__libc_sigaction",
+    "sigprocmask",
+    "pthread_sigmask",
+    "setsid",
+    "setpgid",
+    "sched_setparam",
+    "sched_setscheduler",
+    "__close_nocancel",
+    "dup2",
+    "chdir",
+    "fchdir",
+    "close_range",
+    "tcsetpgrp",
+    // ... and, after it reset every signal handler to SIG_DFL (ours included), the exec itself
+    // and the _exit that follows a failed one
+    "execve",
+    "_exit",
+    // the posix_spawn parent, between blocking everything and restoring its mask
+    "munmap",
+    "waitpid",
 ];
 
 fn refused_in_libc(obj: &LoadedObject, names: &[&objects::FuncSym]) -> Option<String> {

@@ -129,26 +129,6 @@ pub unsafe fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     }
 }
 
-/// The next definition of `name` after ours (libc's), looked up once at startup so that the
-/// interposers never call `dlsym` (which is not async-signal-safe).
-macro_rules! real_fn {
-    ($cache:ident, $name:literal, $ty:ty) => {{
-        let mut p = $cache.load(Ordering::Acquire);
-        if p == 0 {
-            // SAFETY: dlsym with a NUL-terminated name.
-            p = unsafe { libc::dlsym(libc::RTLD_NEXT, concat!($name, "\0").as_ptr().cast()) }
-                as usize;
-            $cache.store(p, Ordering::Release);
-        }
-        if p == 0 {
-            None
-        } else {
-            // SAFETY: the symbol has this C signature in libc.
-            Some(unsafe { core::mem::transmute::<usize, $ty>(p) })
-        }
-    }};
-}
-
 static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
 static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
 static REAL_BSD_SIGNAL: AtomicUsize = AtomicUsize::new(0);

@@ -124,6 +124,11 @@ pub fn getpid() -> i32 {
     unsafe { syscall6(libc::SYS_getpid, [0; 6]) as i32 }
 }
 
+pub fn getppid() -> i32 {
+    // SAFETY: getppid has no arguments and cannot fail.
+    unsafe { syscall6(libc::SYS_getppid, [0; 6]) as i32 }
+}
+
 pub fn gettid() -> i32 {
     // SAFETY: gettid has no arguments and cannot fail.
     unsafe { syscall6(libc::SYS_gettid, [0; 6]) as i32 }

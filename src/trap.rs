@@ -4,7 +4,8 @@
 //! # Safety: the async-signal-safe set
 //!
 //! Everything reachable from [`on_sigtrap`] is in this file, plus `sys::{thread_state,
-//! read_code_byte, rt_sigaction, rt_sigprocmask, raise_here}` and `signals::chain`. The rules:
+//! read_code_byte, getpid, gettid, rt_sigaction, rt_sigprocmask, raise_here}` and `signals::chain`.
+//! The rules:
 //! - no allocation, no lock, no formatting, no panic, no libc call (so `errno` is never written and
 //!   no probed libc function is entered from here);
 //! - shared state is read through atomics: the lookup [`Table`] is published through an `AtomicPtr`
@@ -13,8 +14,9 @@
 //!   runs, so that a trap taken inside it (a compiler-inserted `memcpy` on a probed libc, say) resumes
 //!   at once without running consumers instead of recursing or being force-killed.
 
+use core::arch::global_asm;
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::sys;
@@ -39,6 +41,9 @@ pub struct TableEntry {
     /// just before the removal still finds how to resume.
     pub first: u32,
     pub count: u32,
+    /// libuprobe's breakpoint on the loader's `r_brk`: the thread is sent through
+    /// [`uprobe_link_map_trampoline`] so that new objects get their probes before they run.
+    pub link_map_hook: bool,
 }
 
 /// The immutable lookup table the trap handler reads: sorted by address.
@@ -108,6 +113,58 @@ pub fn publish(new: Table) {
     }
 }
 
+/// Set when objects may have changed while no rescan could run; see `probes::try_rescan`.
+pub static RESCAN_WANTED: AtomicBool = AtomicBool::new(false);
+
+/// The pid that owns the runtime (set at startup and by the atfork child handler).
+pub static OWNER_PID: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
+
+#[inline(always)]
+fn fork_pid() -> i32 {
+    OWNER_PID.load(Ordering::Relaxed)
+}
+
+/// Can the link-map hook resume after this instruction? Its trampoline ends in `ret`: to an XOL
+/// slot pushed for it, or, for a `ret` at r_brk, straight back to the loader.
+pub fn can_hijack(r: Resume) -> bool {
+    matches!(r, Resume::Xol { .. } | Resume::Emulate(Emu::Ret { pop: 0 }))
+}
+
+// The link-map hook's trampoline, entered from the trap handler at the first instruction of the
+// loader's `_dl_debug_state` (a `void (void)` function, so caller-saved registers are free). It calls
+// `dl_hook::on_link_map_change` on an aligned stack, in normal (not signal) context, then returns
+// to what the handler pushed: the XOL slot of the displaced instruction, or the loader itself.
+global_asm!(
+    ".pushsection .text.uprobe_link_map_trampoline,\"ax\",@progbits",
+    ".globl uprobe_link_map_trampoline",
+    ".hidden uprobe_link_map_trampoline",
+    ".type uprobe_link_map_trampoline, @function",
+    ".p2align 4",
+    "uprobe_link_map_trampoline:",
+    "    push rbx",
+    "    mov rbx, rsp",
+    "    and rsp, -16",
+    "    call {hook}",
+    "    mov rsp, rbx",
+    "    pop rbx",
+    "    ret",
+    ".size uprobe_link_map_trampoline, . - uprobe_link_map_trampoline",
+    ".popsection",
+    hook = sym crate::dl_hook::on_link_map_change,
+);
+
+extern "C" {
+    fn uprobe_link_map_trampoline();
+}
+
+/// Is there a breakpoint (or tombstone) in `[lo, hi)`? Lock-free; used by the munmap interposer.
+pub fn any_breakpoint_in(lo: u64, hi: u64) -> bool {
+    let guard = ReadGuard::enter();
+    let Some(table) = guard.table() else { return false };
+    let i = table.entries.partition_point(|e| e.addr < lo);
+    table.entries.get(i).is_some_and(|e| e.addr < hi)
+}
+
 /// After fork the child has one thread: no reader can be inside a table, whatever the counters say.
 pub fn reset_readers_after_fork() {
     READERS[0].store(0, Ordering::SeqCst);
@@ -162,19 +219,36 @@ fn handle_breakpoint(info: &libc::siginfo_t, uc: &mut libc::ucontext_t, depth: u
     let Some(entry) = table.lookup(site) else {
         return false;
     };
-    if depth == 0 {
+    // Hits count only in the process that owns the runtime: not in a vfork or posix_spawn child,
+    // which runs on the parent's memory (and counters), nor in a child made by a raw clone.
+    let own = depth == 0 && (entry.count > 0 || entry.link_map_hook) && sys::getpid() == fork_pid();
+    if own {
         let (first, count) = (entry.first as usize, entry.count as usize);
         for c in table.consumers.get(first..first + count).unwrap_or(&[]) {
             c.hits.fetch_add(1, Ordering::Relaxed);
         }
     }
-    let resume = entry.resume;
+    let (resume, hook) = (entry.resume, entry.link_map_hook);
     drop(guard);
     // SAFETY: `site` is inside a mapping we patched (it is in the table) and we just trapped there.
     if unsafe { sys::read_code_byte(site as usize) } != 0xcc {
         // The breakpoint was removed after this trap: the original instruction is back, run it.
         g[libc::REG_RIP as usize] = site as i64;
         return true;
+    }
+    if hook {
+        if own && can_hijack(resume) {
+            // Call the link-map hook as if the loader had: push where to go on (the slot, or
+            // nothing for a bare `ret`) and enter the trampoline, which returns there.
+            if let Resume::Xol { slot } = resume {
+                push(g, slot);
+            }
+            g[libc::REG_RIP as usize] = uprobe_link_map_trampoline as *const () as i64;
+            return true;
+        }
+        // Inside the runtime (or a child that does not own it): whoever holds the registry
+        // rescans before letting go.
+        RESCAN_WANTED.store(true, Ordering::SeqCst);
     }
     match resume {
         Resume::Xol { slot } => g[libc::REG_RIP as usize] = slot as i64,

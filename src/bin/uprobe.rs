@@ -42,6 +42,9 @@ struct RunArgs {
     /// Report as JSON Lines instead of a table.
     #[arg(long)]
     json: bool,
+    /// Do not instrument programs that PROGRAM starts with exec (sets UPROBES_FOLLOW=0).
+    #[arg(long)]
+    no_follow: bool,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "PROGRAM [ARGS]...")]
     program: Vec<OsString>,
@@ -100,6 +103,9 @@ fn run(args: RunArgs) -> Result<std::convert::Infallible, String> {
     }
     if args.json {
         cmd.env("UPROBES_FORMAT", "json");
+    }
+    if args.no_follow {
+        cmd.env("UPROBES_FOLLOW", "0");
     }
     let err = cmd.exec();
     Err(format!("cannot run {}: {err}", args.program[0].to_string_lossy()))

@@ -1,0 +1,96 @@
+//! Probes follow objects that appear and vanish after start: dlopen, dlclose, dlmopen, a hard link,
+//! the program's own mmap, and loads that libc makes by itself.
+
+mod common;
+use common::*;
+
+const N: u64 = 300;
+
+fn lib() -> String {
+    fixture("libcounted.so").display().to_string()
+}
+
+/// File offset of lib_add in libcounted.so, from its symbol table.
+fn lib_add_offset() -> u64 {
+    let bytes = std::fs::read(fixture("libcounted.so")).unwrap();
+    let elf = goblin::elf::Elf::parse(&bytes).unwrap();
+    let sym =
+        elf.dynsyms.iter().find(|s| elf.dynstrtab.get_at(s.st_name) == Some("lib_add")).unwrap();
+    let ph = elf
+        .program_headers
+        .iter()
+        .find(|p| {
+            p.p_type == goblin::elf::program_header::PT_LOAD
+                && p.vm_range().contains(&(sym.st_value as usize))
+        })
+        .unwrap();
+    sym.st_value - ph.p_vaddr + ph.p_offset
+}
+
+#[test]
+fn a_pending_probe_is_installed_when_its_library_is_loaded() {
+    let n = N.to_string();
+    let plain = run_plain("dl", &["late", &lib(), &n]);
+    let probed = run_probed("dl", &["late", &lib(), &n], "libcounted.so:lib_add");
+    assert_same_behaviour(&plain, &probed);
+    assert!(probed.errors().is_empty(), "{:?}", probed.errors());
+    let p = probed.probe("lib_add");
+    assert_eq!((p["hits"].as_u64(), p["state"].as_str()), (Some(N), Some("active")));
+    assert_eq!(p["offset"], lib_add_offset());
+}
+
+#[test]
+fn counts_carry_on_across_dlclose_and_dlopen_again() {
+    let n = N.to_string();
+    let probed = run_probed("dl", &["reopen", &lib(), &n], "libcounted:lib_add");
+    assert_same_behaviour(&run_plain("dl", &["reopen", &lib(), &n]), &probed);
+    assert_eq!(probed.probes().len(), 1, "one probe across both loads");
+    assert_eq!(probed.hits("lib_add"), 2 * N);
+}
+
+#[test]
+fn the_same_file_mapped_three_times_is_one_site_in_three_mappings() {
+    let link = scratch("libcounted-link.so");
+    std::fs::hard_link(fixture("libcounted.so"), &link).unwrap();
+    let n = N.to_string();
+    let args = ["twice", &lib(), &n, link.to_str().unwrap()];
+    let probed = run_probed("dl", &args, "libcounted.so:lib_add");
+    assert_same_behaviour(&run_plain("dl", &args), &probed);
+    assert_eq!(probed.hits("lib_add"), 3 * N, "dlopen, dlmopen(LM_ID_NEWLM) and a hard link");
+    std::fs::remove_file(link).unwrap();
+}
+
+#[test]
+fn an_executable_mapping_made_by_the_program_itself_gets_the_probes() {
+    let n = N.to_string();
+    let off = format!("{:#x}", lib_add_offset());
+    let args = ["mmap", &lib(), &n, &off];
+    let probed = run_probed("dl", &args, "libcounted.so:lib_add");
+    assert_same_behaviour(&run_plain("dl", &args), &probed);
+    let p = probed.probe("lib_add");
+    assert_eq!(p["hits"], N);
+    assert_eq!(p["state"], "pending", "the program unmapped it again before exit");
+}
+
+#[test]
+fn a_library_that_libc_loads_by_itself_gets_its_probes() {
+    // iconv_open makes libc load the gconv module ISO8859-2.so through its own __libc_dlopen, not
+    // dlopen, and run its gconv_init at once: only the loader's debugger interface (r_brk) sees
+    // the load, and only a hook that runs before the module's code counts gconv_init.
+    let n = N.to_string();
+    let specs = "ISO8859-2.so:gconv ISO8859-2.so:gconv_init";
+    let probed = run_probed("dl", &["libc", "-", &n], specs);
+    assert_same_behaviour(&run_plain("dl", &["libc", "-", &n]), &probed);
+    assert_eq!(probed.hits("gconv_init"), 1);
+    assert_eq!(probed.hits("gconv"), N);
+}
+
+#[test]
+fn objects_that_never_load_are_reported_as_such() {
+    let probed = run_probed("counts", &[], "libnothere.so:f nothere:g");
+    assert!(probed.probes().iter().all(|p| p["state"] == "pending"));
+    let mut cmd = std::process::Command::new(fixture("counts"));
+    cmd.env("LD_PRELOAD", common::lib()).env("UPROBES", "libnothere.so:f");
+    let (_, stderr, _) = run_command(cmd);
+    assert!(stderr.contains("no object named by the specs was ever loaded"), "{stderr}");
+}
