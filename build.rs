@@ -26,6 +26,7 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "bench", sources: &["bench.c"], flags: &["-O2"] },
     Fixture { out: "dl", sources: &["dl.c"], flags: &["-ldl"] },
     Fixture { out: "forks", sources: &["forks.c"], flags: &["-pthread", "-ldl"] },
+    Fixture { out: "serve", sources: &["serve.c"], flags: &["-pthread"] },
 ];
 
 fn main() {

@@ -61,6 +61,11 @@ extern "C" fn child() {
     trap::OWNER_PID.store(sys::getpid(), Ordering::SeqCst);
     trap::reset_readers_after_fork();
     probes::unlock_after_fork(true);
+    // The parent's server thread does not exist here: serve a socket of our own.
+    crate::control::forget_socket_after_fork();
+    if let Some(output) = crate::output() {
+        crate::control::start(true, output);
+    }
     drop(InRuntime::resume());
 }
 
@@ -90,6 +95,7 @@ pub fn apply_follow_setting() {
 /// Before an exec replaces this image: its summary.
 fn before_exec() {
     if owns_runtime() {
+        crate::control::remove_socket();
         crate::write_summary();
     }
 }

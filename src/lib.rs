@@ -39,12 +39,14 @@ macro_rules! real_fn {
     }};
 }
 
+mod control;
 mod dl_hook;
 mod fork_hook;
 mod objects;
 mod probes;
 mod report;
 mod signals;
+mod socket_path;
 mod spec;
 mod sys;
 mod trap;
@@ -111,10 +113,6 @@ extern "C" fn uprobe_init() {
         config.output.problem("UPROBES_FORMAT", &p);
     }
     fork_hook::apply_follow_setting();
-    let specs = spec::split_specs(&config.specs);
-    if specs.is_empty() {
-        return;
-    }
     if config.output.path.is_none() {
         report::keep_stderr();
     }
@@ -122,39 +120,70 @@ extern "C" fn uprobe_init() {
     dl_hook::resolve_real_functions();
     fork_hook::resolve_real_functions();
     fork_hook::init();
-    match trap::install_handler() {
-        Ok(previous) => signals::took_sigtrap(previous),
-        Err(e) => {
-            let message = format!("cannot install the SIGTRAP handler: {e}; no probes");
-            config.output.problem(&config.specs, &message);
+    let specs = spec::split_specs(&config.specs);
+    if !specs.is_empty() {
+        if let Err(e) = ensure_runtime() {
+            config.output.problem(&config.specs, &e);
             return;
         }
-    }
-    if let Err(e) = dl_hook::install_link_map_hook() {
-        let message = format!("{e}: objects loaded by libc itself will not get their probes");
-        config.output.problem("link-map hook", &message);
-    }
-    for text in specs {
-        let errors = probes::with_registry(|r| r.register(text).1).unwrap_or_default();
-        for e in errors {
-            config.output.problem(&e.spec, &e.message);
+        for text in specs {
+            let errors = probes::with_registry(|r| r.register(text).1).unwrap_or_default();
+            for e in errors {
+                config.output.problem(&e.spec, &e.message);
+            }
         }
+    }
+    control::start(false, &config.output);
+}
+
+/// The parts of the runtime that only probes need, set up once, on the first probe (at startup
+/// for `UPROBES`, or at the first `add` on the control socket): the SIGTRAP handler and the
+/// link-map hook.
+pub(crate) fn ensure_runtime() -> Result<(), String> {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let previous = trap::install_handler()
+                .map_err(|e| format!("cannot install the SIGTRAP handler: {e}; no probes"))?;
+            signals::took_sigtrap(previous);
+            if let Err(e) = dl_hook::install_link_map_hook() {
+                let message =
+                    format!("{e}: objects loaded by libc itself will not get their probes");
+                log_problem("link-map hook", &message);
+            }
+            Ok(())
+        })
+        .clone()
+}
+
+/// Say something went wrong, on the report's channel.
+pub(crate) fn log_problem(what: &str, message: &str) {
+    if let Some(config) = CONFIG.get() {
+        config.output.problem(what, message);
     }
 }
 
-/// Write the summary of this process (at exit, and before an exec replaces the image).
+/// The report's channel, for the parts of the runtime that start threads after fork.
+pub(crate) fn output() -> Option<&'static report::Output> {
+    CONFIG.get().map(|c| &c.output)
+}
+
+/// Write the summary of this process (at exit, and before an exec replaces the image). Written
+/// when there were probes: from `UPROBES`, or added through the socket.
 pub(crate) fn write_summary() {
     let _rt = InRuntime::enter();
     let Some(config) = CONFIG.get() else { return };
-    if spec::split_specs(&config.specs).is_empty() {
-        return;
-    }
     if let Some(probes) = probes::with_registry(|r| r.snapshot()) {
-        config.output.summary(&probes);
+        if !probes.is_empty() || !spec::split_specs(&config.specs).is_empty() {
+            config.output.summary(&probes);
+        }
     }
 }
 
 extern "C" fn uprobe_fini() {
+    if fork_hook::owns_runtime() {
+        control::remove_socket();
+    }
     write_summary();
 }
 

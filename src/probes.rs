@@ -526,6 +526,18 @@ impl Registry {
             .collect()
     }
 
+    /// Every count back to zero (`stats reset`).
+    pub fn reset_counts(&self) {
+        for p in &self.probes {
+            p.consumer.hits.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Sites with breakpoints or waiting for their file, libuprobe's own hook included.
+    pub fn site_count(&self) -> usize {
+        self.sites.len()
+    }
+
     /// Bytes of XOL memory mapped so far.
     pub fn xol_bytes(&self) -> u64 {
         self.xol.mapped_bytes()

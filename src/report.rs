@@ -80,25 +80,25 @@ impl Output {
     }
 }
 
+/// One probe as JSON: the fields of the summary, of `list` and of `add` answers.
+pub fn probe_json(p: &ProbeInfo) -> serde_json::Value {
+    let mut v = json!({
+        "id": p.id,
+        "spec": p.spec,
+        "object": p.object,
+        "symbol": p.symbol,
+        "offset": p.offset,
+        "state": p.state.as_str(),
+        "hits": p.hits,
+    });
+    if let Some(e) = &p.error {
+        v["error"] = json!(e);
+    }
+    v
+}
+
 pub fn summary_json(pid: i32, probes: &[ProbeInfo]) -> String {
-    let list: Vec<_> = probes
-        .iter()
-        .map(|p| {
-            let mut v = json!({
-                "id": p.id,
-                "spec": p.spec,
-                "object": p.object,
-                "symbol": p.symbol,
-                "offset": p.offset,
-                "state": p.state.as_str(),
-                "hits": p.hits,
-            });
-            if let Some(e) = &p.error {
-                v["error"] = json!(e);
-            }
-            v
-        })
-        .collect();
+    let list: Vec<_> = probes.iter().map(probe_json).collect();
     format!("{}\n", json!({"type": "summary", "pid": pid, "probes": list}))
 }
 

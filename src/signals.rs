@@ -214,7 +214,7 @@ pub unsafe extern "C" fn sigaction(
     };
     // SAFETY: act is null or valid per the caller.
     match unsafe { act.as_ref() } {
-        Some(a) if ours() => {
+        Some(a) => {
             let mut copy = *a;
             copy.sa_mask = without_sigtrap(&a.sa_mask);
             // SAFETY: forwarding valid pointers to libc.
@@ -299,7 +299,8 @@ unsafe fn forward_mask(
     };
     // SAFETY: set is null or valid per the caller.
     match unsafe { set.as_ref() } {
-        Some(s) if ours() && how != libc::SIG_UNBLOCK => {
+        // Always, not only once probes exist: a probe may be added later, through the socket.
+        Some(s) if how != libc::SIG_UNBLOCK => {
             let copy = without_sigtrap(s);
             // SAFETY: forwarding valid pointers to libc.
             unsafe { real(how, &copy, old) }

@@ -121,10 +121,6 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
     Ok(Spec { text: t.to_string(), object: object.to_string(), target })
 }
 
-pub fn is_glob(p: &str) -> bool {
-    p.contains(['*', '?', '['])
-}
-
 fn glob_is_valid(p: &str) -> bool {
     let mut open = false;
     for c in p.chars() {

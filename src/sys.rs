@@ -119,6 +119,38 @@ pub fn dup_cloexec_at_least(fd: i32, min: i32) -> Result<i32, Errno> {
     .map(|fd| fd as i32)
 }
 
+/// `poll(2)`.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize, Errno> {
+    // SAFETY: `fds` is a valid, writable array of pollfd of that length.
+    check(unsafe {
+        syscall6(
+            libc::SYS_poll,
+            [fds.as_mut_ptr() as usize, fds.len(), timeout_ms as usize, 0, 0, 0],
+        )
+    })
+}
+
+/// The credentials of the peer of a connected Unix socket (`SO_PEERCRED`).
+pub fn peer_credentials(fd: i32) -> Result<libc::ucred, Errno> {
+    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
+    let mut len = core::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writing; the kernel writes at most `len` bytes.
+    check(unsafe {
+        syscall6(
+            libc::SYS_getsockopt,
+            [
+                fd as usize,
+                libc::SOL_SOCKET as usize,
+                libc::SO_PEERCRED as usize,
+                &mut cred as *mut _ as usize,
+                &mut len as *mut _ as usize,
+                0,
+            ],
+        )
+    })?;
+    Ok(cred)
+}
+
 pub fn getpid() -> i32 {
     // SAFETY: getpid has no arguments and cannot fail.
     unsafe { syscall6(libc::SYS_getpid, [0; 6]) as i32 }

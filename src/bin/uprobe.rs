@@ -6,10 +6,15 @@
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+#[path = "../socket_path.rs"]
+#[expect(dead_code, reason = "default_socket is the runtime's half of the shared file")]
+mod socket_path;
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +34,52 @@ struct Cli {
 enum Cmd {
     /// Run PROGRAM with libuprobe preloaded; print a summary of hits when it exits.
     Run(RunArgs),
+    /// Talk to a running process started with libuprobe preloaded: add, remove, list, count probes.
+    Ctl(CtlArgs),
+    /// List the processes whose control socket this user can reach (same as `uprobe ctl --list`).
+    Ps,
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  uprobe ctl 4242 add 'libc.so.6:malloc'\n  uprobe ctl 4242 stats --reset\n  uprobe ctl 4242 remove 1\n  uprobe ctl --list"
+)]
+struct CtlArgs {
+    /// List the reachable processes instead.
+    #[arg(long, conflicts_with = "pid")]
+    list: bool,
+    /// Print the raw JSON answers.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The socket to talk to, instead of the one for PID.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The process.
+    #[arg(required_unless_present_any = ["list", "socket"])]
+    pid: Option<i32>,
+    #[command(subcommand)]
+    op: Option<CtlOp>,
+}
+
+#[derive(Subcommand)]
+enum CtlOp {
+    /// Register probes (UPROBES grammar; globs allowed).
+    Add {
+        #[arg(required = true, value_name = "SPEC")]
+        specs: Vec<String>,
+    },
+    /// Unregister a probe by ID, or every probe added as SPEC.
+    Remove {
+        #[arg(value_name = "ID|SPEC")]
+        target: String,
+    },
+    /// Every probe: id, spec, object, symbol, offset, state, hits.
+    List,
+    /// Hits per probe; with --reset, then back to zero.
+    Stats {
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -111,16 +162,209 @@ fn run(args: RunArgs) -> Result<std::convert::Infallible, String> {
     Err(format!("cannot run {}: {err}", args.program[0].to_string_lossy()))
 }
 
+fn uid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The socket of `pid`, wherever this user's processes put theirs.
+fn find_socket(pid: i32) -> Result<PathBuf, String> {
+    let dirs = socket_path::socket_dirs(uid());
+    for d in &dirs {
+        let p = d.join(format!("{pid}.sock"));
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    let looked: Vec<String> =
+        dirs.iter().map(|d| d.join(format!("{pid}.sock")).display().to_string()).collect();
+    let why = if Path::new(&format!("/proc/{pid}")).exists() {
+        "it was not started with libuprobe preloaded, or UPROBES_SOCKET put its socket elsewhere (use --socket)"
+    } else {
+        "there is no such process"
+    };
+    Err(format!("process {pid} has no control socket ({why}); looked for {}", looked.join(" and ")))
+}
+
+/// Send one request, read one answer.
+fn request(socket: &Path, line: &str) -> Result<Value, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => format!(
+                "{}: permission denied (the process belongs to another user)",
+                socket.display()
+            ),
+            std::io::ErrorKind::ConnectionRefused => {
+                format!("{}: connection refused (the process has exited?)", socket.display())
+            }
+            _ => format!("{}: {e}", socket.display()),
+        })?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    if answer.is_empty() {
+        return Err(format!(
+            "{}: the process closed the connection without an answer",
+            socket.display()
+        ));
+    }
+    serde_json::from_str(&answer).map_err(|e| format!("bad answer {answer:?}: {e}"))
+}
+
+fn str_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The probes of an answer as a table.
+fn print_probes(probes: &[Value]) {
+    let spec_w = probes.iter().map(|p| str_of(&p["spec"]).len()).max().unwrap_or(4).max(4);
+    let sym_w = probes.iter().map(|p| str_of(&p["symbol"]).len()).max().unwrap_or(6).max(6);
+    println!(
+        "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  WHERE",
+        "ID", "HITS", "STATE", "SPEC", "SYMBOL"
+    );
+    for p in probes {
+        let place = match (p["error"].as_str(), p["offset"].as_u64()) {
+            (Some(e), _) => e.to_string(),
+            (None, Some(off)) => format!("{}+{off:#x}", str_of(&p["object"])),
+            (None, None) => str_of(&p["object"]),
+        };
+        println!(
+            "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  {place}",
+            str_of(&p["id"]),
+            str_of(&p["hits"]),
+            str_of(&p["state"]),
+            str_of(&p["spec"]),
+            str_of(&p["symbol"])
+        );
+    }
+}
+
+fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
+    if args.list {
+        if args.op.is_some() {
+            return Err("--list takes no command".into());
+        }
+        return ps();
+    }
+    let socket = match (&args.socket, args.pid) {
+        (Some(s), _) => s.clone(),
+        (None, Some(pid)) => find_socket(pid)?,
+        (None, None) => return Err("a PID or --socket is needed".into()),
+    };
+    let line = match &args.op {
+        Some(CtlOp::Add { specs }) => format!("add {}", specs.join(";")),
+        Some(CtlOp::Remove { target }) => format!("remove {target}"),
+        Some(CtlOp::List) | None => "list".into(),
+        Some(CtlOp::Stats { reset: false }) => "stats".into(),
+        Some(CtlOp::Stats { reset: true }) => "stats reset".into(),
+    };
+    let answer = request(&socket, &line)?;
+    if args.json {
+        println!("{answer}");
+    } else if answer["ok"] != true {
+        eprintln!("uprobe: {}", str_of(&answer["error"]));
+    } else {
+        let empty = Vec::new();
+        let probes = answer["probes"].as_array().unwrap_or(&empty);
+        match &args.op {
+            Some(CtlOp::Add { .. }) => {
+                println!("added {} probe(s)", probes.len());
+                print_probes(probes);
+                for e in answer["errors"].as_array().unwrap_or(&empty) {
+                    eprintln!("uprobe: {}", str_of(e));
+                }
+            }
+            Some(CtlOp::Remove { .. }) => {
+                let ids: Vec<String> =
+                    answer["removed"].as_array().unwrap_or(&empty).iter().map(str_of).collect();
+                println!("removed probe(s) {}", ids.join(", "));
+            }
+            Some(CtlOp::Stats { reset }) => {
+                println!("{:>5}  {:>12}  {:<7}  SPEC", "ID", "HITS", "STATE");
+                for p in probes {
+                    println!(
+                        "{:>5}  {:>12}  {:<7}  {}",
+                        str_of(&p["id"]),
+                        str_of(&p["hits"]),
+                        str_of(&p["state"]),
+                        str_of(&p["spec"])
+                    );
+                }
+                println!(
+                    "total {} hits; {} sites; {} bytes of XOL slots",
+                    answer["hits"], answer["sites"], answer["xol_bytes"]
+                );
+                if *reset {
+                    println!("counts reset to zero");
+                }
+            }
+            Some(CtlOp::List) | None => print_probes(probes),
+        }
+    }
+    Ok(if answer["ok"] == true { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The processes this user can reach: live sockets in the socket directories.
+fn ps() -> Result<ExitCode, String> {
+    println!("{:>8}  {:>6}  {:>12}  {:<40}  COMMAND", "PID", "PROBES", "HITS", "SOCKET");
+    for dir in socket_path::socket_dirs(uid()) {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let mut found: Vec<(i32, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let pid = name.strip_suffix(".sock")?.parse().ok()?;
+                Some((pid, e.path()))
+            })
+            .collect();
+        found.sort();
+        for (pid, path) in found {
+            let Ok(answer) = request(&path, "stats") else { continue }; // stale: its process is gone
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.replace('\0', " ").trim().to_string())
+                .unwrap_or_default();
+            let probes = answer["probes"].as_array().map_or(0, |p| p.len());
+            println!(
+                "{pid:>8}  {probes:>6}  {:>12}  {:<40}  {comm}",
+                str_of(&answer["hits"]),
+                path.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run(args) => run(args).map(|never| match never {}),
+        Cmd::Run(args) => match run(args) {
+            Ok(never) => match never {},
+            Err(message) => {
+                eprintln!("uprobe: {message}");
+                return ExitCode::from(127);
+            }
+        },
+        Cmd::Ctl(args) => ctl(args),
+        Cmd::Ps => ps(),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(message) => {
             eprintln!("uprobe: {message}");
-            ExitCode::from(127)
+            ExitCode::from(2)
         }
     }
 }
