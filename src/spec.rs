@@ -198,13 +198,16 @@ fn class_match(p: &[char], at: usize, c: char) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn sym(o: &str, p: &str, off: u64) -> Result<(String, Target), String> {
+    /// What a case expects: (object, target), or a fragment of the error message.
+    type Expected = Result<(String, Target), String>;
+
+    fn sym(o: &str, p: &str, off: u64) -> Expected {
         Ok((o.into(), Target::Symbol { pattern: p.into(), offset: off }))
     }
 
     #[test]
     fn parses_the_grammar() {
-        let cases: &[(&str, Result<(String, Target), String>)] = &[
+        let cases: &[(&str, Expected)] = &[
             ("libc.so.6:malloc", sym("libc.so.6", "malloc", 0)),
             ("libc:str*", sym("libc", "str*", 0)),
             ("app:work+12", sym("app", "work", 12)),

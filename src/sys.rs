@@ -246,8 +246,8 @@ pub fn sigreturn_trampoline() -> usize {
 /// (it is `.tbss`), so "all zero" must mean "a program thread doing nothing of ours".
 #[repr(C)]
 pub struct ThreadState {
-    /// > 0 while this thread runs libuprobe code (setup, patching, report, our trap handler), or for
-    /// its whole life if it is a runtime thread. Traps taken meanwhile run no consumers.
+    /// Non-zero while this thread runs libuprobe code (setup, patching, report, our trap handler),
+    /// or for its whole life if it is a runtime thread. Traps taken meanwhile run no consumers.
     pub runtime_depth: core::sync::atomic::AtomicU32,
 }
 
