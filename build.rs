@@ -27,6 +27,7 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "dl", sources: &["dl.c"], flags: &["-ldl"] },
     Fixture { out: "forks", sources: &["forks.c"], flags: &["-pthread", "-ldl"] },
     Fixture { out: "serve", sources: &["serve.c"], flags: &["-pthread"] },
+    Fixture { out: "args", sources: &["args.c"], flags: &["-pthread"] },
 ];
 
 fn main() {

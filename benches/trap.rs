@@ -19,12 +19,19 @@ fn library() -> PathBuf {
     exe.parent().and_then(Path::parent).expect("target/release").join("libuprobe.so")
 }
 
-fn measure(lib: &Path, specs: &str, iterations: &str, rounds: &str) -> BTreeMap<String, f64> {
+fn measure(
+    lib: &Path,
+    specs: &str,
+    trace: bool,
+    iterations: &str,
+    rounds: &str,
+) -> BTreeMap<String, f64> {
     let out = Command::new(Path::new(env!("UPROBE_FIXTURES")).join("bench"))
         .args([iterations, rounds])
         .env("LD_PRELOAD", lib)
         .env("UPROBES", specs)
         .env("UPROBES_OUTPUT", "/dev/null")
+        .env("UPROBES_TRACE", if trace { "1" } else { "0" })
         .output()
         .expect("run bench fixture");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -42,7 +49,7 @@ fn main() {
     let iterations = std::env::var("UPROBE_BENCH_ITERATIONS").unwrap_or_else(|_| "200000".into());
     let rounds = std::env::var("UPROBE_BENCH_ROUNDS").unwrap_or_else(|_| "7".into());
     let lib = library();
-    let m = measure(&lib, "bench:probed", &iterations, &rounds);
+    let m = measure(&lib, "bench:probed", false, &iterations, &rounds);
     let (bare, floor, probe) = (m["bare"], m["floor"], m["probe"]);
     let hit = probe - bare;
     println!(
@@ -52,4 +59,10 @@ fn main() {
     println!("  SIGTRAP floor       {floor:>9.2}   int3 + empty SA_SIGINFO handler, same process");
     println!("  probe hit           {hit:>9.2}   call of a probed function less a bare call");
     println!("  ratio probe/floor   {:>9.3}", hit / floor);
+    // Tracing: every hit also records an event (drained to /dev/null by the drain thread).
+    let t = measure(&lib, "bench:probed(int)", true, &iterations, &rounds);
+    let traced = t["probe"] - t["bare"];
+    println!("  SIGTRAP floor       {:>9.2}   (the traced run's own)", t["floor"]);
+    println!("  traced hit          {traced:>9.2}   the same, with UPROBES_TRACE=1");
+    println!("  ratio traced/floor  {:>9.3}", traced / t["floor"]);
 }

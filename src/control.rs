@@ -357,6 +357,7 @@ fn stats(reset: bool) -> Value {
         return error("this process does not own the runtime");
     };
     let total: u64 = probes.iter().map(|p| p.hits).sum();
+    let (events, lost) = crate::events::totals().unwrap_or((0, 0));
     let list: Vec<Value> = probes
         .iter()
         .map(|p| json!({"id": p.id, "spec": p.spec, "symbol": p.symbol, "state": p.state.as_str(), "hits": p.hits}))
@@ -368,6 +369,8 @@ fn stats(reset: bool) -> Value {
         "probes": list,
         "sites": sites,
         "xol_bytes": xol_bytes,
+        "events": events,
+        "lost": lost,
         "reset": reset,
     })
 }

@@ -42,6 +42,8 @@ extern "C" fn prepare() {
     // Held until parent()/child(): the marker keeps traps on this thread from counting while it
     // holds the registry, as in any other runtime section.
     std::mem::forget(InRuntime::enter());
+    // The drain thread takes the drain lock, then the registry's: the same order here.
+    crate::events::lock_for_fork();
     probes::lock_for_fork();
 }
 
@@ -50,6 +52,7 @@ extern "C" fn parent() {
         return;
     }
     probes::unlock_after_fork(false);
+    crate::events::unlock_after_fork(false);
     drop(InRuntime::resume());
 }
 
@@ -61,6 +64,7 @@ extern "C" fn child() {
     trap::OWNER_PID.store(sys::getpid(), Ordering::SeqCst);
     trap::reset_readers_after_fork();
     probes::unlock_after_fork(true);
+    crate::events::unlock_after_fork(true);
     // The parent's server thread does not exist here: serve a socket of our own.
     crate::control::forget_socket_after_fork();
     if let Some(output) = crate::output() {

@@ -41,6 +41,7 @@ macro_rules! real_fn {
 
 mod control;
 mod dl_hook;
+mod events;
 mod fork_hook;
 mod objects;
 mod probes;
@@ -86,6 +87,8 @@ impl Drop for InRuntime {
 struct Config {
     specs: String,
     output: Output,
+    /// `UPROBES_TRACE=1`: an event per hit.
+    trace: bool,
 }
 
 static CONFIG: OnceLock<Config> = OnceLock::new();
@@ -102,7 +105,9 @@ fn read_config() -> (Config, Vec<String>) {
     };
     let path = std::env::var("UPROBES_OUTPUT").ok().filter(|p| !p.is_empty());
     let specs = std::env::var("UPROBES").unwrap_or_default();
-    (Config { specs, output: Output { path, format } }, problems)
+    let trace =
+        matches!(std::env::var("UPROBES_TRACE").as_deref(), Ok("1" | "yes" | "true" | "on"));
+    (Config { specs, output: Output { path, format }, trace }, problems)
 }
 
 extern "C" fn uprobe_init() {
@@ -125,6 +130,11 @@ extern "C" fn uprobe_init() {
         if let Err(e) = ensure_runtime() {
             config.output.problem(&config.specs, &e);
             return;
+        }
+        if config.trace {
+            if let Err(e) = events::enable(&config.output) {
+                config.output.problem("UPROBES_TRACE", &e);
+            }
         }
         for text in specs {
             let errors = probes::with_registry(|r| r.register(text).1).unwrap_or_default();
@@ -173,9 +183,10 @@ pub(crate) fn output() -> Option<&'static report::Output> {
 pub(crate) fn write_summary() {
     let _rt = InRuntime::enter();
     let Some(config) = CONFIG.get() else { return };
+    events::flush(&config.output);
     if let Some(probes) = probes::with_registry(|r| r.snapshot()) {
         if !probes.is_empty() || !spec::split_specs(&config.specs).is_empty() {
-            config.output.summary(&probes);
+            config.output.summary(&probes, events::totals());
         }
     }
 }

@@ -298,7 +298,6 @@ impl Registry {
             };
             match planned {
                 Ok(installs) => {
-                    let consumer = Arc::new(Consumer::default());
                     let id = match reuse.take() {
                         Some(id) => {
                             let p = self.probe_mut(id);
@@ -308,6 +307,8 @@ impl Registry {
                         }
                         None => self.new_probe(&spec.text, &r.path, &r.symbol, None, None),
                     };
+                    let consumer =
+                        Arc::new(Consumer { id, args: spec.args.clone(), ..Default::default() });
                     let p = self.probe_mut(id);
                     p.site = Some(r.key);
                     p.consumer = consumer.clone();
@@ -524,6 +525,12 @@ impl Registry {
                 }
             })
             .collect()
+    }
+
+    /// Symbol and argument types of probe `id`, for formatting its events.
+    pub fn event_meta(&self, id: ProbeId) -> Option<(String, Vec<spec::ArgType>)> {
+        let p = self.probes.iter().find(|p| p.id == id)?;
+        Some((p.symbol.clone(), p.consumer.args.clone()))
     }
 
     /// Every count back to zero (`stats reset`).

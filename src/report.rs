@@ -70,11 +70,11 @@ impl Output {
         self.emit(&line);
     }
 
-    /// The summary written at exit.
-    pub fn summary(&self, probes: &[ProbeInfo]) {
+    /// The summary written at exit. `trace`: (events written, events lost) when tracing.
+    pub fn summary(&self, probes: &[ProbeInfo], trace: Option<(u64, u64)>) {
         let text = match self.format {
-            Format::Text => summary_text(sys::getpid(), probes),
-            Format::Json => summary_json(sys::getpid(), probes),
+            Format::Text => summary_text(sys::getpid(), probes, trace),
+            Format::Json => summary_json(sys::getpid(), probes, trace),
         };
         self.emit(&text);
     }
@@ -97,12 +97,17 @@ pub fn probe_json(p: &ProbeInfo) -> serde_json::Value {
     v
 }
 
-pub fn summary_json(pid: i32, probes: &[ProbeInfo]) -> String {
+pub fn summary_json(pid: i32, probes: &[ProbeInfo], trace: Option<(u64, u64)>) -> String {
     let list: Vec<_> = probes.iter().map(probe_json).collect();
-    format!("{}\n", json!({"type": "summary", "pid": pid, "probes": list}))
+    let mut v = json!({"type": "summary", "pid": pid, "probes": list});
+    if let Some((events, lost)) = trace {
+        v["events"] = json!(events);
+        v["lost"] = json!(lost);
+    }
+    format!("{v}\n")
 }
 
-pub fn summary_text(pid: i32, probes: &[ProbeInfo]) -> String {
+pub fn summary_text(pid: i32, probes: &[ProbeInfo], trace: Option<(u64, u64)>) -> String {
     let mut out = format!("libuprobe: pid {pid}: {} probe(s)\n", probes.len());
     let spec_w = probes.iter().map(|p| p.spec.len()).max().unwrap_or(4).max(4);
     let sym_w = probes.iter().map(|p| p.symbol.len()).max().unwrap_or(6).max(6);
@@ -125,6 +130,9 @@ pub fn summary_text(pid: i32, probes: &[ProbeInfo]) -> String {
             p.spec,
             p.symbol
         );
+    }
+    if let Some((events, lost)) = trace {
+        out += &format!("libuprobe: {events} events traced, {lost} lost\n");
     }
     if !probes.is_empty() && probes.iter().all(|p| p.state == ProbeState::Pending) {
         out += "libuprobe: no object named by the specs was ever loaded\n";

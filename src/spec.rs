@@ -4,6 +4,8 @@
 //! OBJECT:SYMBOL            function entry; SYMBOL may be a glob (* ? [...]) or name@VERSION
 //! OBJECT:SYMBOL+OFFSET     an instruction inside it (decimal or 0x hex), on an instruction boundary
 //! OBJECT:0xADDRESS         a file virtual address, as readelf prints it
+//! ...(TYPE,...)            any of the above with typed arguments for traced events:
+//!                          str int i32 u32 long i64 u64 x64 ptr (at most 6)
 //! ```
 //!
 //! Several specs are separated by `;`, `,` or white space (not inside `(...)` or `[...]`).
@@ -22,6 +24,35 @@ pub struct Spec {
     pub text: String,
     pub object: String,
     pub target: Target,
+    /// Types of the first arguments, shown in traced events.
+    pub args: Vec<ArgType>,
+}
+
+/// How a traced event shows an argument register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgType {
+    /// A NUL-terminated string, read safely from the program's memory (`<bad>` if unreadable).
+    Str,
+    I32,
+    U32,
+    I64,
+    U64,
+    /// Hexadecimal (`x64`, `ptr`).
+    Hex,
+}
+
+impl ArgType {
+    fn parse(s: &str) -> Option<ArgType> {
+        Some(match s {
+            "str" | "string" => ArgType::Str,
+            "int" | "i32" => ArgType::I32,
+            "u32" => ArgType::U32,
+            "long" | "i64" => ArgType::I64,
+            "u64" => ArgType::U64,
+            "x64" | "ptr" => ArgType::Hex,
+            _ => return None,
+        })
+    }
 }
 
 impl Spec {
@@ -87,8 +118,28 @@ fn parse_number(s: &str) -> Option<u64> {
 pub fn parse(text: &str) -> Result<Spec, SpecError> {
     let err = |why: &str| SpecError { spec: text.to_string(), why: why.to_string() };
     let t = text.trim();
+    if t.ends_with("%return") {
+        return Err(err("return probes (%return) are not available yet"));
+    }
+    let (t_target, args) = match t.split_once('(') {
+        Some((head, tail)) => {
+            let list =
+                tail.strip_suffix(')').ok_or_else(|| err("unclosed `(` in argument types"))?;
+            let mut args = Vec::new();
+            for a in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                args.push(ArgType::parse(a).ok_or_else(|| {
+                    err(&format!("unknown argument type `{a}` (str, int, i32, u32, long, i64, u64, x64, ptr)"))
+                })?);
+            }
+            if args.len() > 6 {
+                return Err(err("at most 6 argument types (the SysV integer argument registers)"));
+            }
+            (head, args)
+        }
+        None => (t, Vec::new()),
+    };
     let (object, rest) =
-        t.split_once(':').ok_or_else(|| err("no `:` between object and symbol"))?;
+        t_target.split_once(':').ok_or_else(|| err("no `:` between object and symbol"))?;
     if object.is_empty() {
         return Err(err("empty object"));
     }
@@ -118,7 +169,7 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
         }
         Target::Symbol { pattern: pattern.to_string(), offset }
     };
-    Ok(Spec { text: t.to_string(), object: object.to_string(), target })
+    Ok(Spec { text: t.to_string(), object: object.to_string(), target, args })
 }
 
 fn glob_is_valid(p: &str) -> bool {
@@ -223,6 +274,11 @@ mod tests {
             ("libc:0xzz", Err("bad hex".into())),
             ("libc:12", Err("cannot start with a digit".into())),
             ("libc:f[a", Err("unclosed".into())),
+            ("libc:open(str,int", Err("unclosed `(`".into())),
+            ("libc:open(str,float)", Err("unknown argument type `float`".into())),
+            ("libc:f(int,int,int,int,int,int,int)", Err("at most 6".into())),
+            ("libc:malloc%return", Err("not available yet".into())),
+            ("libc:open(str, int)", sym("libc", "open", 0)),
         ];
         for (text, want) in cases {
             let got = parse(text).map(|s| (s.object, s.target)).map_err(|e| e.to_string());
@@ -239,6 +295,10 @@ mod tests {
         assert_eq!(split_specs("a:b;c:d, e:f  g:h\n"), ["a:b", "c:d", "e:f", "g:h"]);
         assert_eq!(split_specs("libc:open(str,int);x:[a,b]*"), ["libc:open(str,int)", "x:[a,b]*"]);
         assert!(split_specs(" ;, ").is_empty());
+        let s = parse("libc:open(str, int)").unwrap();
+        assert_eq!(s.args, [ArgType::Str, ArgType::I32]);
+        assert_eq!(parse("libc:malloc(u64)").unwrap().args, [ArgType::U64]);
+        assert!(parse("libc:malloc").unwrap().args.is_empty());
     }
 
     #[test]

@@ -119,6 +119,84 @@ pub fn dup_cloexec_at_least(fd: i32, min: i32) -> Result<i32, Errno> {
     .map(|fd| fd as i32)
 }
 
+/// The vDSO's `clock_gettime`, found once by [`find_vdso_clock`]; 0 means "use the system call".
+static VDSO_CLOCK_GETTIME: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(0);
+
+/// Find `__vdso_clock_gettime` in the vDSO image the kernel mapped (not on the trap path).
+pub fn find_vdso_clock() {
+    // SAFETY: getauxval is always safe; AT_SYSINFO_EHDR is the vDSO's ELF header, or 0.
+    let base = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+    if base == 0 {
+        return;
+    }
+    let Some(len) = crate::objects::read_maps().ok().and_then(|maps| {
+        maps.iter().find(|m| m.start as usize == base).map(|m| (m.end - m.start) as usize)
+    }) else {
+        return;
+    };
+    // SAFETY: the vDSO mapping [base, base + len) is readable for the life of the process.
+    let image = unsafe { core::slice::from_raw_parts(base as *const u8, len) };
+    let Ok(elf) = goblin::elf::Elf::parse(image) else { return };
+    let sym = elf
+        .dynsyms
+        .iter()
+        .find(|s| elf.dynstrtab.get_at(s.st_name) == Some("__vdso_clock_gettime"));
+    if let Some(sym) = sym {
+        let first_load =
+            elf.program_headers.iter().find(|p| p.p_type == goblin::elf::program_header::PT_LOAD);
+        let bias = first_load.map_or(0, |p| p.p_vaddr) as usize;
+        VDSO_CLOCK_GETTIME
+            .store(base + sym.st_value as usize - bias, core::sync::atomic::Ordering::Release);
+    }
+}
+
+/// `clock_gettime(CLOCK_MONOTONIC)` in nanoseconds: through the vDSO when found, else the raw
+/// system call. Async-signal-safe either way (the vDSO takes no lock and touches no errno).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let f = VDSO_CLOCK_GETTIME.load(core::sync::atomic::Ordering::Relaxed);
+    if f != 0 {
+        // SAFETY: `f` is the vDSO's clock_gettime, with the C signature below.
+        let f: extern "C" fn(libc::clockid_t, *mut libc::timespec) -> i32 =
+            unsafe { core::mem::transmute(f) };
+        f(libc::CLOCK_MONOTONIC, &mut ts);
+    } else {
+        // SAFETY: `ts` is a valid timespec to write.
+        let _ = unsafe {
+            syscall6(
+                libc::SYS_clock_gettime,
+                [libc::CLOCK_MONOTONIC as usize, &mut ts as *mut _ as usize, 0, 0, 0, 0],
+            )
+        };
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Copy up to `buf.len()` bytes at `addr` of this process without risking a fault
+/// (`process_vm_readv` answers EFAULT for unmapped memory). Returns how many were readable.
+/// Async-signal-safe.
+pub fn read_memory_safely(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: addr as *mut _, iov_len: buf.len() };
+    // SAFETY: local describes `buf`, writable; the kernel checks `remote` and never faults.
+    check(unsafe {
+        syscall6(
+            libc::SYS_process_vm_readv,
+            [pid as usize, &local as *const _ as usize, 1, &remote as *const _ as usize, 1, 0],
+        )
+    })
+}
+
+/// Does thread `tid` of process `pid` still exist? (`tgkill` with signal 0.)
+pub fn thread_alive(pid: i32, tid: i32) -> bool {
+    // SAFETY: signal 0 only checks existence.
+    unsafe {
+        syscall6(libc::SYS_tgkill, [pid as usize, tid as usize, 0, 0, 0, 0])
+            != -(libc::ESRCH as isize)
+    }
+}
+
 /// `poll(2)`.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize, Errno> {
     // SAFETY: `fds` is a valid, writable array of pollfd of that length.
@@ -249,6 +327,10 @@ pub struct ThreadState {
     /// Non-zero while this thread runs libuprobe code (setup, patching, report, our trap handler),
     /// or for its whole life if it is a runtime thread. Traps taken meanwhile run no consumers.
     pub runtime_depth: core::sync::atomic::AtomicU32,
+    /// This thread's id, cached when it first records an event (0: not yet).
+    pub tid: core::sync::atomic::AtomicI32,
+    /// The event ring this thread records into (see `trap::Ring`); 0 until its first event.
+    pub ring: core::sync::atomic::AtomicUsize,
 }
 
 global_asm!(

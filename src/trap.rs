@@ -4,7 +4,8 @@
 //! # Safety: the async-signal-safe set
 //!
 //! Everything reachable from [`on_sigtrap`] is in this file, plus `sys::{thread_state,
-//! read_code_byte, getpid, gettid, rt_sigaction, rt_sigprocmask, raise_here}` and `signals::chain`.
+//! read_code_byte, getpid, gettid, monotonic_ns, read_memory_safely, rt_sigaction, rt_sigprocmask,
+//! raise_here}` and `signals::chain`.
 //! The rules:
 //! - no allocation, no lock, no formatting, no panic, no libc call (so `errno` is never written and
 //!   no probed libc function is entered from here);
@@ -19,6 +20,7 @@ use core::ffi::c_void;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::spec::ArgType;
 use crate::sys;
 use crate::xol::{Cond, Emu, IndirectOperand, LoopKind, Resume, NO_REG};
 
@@ -30,7 +32,143 @@ const SI_KERNEL: i32 = 0x80;
 #[derive(Default)]
 pub struct Consumer {
     pub hits: AtomicU64,
+    /// The probe's id, as events name it.
+    pub id: u32,
+    /// Types of the first arguments, for traced events.
+    pub args: Vec<ArgType>,
 }
+
+/// The longest string an event carries for a `str` argument (more is cut, and marked so).
+pub const STR_MAX: usize = 48;
+/// Events a thread's ring holds before the drain thread must catch up (then they are `lost`).
+pub const RING_EVENTS: usize = 8192;
+/// Rings in the pool: threads recording events at once.
+pub const RINGS: usize = 64;
+
+/// One traced entry. Fixed size, written by the trap path into its thread's ring.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Event {
+    pub probe: u32,
+    pub tid: i32,
+    pub ts_ns: u64,
+    /// rdi, rsi, rdx, rcx, r8, r9: the SysV integer argument registers.
+    pub regs: [u64; 6],
+    /// For the first two `str` arguments: bytes read, -1 if unreadable; and the bytes.
+    pub str_len: [i16; 2],
+    pub strs: [[u8; STR_MAX]; 2],
+}
+
+/// A single-producer (its thread, on the trap path), single-consumer (the drain thread) ring.
+#[repr(C)]
+pub struct Ring {
+    /// The tid of the thread that records here; 0 when free.
+    pub owner: core::sync::atomic::AtomicI32,
+    pub head: AtomicU64,
+    pub tail: AtomicU64,
+    pub lost: AtomicU64,
+    pub events: [core::cell::UnsafeCell<Event>; RING_EVENTS],
+}
+
+// SAFETY: a slot is written only by the owner thread before it publishes `head`, and read only by
+// the drain thread after it sees `head`, before it publishes `tail`.
+unsafe impl Sync for Ring {}
+
+/// The pool of rings, mapped when tracing is enabled; null before.
+pub static RING_POOL: AtomicPtr<Ring> = AtomicPtr::new(core::ptr::null_mut());
+/// Events lost because all rings were taken.
+pub static LOST_NO_RING: AtomicU64 = AtomicU64::new(0);
+
+/// This thread's ring: the one it holds, or a free one it claims now (no allocation: a CAS on
+/// the owner of each ring of the preallocated pool).
+#[inline(always)]
+fn my_ring() -> Option<&'static Ring> {
+    let ts = sys::thread_state();
+    let p = ts.ring.load(Ordering::Relaxed);
+    if p != 0 {
+        // SAFETY: rings live for the life of the process once the pool is mapped.
+        return Some(unsafe { &*(p as *const Ring) });
+    }
+    let pool = RING_POOL.load(Ordering::Acquire);
+    if pool.is_null() {
+        return None;
+    }
+    let tid = sys::gettid();
+    for i in 0..RINGS {
+        // SAFETY: the pool holds RINGS rings.
+        let r = unsafe { &*pool.add(i) };
+        if r.owner.compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            ts.tid.store(tid, Ordering::Relaxed);
+            ts.ring.store(r as *const Ring as usize, Ordering::Relaxed);
+            return Some(r);
+        }
+    }
+    None
+}
+
+/// Record an entry event for consumer `c`. Never blocks: a full ring counts the event as lost.
+#[inline(never)]
+fn record_entry(c: &Consumer, g: &Gregs) {
+    let Some(ring) = my_ring() else {
+        LOST_NO_RING.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let head = ring.head.load(Ordering::Relaxed);
+    if head.wrapping_sub(ring.tail.load(Ordering::Acquire)) >= RING_EVENTS as u64 {
+        ring.lost.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    // SAFETY: the slot at `head` is not visible to the consumer until `head` is published.
+    let e = unsafe { &mut *ring.events[(head % RING_EVENTS as u64) as usize].get() };
+    e.probe = c.id;
+    e.tid = sys::thread_state().tid.load(Ordering::Relaxed);
+    e.ts_ns = sys::monotonic_ns();
+    let regs =
+        [libc::REG_RDI, libc::REG_RSI, libc::REG_RDX, libc::REG_RCX, libc::REG_R8, libc::REG_R9];
+    for (i, r) in regs.iter().enumerate() {
+        e.regs[i] = g[*r as usize] as u64;
+    }
+    e.str_len = [0, 0];
+    let mut n = 0;
+    for (i, t) in c.args.iter().enumerate() {
+        if *t == ArgType::Str && n < 2 {
+            let len = match sys::read_memory_safely(fork_pid(), e.regs[i], &mut e.strs[n]) {
+                Ok(got) if got > 0 => got as i16,
+                // A string that ends just before an unmapped page: read what is there.
+                _ => read_short_string(e.regs[i], &mut e.strs[n]),
+            };
+            e.str_len[n] = len;
+            n += 1;
+        }
+    }
+    ring.head.store(head + 1, Ordering::Release);
+}
+
+/// Byte by byte, for a string within `STR_MAX` of the end of its mapping. -1 if unreadable.
+fn read_short_string(addr: u64, out: &mut [u8; STR_MAX]) -> i16 {
+    let mut got = 0;
+    while got < STR_MAX {
+        let mut b = [0u8];
+        match sys::read_memory_safely(fork_pid(), addr.wrapping_add(got as u64), &mut b) {
+            Ok(1) => {
+                out[got] = b[0];
+                got += 1;
+                if b[0] == 0 {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    if got == 0 {
+        -1
+    } else {
+        got as i16
+    }
+}
+
+/// Tracing is on: entry events are recorded for every probe.
+pub static TRACING: AtomicBool = AtomicBool::new(false);
 
 /// One breakpoint in one mapping.
 #[derive(Clone, Copy)]
@@ -224,8 +362,12 @@ fn handle_breakpoint(info: &libc::siginfo_t, uc: &mut libc::ucontext_t, depth: u
     let own = depth == 0 && (entry.count > 0 || entry.link_map_hook) && sys::getpid() == fork_pid();
     if own {
         let (first, count) = (entry.first as usize, entry.count as usize);
+        let tracing = TRACING.load(Ordering::Relaxed);
         for c in table.consumers.get(first..first + count).unwrap_or(&[]) {
             c.hits.fetch_add(1, Ordering::Relaxed);
+            if tracing {
+                record_entry(c, g);
+            }
         }
     }
     let (resume, hook) = (entry.resume, entry.link_map_hook);

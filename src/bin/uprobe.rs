@@ -93,6 +93,9 @@ struct RunArgs {
     /// Report as JSON Lines instead of a table.
     #[arg(long)]
     json: bool,
+    /// Write an event per hit, with its arguments, to the report (sets UPROBES_TRACE=1).
+    #[arg(long)]
+    trace: bool,
     /// Do not instrument programs that PROGRAM starts with exec (sets UPROBES_FOLLOW=0).
     #[arg(long)]
     no_follow: bool,
@@ -154,6 +157,9 @@ fn run(args: RunArgs) -> Result<std::convert::Infallible, String> {
     }
     if args.json {
         cmd.env("UPROBES_FORMAT", "json");
+    }
+    if args.trace {
+        cmd.env("UPROBES_TRACE", "1");
     }
     if args.no_follow {
         cmd.env("UPROBES_FOLLOW", "0");

@@ -1,0 +1,102 @@
+//! The event stream: arguments recorded exactly, every event of every thread present once and in
+//! order.
+
+mod common;
+use common::*;
+
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+const TYPED: &str = "args:typed(str,int,long,u64,ptr,int)";
+
+fn entries(o: &Outcome) -> Vec<&Value> {
+    o.report.iter().filter(|v| v["type"] == "entry").collect()
+}
+
+#[test]
+fn typed_arguments_are_recorded_exactly() {
+    let plain = run_plain("args", &[]);
+    let traced = run_probed_env("args", &[], TYPED, &[("UPROBES_TRACE", "1")]);
+    assert_same_behaviour(&plain, &traced);
+    let events = entries(&traced);
+    let values: Vec<&Value> = events.iter().map(|e| &e["values"]).collect();
+    let long = format!("{}...", "a".repeat(48));
+    assert_eq!(
+        values,
+        [
+            &json!(["hello", -7, -1234567890123i64, 18446744073709551615u64, "0xdeadbeef", 3]),
+            &json!(["<bad>", 0, 0, 0, "0x0", 0]),
+            &json!([long, 1, 2, 3, "0x4", 5]),
+            &json!(["<bad>", 0, 0, 0, "0x0", 0]),
+        ]
+    );
+    for e in &events {
+        assert_eq!(e["symbol"], "typed");
+        assert_eq!(e["probe"], 1);
+        assert_eq!(e["args"].as_array().unwrap().len(), 6, "the six argument registers");
+        assert!(e["ts_ns"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(events[0]["args"][1], 0xffff_fff9u64, "rsi holds -7 as a 32-bit int");
+    let summary = traced.summary();
+    assert_eq!((summary["events"].as_u64(), summary["lost"].as_u64()), (Some(4), Some(0)));
+}
+
+#[test]
+fn text_events_read_like_calls() {
+    let mut cmd = std::process::Command::new(fixture("args"));
+    cmd.env("LD_PRELOAD", lib()).env("UPROBES", TYPED).env("UPROBES_TRACE", "1");
+    let (_, stderr, status) = run_command(cmd);
+    assert!(status.success());
+    let calls: Vec<&str> = stderr.lines().filter(|l| l.contains(" typed(")).collect();
+    assert_eq!(calls.len(), 4, "{stderr}");
+    assert!(
+        calls[0].ends_with(
+            r#" typed("hello", -7, -1234567890123, 18446744073709551615, "0xdeadbeef", 3)"#
+        ),
+        "{}",
+        calls[0]
+    );
+    assert!(stderr.contains("libuprobe: 4 events traced, 0 lost"), "{stderr}");
+}
+
+#[test]
+fn eight_threads_every_event_once_and_in_order() {
+    const CALLS: u64 = 20_000;
+    let traced =
+        run_probed_env("args", &["8", &CALLS.to_string()], "args:seq", &[("UPROBES_TRACE", "1")]);
+    assert!(traced.status.success());
+    let mut per_thread: BTreeMap<i64, Vec<(u64, u64)>> = BTreeMap::new();
+    for e in entries(&traced) {
+        per_thread
+            .entry(e["tid"].as_i64().unwrap())
+            .or_default()
+            .push((e["args"][0].as_u64().unwrap(), e["args"][1].as_u64().unwrap()));
+    }
+    assert_eq!(per_thread.len(), 8);
+    let mut workers: Vec<u64> = Vec::new();
+    for (tid, calls) in &per_thread {
+        let worker = calls[0].0;
+        assert!(
+            calls.iter().all(|c| c.0 == worker),
+            "thread {tid} recorded another thread's calls"
+        );
+        let seqs: Vec<u64> = calls.iter().map(|c| c.1).collect();
+        assert_eq!(seqs, (0..CALLS).collect::<Vec<_>>(), "thread {tid}: every call once, in order");
+        workers.push(worker);
+    }
+    workers.sort();
+    assert_eq!(workers, (0..8).collect::<Vec<_>>());
+    let summary = traced.summary();
+    assert_eq!((summary["events"].as_u64(), summary["lost"].as_u64()), (Some(8 * CALLS), Some(0)));
+}
+
+#[test]
+fn return_probes_are_refused_clearly_for_now() {
+    let probed = run_probed("args", &[], "args:typed%return");
+    assert!(probed.status.success());
+    assert!(
+        probed.errors()[0].contains("return probes (%return) are not available yet"),
+        "{:?}",
+        probed.errors()
+    );
+}
