@@ -28,10 +28,12 @@ static STOP: AtomicBool = AtomicBool::new(false);
 /// Held while draining: one consumer at a time (the drain thread, or the exit flush).
 static DRAIN: Mutex<Meta> = Mutex::new(Meta { by_probe: None });
 
-/// Symbol and argument types by probe id, fetched from the registry on first sight.
+/// How a probe's events are shown: (symbol, symbol as a JSON string, argument types).
+type ProbeMeta = (String, String, Vec<ArgType>);
+
+/// Probe metadata by id, fetched from the registry on first sight.
 struct Meta {
-    /// (symbol, symbol as a JSON string, argument types).
-    by_probe: Option<HashMap<u32, (String, String, Vec<ArgType>)>>,
+    by_probe: Option<HashMap<u32, ProbeMeta>>,
 }
 
 /// Map the rings and start the drain thread.
@@ -133,13 +135,12 @@ fn drain(meta: &mut Meta, output: &Output) -> usize {
 fn format_event(meta: &mut Meta, format: Format, pid: i32, e: &Event, out: &mut String) {
     use std::fmt::Write;
     let by_probe = meta.by_probe.get_or_insert_with(HashMap::new);
-    if !by_probe.contains_key(&e.probe) {
+    let (symbol, quoted, types) = &*by_probe.entry(e.probe).or_insert_with(|| {
         let m = probes::with_registry(|r| r.event_meta(e.probe)).flatten();
         let (symbol, types) = m.unwrap_or_else(|| (format!("probe{}", e.probe), Vec::new()));
         let quoted = Value::String(symbol.clone()).to_string();
-        by_probe.insert(e.probe, (symbol, quoted, types));
-    }
-    let (symbol, quoted, types) = &by_probe[&e.probe];
+        (symbol, quoted, types)
+    });
     // Formatted by hand: the drain thread must keep up with every thread of the program.
     let _ = match format {
         Format::Json => {
