@@ -59,9 +59,11 @@ fn text_events_read_like_calls() {
     assert!(stderr.contains("libuprobe: 4 events traced, 0 lost"), "{stderr}");
 }
 
+/// 8000 calls a thread: within one ring (8192), so no event may be lost whatever the scheduler
+/// does to the drain thread (README: a thread loses events only past 8192 undrained ones).
 #[test]
 fn eight_threads_every_event_once_and_in_order() {
-    const CALLS: u64 = 20_000;
+    const CALLS: u64 = 8_000;
     let traced =
         run_probed_env("args", &["8", &CALLS.to_string()], "args:seq", &[("UPROBES_TRACE", "1")]);
     assert!(traced.status.success());
@@ -81,7 +83,7 @@ fn eight_threads_every_event_once_and_in_order() {
             "thread {tid} recorded another thread's calls"
         );
         let seqs: Vec<u64> = calls.iter().map(|c| c.1).collect();
-        assert_eq!(seqs, (0..CALLS).collect::<Vec<_>>(), "thread {tid}: every call once, in order");
+        assert!(seqs == (0..CALLS).collect::<Vec<_>>(), "thread {tid}: {} events, not every call once in order; summary: {}", seqs.len(), traced.summary());
         workers.push(worker);
     }
     workers.sort();
