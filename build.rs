@@ -11,6 +11,9 @@ struct Fixture {
     flags: &'static [&'static str],
 }
 
+/// C++ fixtures, built with the C++ compiler.
+const CPP_FIXTURES: &[Fixture] = &[Fixture { out: "exc", sources: &["exc.cc"], flags: &[] }];
+
 /// Shared libraries first: executables link against them.
 const FIXTURES: &[Fixture] = &[
     Fixture { out: "libcounted.so", sources: &["counted.c"], flags: &["-shared", "-fPIC"] },
@@ -28,15 +31,18 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "forks", sources: &["forks.c"], flags: &["-pthread", "-ldl"] },
     Fixture { out: "serve", sources: &["serve.c"], flags: &["-pthread"] },
     Fixture { out: "args", sources: &["args.c"], flags: &["-pthread"] },
+    Fixture { out: "ret", sources: &["ret.c"], flags: &["-pthread", "-rdynamic"] },
 ];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("fixtures");
     std::fs::create_dir_all(&out).expect("create fixtures dir");
-    let compiler = cc::Build::new().cargo_metadata(false).get_compiler();
+    let c = cc::Build::new().cargo_metadata(false).get_compiler();
+    let cpp = cc::Build::new().cargo_metadata(false).cpp(true).get_compiler();
     let src = Path::new("c_fixtures");
     println!("cargo:rerun-if-changed=build.rs");
-    for f in FIXTURES {
+    let all = FIXTURES.iter().map(|f| (f, &c)).chain(CPP_FIXTURES.iter().map(|f| (f, &cpp)));
+    for (f, compiler) in all {
         let mut cmd = Command::new(compiler.path());
         cmd.args(["-O1", "-g", "-Wall", "-fno-omit-frame-pointer"]);
         for s in f.sources {

@@ -142,6 +142,25 @@ fn format_event(meta: &mut Meta, format: Format, pid: i32, e: &Event, out: &mut 
         (symbol, quoted, types)
     });
     // Formatted by hand: the drain thread must keep up with every thread of the program.
+    if e.kind == 1 {
+        let (retval, duration) = (e.regs[0], e.regs[1]);
+        let _ = match format {
+            Format::Json => write!(
+                out,
+                "{{\"type\":\"return\",\"probe\":{},\"symbol\":{quoted},\"pid\":{pid},\"tid\":{},\"ts_ns\":{},\"retval\":{retval},\"duration_ns\":{duration}}}",
+                e.probe, e.tid, e.ts_ns
+            ),
+            Format::Text => write!(
+                out,
+                "{}.{:09} {pid}/{} {symbol} returned {retval:#x} ({retval}) after {duration}ns",
+                e.ts_ns / 1_000_000_000,
+                e.ts_ns % 1_000_000_000,
+                e.tid
+            ),
+        };
+        out.push('\n');
+        return;
+    }
     let _ = match format {
         Format::Json => {
             let r = &e.regs;

@@ -51,6 +51,7 @@ mod socket_path;
 mod spec;
 mod sys;
 mod trap;
+mod unwind_hook;
 mod xol;
 
 use std::sync::atomic::Ordering;
@@ -124,6 +125,7 @@ extern "C" fn uprobe_init() {
     signals::resolve_real_functions();
     dl_hook::resolve_real_functions();
     fork_hook::resolve_real_functions();
+    unwind_hook::resolve_real_functions();
     fork_hook::init();
     let specs = spec::split_specs(&config.specs);
     if !specs.is_empty() {

@@ -55,7 +55,73 @@ pub struct ProbeInfo {
     pub offset: Option<u64>,
     pub state: ProbeState,
     pub error: Option<String>,
+    /// For an entry probe, hits; for a return probe (`%return`), returns.
     pub hits: u64,
+    pub ret: bool,
+    /// Return probes: calls not followed to their return (nested too deep).
+    pub missed: u64,
+    /// Return probes: the durations of the calls.
+    pub latency: Option<LatencyInfo>,
+}
+
+/// Durations of a return probe's calls, in nanoseconds.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyInfo {
+    pub calls: u64,
+    pub total_ns: u64,
+    pub mean_ns: u64,
+    pub min_ns: u64,
+    pub max_ns: u64,
+    /// Upper bounds of the buckets holding the 50th and 99th percentile (within 1/8).
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    /// Power-of-two buckets with calls: (low, high inclusive, calls), as bpftrace's `hist()`.
+    pub histogram: Vec<(u64, u64, u64)>,
+}
+
+impl LatencyInfo {
+    fn of(l: &trap::Latency) -> LatencyInfo {
+        let counts: Vec<u64> = l.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let calls: u64 = counts.iter().sum();
+        if calls == 0 {
+            return LatencyInfo::default();
+        }
+        let (min_ns, max_ns) = (l.min_ns.load(Ordering::Relaxed), l.max_ns.load(Ordering::Relaxed));
+        let percentile = |q: f64| {
+            let want = ((calls as f64 * q).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= want {
+                    let high =
+                        if i + 1 < counts.len() { trap::bucket_low(i + 1) - 1 } else { u64::MAX };
+                    return high.clamp(min_ns, max_ns);
+                }
+            }
+            max_ns
+        };
+        let mut histogram: Vec<(u64, u64, u64)> = Vec::new();
+        for (i, &c) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
+            let low = trap::bucket_low(i);
+            let p2 = if low == 0 { 0 } else { 1u64 << (63 - low.leading_zeros()) };
+            let high = if p2 == 0 { 0 } else { p2.saturating_mul(2) - 1 };
+            match histogram.last_mut() {
+                Some(last) if last.0 == p2 => last.2 += c,
+                _ => histogram.push((p2, high, c)),
+            }
+        }
+        let total_ns = l.total_ns.load(Ordering::Relaxed);
+        LatencyInfo {
+            calls,
+            total_ns,
+            mean_ns: total_ns / calls,
+            min_ns,
+            max_ns,
+            p50_ns: percentile(0.50),
+            p99_ns: percentile(0.99),
+            histogram,
+        }
+    }
 }
 
 /// A probe as the user registered it: resolved to a site, still waiting for its object (`spec`
@@ -237,6 +303,25 @@ impl Registry {
                 return (vec![id], vec![ProbeError { spec: text.trim().into(), message: msg }]);
             }
         };
+        if spec.ret {
+            let refused = if sys::shadow_stack_enabled() {
+                Some("return probes are refused: the CPU's shadow stack is enabled for this process, and a hijacked return would fault".to_string())
+            } else {
+                trap::ensure_return_trampoline()
+                    .err()
+                    .map(|e| format!("cannot map the return trampoline: {e}"))
+            };
+            if let Some(msg) = refused {
+                let id = self.new_probe(
+                    &spec.text,
+                    &spec.object,
+                    &spec.symbol_text(),
+                    None,
+                    Some(msg.clone()),
+                );
+                return (vec![id], vec![ProbeError { spec: spec.text.clone(), message: msg }]);
+            }
+        }
         let maps = objects::read_maps().unwrap_or_default();
         let objects = objects::loaded_objects(&maps);
         let matching = self.matching_objects(&spec.object, &objects);
@@ -307,8 +392,13 @@ impl Registry {
                         }
                         None => self.new_probe(&spec.text, &r.path, &r.symbol, None, None),
                     };
-                    let consumer =
-                        Arc::new(Consumer { id, args: spec.args.clone(), ..Default::default() });
+                    let consumer = Arc::new(Consumer {
+                        id,
+                        args: spec.args.clone(),
+                        ret: spec.ret,
+                        latency: spec.ret.then(Box::default),
+                        ..Default::default()
+                    });
                     let p = self.probe_mut(id);
                     p.site = Some(r.key);
                     p.consumer = consumer.clone();
@@ -513,6 +603,7 @@ impl Registry {
                     (None, true) => ProbeState::Active,
                     (None, false) => ProbeState::Pending,
                 };
+                let c = &p.consumer;
                 ProbeInfo {
                     id: p.id,
                     spec: p.spec.clone(),
@@ -521,7 +612,10 @@ impl Registry {
                     offset: p.site.map(|k| k.offset),
                     state,
                     error: p.failed.clone(),
-                    hits: p.consumer.hits.load(Ordering::Relaxed),
+                    hits: c.hits.load(Ordering::Relaxed),
+                    ret: c.ret || p.pending.as_ref().is_some_and(|s| s.ret),
+                    missed: c.missed.load(Ordering::Relaxed),
+                    latency: c.latency.as_deref().map(LatencyInfo::of),
                 }
             })
             .collect()
@@ -537,6 +631,10 @@ impl Registry {
     pub fn reset_counts(&self) {
         for p in &self.probes {
             p.consumer.hits.store(0, Ordering::Relaxed);
+            p.consumer.missed.store(0, Ordering::Relaxed);
+            if let Some(l) = &p.consumer.latency {
+                l.reset();
+            }
         }
     }
 

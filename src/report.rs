@@ -94,7 +94,55 @@ pub fn probe_json(p: &ProbeInfo) -> serde_json::Value {
     if let Some(e) = &p.error {
         v["error"] = json!(e);
     }
+    if p.ret {
+        v["return"] = json!(true);
+        v["missed"] = json!(p.missed);
+        if let Some(l) = &p.latency {
+            let hist: Vec<_> = l
+                .histogram
+                .iter()
+                .map(|&(lo, hi, n)| json!({"low_ns": lo, "high_ns": hi, "count": n}))
+                .collect();
+            v["latency"] = json!({
+                "calls": l.calls, "total_ns": l.total_ns, "mean_ns": l.mean_ns, "min_ns": l.min_ns,
+                "max_ns": l.max_ns, "p50_ns": l.p50_ns, "p99_ns": l.p99_ns, "histogram": hist,
+            });
+        }
+    }
     v
+}
+
+/// A duration for people: ns, us, ms or s.
+fn human_ns(ns: u64) -> String {
+    match ns {
+        n if n < 10_000 => format!("{n}ns"),
+        n if n < 10_000_000 => format!("{:.1}us", n as f64 / 1e3),
+        n if n < 10_000_000_000 => format!("{:.1}ms", n as f64 / 1e6),
+        n => format!("{:.1}s", n as f64 / 1e9),
+    }
+}
+
+/// A return probe's durations, as bpftrace's `hist()` and BCC's funclatency print them.
+fn latency_text(p: &ProbeInfo, out: &mut String) {
+    let Some(l) = &p.latency else { return };
+    *out += &format!(
+        "\n  {} ({}): calls {}, total {}, mean {}, min {}, max {}, p50 {}, p99 {}, missed {}\n",
+        p.spec,
+        p.symbol,
+        l.calls,
+        human_ns(l.total_ns),
+        human_ns(l.mean_ns),
+        human_ns(if l.calls == 0 { 0 } else { l.min_ns }),
+        human_ns(l.max_ns),
+        human_ns(l.p50_ns),
+        human_ns(l.p99_ns),
+        p.missed
+    );
+    let widest = l.histogram.iter().map(|h| h.2).max().unwrap_or(1).max(1);
+    for &(lo, hi, n) in &l.histogram {
+        let bar = "@".repeat(((n * 40).div_ceil(widest)) as usize);
+        *out += &format!("  [{:>10}, {:>10}] {n:>10} |{bar:<40}|\n", human_ns(lo), human_ns(hi));
+    }
 }
 
 pub fn summary_json(pid: i32, probes: &[ProbeInfo], trace: Option<(u64, u64)>) -> String {
@@ -130,6 +178,9 @@ pub fn summary_text(pid: i32, probes: &[ProbeInfo], trace: Option<(u64, u64)>) -
             p.spec,
             p.symbol
         );
+    }
+    for p in probes.iter().filter(|p| p.ret) {
+        latency_text(p, &mut out);
     }
     if let Some((events, lost)) = trace {
         out += &format!("libuprobe: {events} events traced, {lost} lost\n");

@@ -26,6 +26,8 @@ pub struct Spec {
     pub target: Target,
     /// Types of the first arguments, shown in traced events.
     pub args: Vec<ArgType>,
+    /// `%return`: fire when the function returns (its entry is where the breakpoint goes).
+    pub ret: bool,
 }
 
 /// How a traced event shows an argument register.
@@ -118,10 +120,11 @@ fn parse_number(s: &str) -> Option<u64> {
 pub fn parse(text: &str) -> Result<Spec, SpecError> {
     let err = |why: &str| SpecError { spec: text.to_string(), why: why.to_string() };
     let t = text.trim();
-    if t.ends_with("%return") {
-        return Err(err("return probes (%return) are not available yet"));
-    }
-    let (t_target, args) = match t.split_once('(') {
+    let (t_no_ret, ret) = match t.strip_suffix("%return") {
+        Some(rest) => (rest, true),
+        None => (t, false),
+    };
+    let (t_target, args) = match t_no_ret.split_once('(') {
         Some((head, tail)) => {
             let list =
                 tail.strip_suffix(')').ok_or_else(|| err("unclosed `(` in argument types"))?;
@@ -136,7 +139,7 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
             }
             (head, args)
         }
-        None => (t, Vec::new()),
+        None => (t_no_ret, Vec::new()),
     };
     let (object, rest) =
         t_target.split_once(':').ok_or_else(|| err("no `:` between object and symbol"))?;
@@ -169,7 +172,16 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
         }
         Target::Symbol { pattern: pattern.to_string(), offset }
     };
-    Ok(Spec { text: t.to_string(), object: object.to_string(), target, args })
+    if ret {
+        if let Target::Symbol { offset, .. } = &target {
+            if *offset != 0 {
+                return Err(err(
+                    "a return probe goes on a function's entry: no +OFFSET with %return",
+                ));
+            }
+        }
+    }
+    Ok(Spec { text: t.to_string(), object: object.to_string(), target, args, ret })
 }
 
 fn glob_is_valid(p: &str) -> bool {
@@ -277,7 +289,8 @@ mod tests {
             ("libc:open(str,int", Err("unclosed `(`".into())),
             ("libc:open(str,float)", Err("unknown argument type `float`".into())),
             ("libc:f(int,int,int,int,int,int,int)", Err("at most 6".into())),
-            ("libc:malloc%return", Err("not available yet".into())),
+            ("libc:malloc%return", sym("libc", "malloc", 0)),
+            ("libc:malloc+4%return", Err("no +OFFSET with %return".into())),
             ("libc:open(str, int)", sym("libc", "open", 0)),
         ];
         for (text, want) in cases {
@@ -299,6 +312,10 @@ mod tests {
         assert_eq!(s.args, [ArgType::Str, ArgType::I32]);
         assert_eq!(parse("libc:malloc(u64)").unwrap().args, [ArgType::U64]);
         assert!(parse("libc:malloc").unwrap().args.is_empty());
+        let r = parse("libc:read(int,ptr,u64)%return").unwrap();
+        assert!(r.ret);
+        assert_eq!(r.args.len(), 3);
+        assert!(!parse("libc:read").unwrap().ret);
     }
 
     #[test]

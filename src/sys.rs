@@ -229,6 +229,21 @@ pub fn peer_credentials(fd: i32) -> Result<libc::ucred, Errno> {
     Ok(cred)
 }
 
+/// Is the CPU's shadow stack enabled for this thread (`arch_prctl(ARCH_SHSTK_STATUS)`)? A
+/// kernel without shadow-stack support answers EINVAL: not enabled.
+pub fn shadow_stack_enabled() -> bool {
+    const ARCH_SHSTK_STATUS: usize = 0x5005;
+    let mut features: u64 = 0;
+    // SAFETY: the kernel writes one u64 of feature bits.
+    let r = unsafe {
+        syscall6(
+            libc::SYS_arch_prctl,
+            [ARCH_SHSTK_STATUS, &mut features as *mut u64 as usize, 0, 0, 0, 0],
+        )
+    };
+    r == 0 && features & 1 != 0
+}
+
 pub fn getpid() -> i32 {
     // SAFETY: getpid has no arguments and cannot fail.
     unsafe { syscall6(libc::SYS_getpid, [0; 6]) as i32 }
@@ -331,6 +346,26 @@ pub struct ThreadState {
     pub tid: core::sync::atomic::AtomicI32,
     /// The event ring this thread records into (see `trap::Ring`); 0 until its first event.
     pub ring: core::sync::atomic::AtomicUsize,
+    /// Return probes: how many frames of `ret_frames` are in use.
+    pub ret_depth: core::sync::atomic::AtomicU32,
+    /// Return probes: the real return addresses this thread's hijacked frames will go back to,
+    /// innermost last. Preallocated: a call nested deeper is not hijacked (`missed`).
+    pub ret_frames: [RetFrame; RET_STACK],
+}
+
+/// Return-probe frames a thread can have pending at once.
+pub const RET_STACK: usize = 64;
+
+/// One hijacked return (see `trap::hijack_return`).
+#[repr(C)]
+pub struct RetFrame {
+    /// Address of the stack slot that held the return address (rsp at the function's entry).
+    pub slot: core::sync::atomic::AtomicU64,
+    /// The return address it held.
+    pub real: core::sync::atomic::AtomicU64,
+    /// The probed function's entry (the breakpoint's address), to find its consumers.
+    pub site: core::sync::atomic::AtomicU64,
+    pub entry_ns: core::sync::atomic::AtomicU64,
 }
 
 global_asm!(

@@ -36,6 +36,78 @@ pub struct Consumer {
     pub id: u32,
     /// Types of the first arguments, for traced events.
     pub args: Vec<ArgType>,
+    /// A return probe: `hits` counts returns, `latency` their durations.
+    pub ret: bool,
+    /// Calls not followed to their return (nested deeper than the per-thread return stack).
+    pub missed: AtomicU64,
+    pub latency: Option<Box<Latency>>,
+}
+
+/// Sub-buckets per power of two in [`Latency`]: percentiles are within 1/8 of the truth.
+const SUB_BUCKETS: usize = 8;
+pub const LATENCY_BUCKETS: usize = 64 * SUB_BUCKETS;
+
+/// Durations of a return probe's calls, updated lock-free by the trap path.
+pub struct Latency {
+    pub calls: AtomicU64,
+    pub total_ns: AtomicU64,
+    pub min_ns: AtomicU64,
+    pub max_ns: AtomicU64,
+    /// Log-linear: 8 sub-buckets for every power of two (see `bucket_of`).
+    pub buckets: [AtomicU64; LATENCY_BUCKETS],
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            calls: AtomicU64::new(0),
+            total_ns: AtomicU64::new(0),
+            min_ns: AtomicU64::new(u64::MAX),
+            max_ns: AtomicU64::new(0),
+            buckets: [const { AtomicU64::new(0) }; LATENCY_BUCKETS],
+        }
+    }
+}
+
+impl Latency {
+    #[inline(always)]
+    fn record(&self, ns: u64) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.total_ns.fetch_add(ns, Ordering::Relaxed);
+        self.min_ns.fetch_min(ns, Ordering::Relaxed);
+        self.max_ns.fetch_max(ns, Ordering::Relaxed);
+        self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn reset(&self) {
+        self.calls.store(0, Ordering::Relaxed);
+        self.total_ns.store(0, Ordering::Relaxed);
+        self.min_ns.store(u64::MAX, Ordering::Relaxed);
+        self.max_ns.store(0, Ordering::Relaxed);
+        for b in &self.buckets {
+            b.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The bucket of a duration: exact below 8 ns, then 8 per power of two.
+#[inline(always)]
+pub fn bucket_of(ns: u64) -> usize {
+    if ns < SUB_BUCKETS as u64 {
+        return ns as usize;
+    }
+    let b = 63 - ns.leading_zeros() as usize; // ns in [2^b, 2^(b+1)), b >= 3
+    let sub = ((ns >> (b - 3)) & 7) as usize;
+    ((b - 2) * SUB_BUCKETS + sub).min(LATENCY_BUCKETS - 1)
+}
+
+/// The smallest duration in bucket `i`.
+pub fn bucket_low(i: usize) -> u64 {
+    if i < SUB_BUCKETS {
+        return i as u64;
+    }
+    let (b, sub) = (i / SUB_BUCKETS + 2, (i % SUB_BUCKETS) as u64);
+    (8 + sub) << (b - 3)
 }
 
 /// The longest string an event carries for a `str` argument (more is cut, and marked so).
@@ -51,6 +123,10 @@ pub const RINGS: usize = 64;
 pub struct Event {
     pub probe: u32,
     pub tid: i32,
+    /// 0: entry (regs are the arguments); 1: return (regs[0] is the return value, regs[1] the
+    /// duration in nanoseconds).
+    pub kind: u32,
+    pub _pad: u32,
     pub ts_ns: u64,
     /// rdi, rsi, rdx, rcx, r8, r9: the SysV integer argument registers.
     pub regs: [u64; 6],
@@ -121,6 +197,7 @@ fn record_entry(c: &Consumer, g: &Gregs) {
     // SAFETY: the slot at `head` is not visible to the consumer until `head` is published.
     let e = unsafe { &mut *ring.events[(head % RING_EVENTS as u64) as usize].get() };
     e.probe = c.id;
+    e.kind = 0;
     e.tid = sys::thread_state().tid.load(Ordering::Relaxed);
     e.ts_ns = sys::monotonic_ns();
     let regs =
@@ -141,6 +218,29 @@ fn record_entry(c: &Consumer, g: &Gregs) {
             n += 1;
         }
     }
+    ring.head.store(head + 1, Ordering::Release);
+}
+
+/// Record a return event for consumer `c`.
+#[inline(never)]
+fn record_return(c: &Consumer, retval: u64, duration: u64, now: u64) {
+    let Some(ring) = my_ring() else {
+        LOST_NO_RING.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let head = ring.head.load(Ordering::Relaxed);
+    if head.wrapping_sub(ring.tail.load(Ordering::Acquire)) >= RING_EVENTS as u64 {
+        ring.lost.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    // SAFETY: as in record_entry.
+    let e = unsafe { &mut *ring.events[(head % RING_EVENTS as u64) as usize].get() };
+    e.probe = c.id;
+    e.kind = 1;
+    e.tid = sys::thread_state().tid.load(Ordering::Relaxed);
+    e.ts_ns = now;
+    e.regs = [retval, duration, 0, 0, 0, 0];
+    e.str_len = [0, 0];
     ring.head.store(head + 1, Ordering::Release);
 }
 
@@ -348,36 +448,46 @@ fn handle_breakpoint(info: &libc::siginfo_t, uc: &mut libc::ucontext_t, depth: u
     if info.si_code != SI_KERNEL {
         return false; // raise(), kill(), tgkill(): never ours
     }
+    let site = (uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64).wrapping_sub(1);
+    let trampoline = RET_TRAMPOLINE.load(Ordering::Relaxed);
+    if site == trampoline && trampoline != 0 {
+        return_trampoline_hit(&mut uc.uc_mcontext.gregs, depth);
+        return true;
+    }
     let g = &mut uc.uc_mcontext.gregs;
-    let site = (g[libc::REG_RIP as usize] as u64).wrapping_sub(1);
     let guard = ReadGuard::enter();
-    let Some(table) = guard.table() else {
-        return false;
-    };
-    let Some(entry) = table.lookup(site) else {
-        return false;
-    };
+    let Some(table) = guard.table() else { return false };
+    let Some(entry) = table.lookup(site) else { return false };
     // Hits count only in the process that owns the runtime: not in a vfork or posix_spawn child,
     // which runs on the parent's memory (and counters), nor in a child made by a raw clone.
     let own = depth == 0 && (entry.count > 0 || entry.link_map_hook) && sys::getpid() == fork_pid();
+    let (first, count) = (entry.first as usize, entry.count as usize);
+    let consumers = table.consumers.get(first..first + count).unwrap_or(&[]);
+    let mut hijack = false;
     if own {
-        let (first, count) = (entry.first as usize, entry.count as usize);
         let tracing = TRACING.load(Ordering::Relaxed);
-        for c in table.consumers.get(first..first + count).unwrap_or(&[]) {
-            c.hits.fetch_add(1, Ordering::Relaxed);
+        for c in consumers {
+            if c.ret {
+                hijack = true; // counted when it returns
+            } else {
+                c.hits.fetch_add(1, Ordering::Relaxed);
+            }
             if tracing {
                 record_entry(c, g);
             }
         }
     }
     let (resume, hook) = (entry.resume, entry.link_map_hook);
-    drop(guard);
     // SAFETY: `site` is inside a mapping we patched (it is in the table) and we just trapped there.
     if unsafe { sys::read_code_byte(site as usize) } != 0xcc {
         // The breakpoint was removed after this trap: the original instruction is back, run it.
         g[libc::REG_RIP as usize] = site as i64;
         return true;
     }
+    if hijack {
+        hijack_return(site, g, consumers);
+    }
+    drop(guard);
     if hook {
         if own && can_hijack(resume) {
             // Call the link-map hook as if the loader had: push where to go on (the slot, or
@@ -397,6 +507,138 @@ fn handle_breakpoint(info: &libc::siginfo_t, uc: &mut libc::ucontext_t, depth: u
         Resume::Emulate(emu) => emulate(emu, g),
     }
     true
+}
+
+/// Count a call of the return probes at `site` as missed (its return will not be seen).
+pub fn count_missed(site: u64) {
+    let guard = ReadGuard::enter();
+    let Some(table) = guard.table() else { return };
+    let Some(entry) = table.lookup(site) else { return };
+    let (first, count) = (entry.first as usize, entry.count as usize);
+    for c in table.consumers.get(first..first + count).unwrap_or(&[]).iter().filter(|c| c.ret) {
+        c.missed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The return trampoline: one `int3` in a page of its own. A hijacked function returns here.
+pub static RET_TRAMPOLINE: AtomicU64 = AtomicU64::new(0);
+
+/// Map the return trampoline (once, when the first return probe is registered).
+pub fn ensure_return_trampoline() -> Result<u64, sys::Errno> {
+    let t = RET_TRAMPOLINE.load(Ordering::Acquire);
+    if t != 0 {
+        return Ok(t);
+    }
+    let page = sys::page_size();
+    let p = sys::mmap_anon(0, page, libc::PROT_READ | libc::PROT_WRITE)?;
+    // SAFETY: a fresh private page of ours: fill it with int3, then make it executable.
+    unsafe {
+        core::ptr::write_bytes(p as *mut u8, 0xcc, page);
+        sys::mprotect(p, page, libc::PROT_READ | libc::PROT_EXEC)?;
+    }
+    RET_TRAMPOLINE.store(p as u64, Ordering::Release);
+    Ok(p as u64)
+}
+
+/// How far below the current stack pointer a pending frame may be and still be on the same stack
+/// (and so abandoned, when it is below the current call): frames on another stack (a signal's
+/// alternate stack, a coroutine's) are never dropped for being elsewhere.
+const ABANDONED_WITHIN: u64 = 1 << 20;
+
+/// At a return-probed function's entry: remember the return address and replace it with the
+/// trampoline. A call nested deeper than the per-thread stack is not hijacked: `missed`.
+#[inline(never)]
+fn hijack_return(site: u64, g: &mut Gregs, consumers: &[Arc<Consumer>]) {
+    let ts = sys::thread_state();
+    let rsp = g[libc::REG_RSP as usize] as u64;
+    let trampoline = RET_TRAMPOLINE.load(Ordering::Relaxed);
+    // SAFETY: at a function's entry, [rsp] is the return address its caller pushed.
+    let current = unsafe { core::ptr::read_volatile(rsp as *const u64) };
+    // Frames a longjmp (or an exception) abandoned lie at or below this call's slot on the same
+    // stack: drop them, as kernel uretprobes do. A frame at this very slot is alive only when the
+    // slot still holds the trampoline: a tail call from a return-probed function (chained).
+    let mut depth = ts.ret_depth.load(Ordering::Relaxed) as usize;
+    while depth > 0 {
+        let slot = ts.ret_frames[depth - 1].slot.load(Ordering::Relaxed);
+        let abandoned =
+            (slot < rsp && rsp - slot < ABANDONED_WITHIN) || (slot == rsp && current != trampoline);
+        if !abandoned {
+            break;
+        }
+        depth -= 1;
+    }
+    ts.ret_depth.store(depth as u32, Ordering::Relaxed);
+    if depth >= sys::RET_STACK {
+        for c in consumers.iter().filter(|c| c.ret) {
+            c.missed.fetch_add(1, Ordering::Relaxed);
+        }
+        return;
+    }
+    let real = current;
+    // A tail call from another return-probed function: `real` is the trampoline itself, and
+    // that frame's return comes right after this one's (same slot, chained).
+    let f = &ts.ret_frames[depth];
+    f.slot.store(rsp, Ordering::Relaxed);
+    f.real.store(real, Ordering::Relaxed);
+    f.site.store(site, Ordering::Relaxed);
+    f.entry_ns.store(sys::monotonic_ns(), Ordering::Relaxed);
+    ts.ret_depth.store(depth as u32 + 1, Ordering::Relaxed);
+    // SAFETY: the same slot, which the function's `ret` will read.
+    unsafe { core::ptr::write_volatile(rsp as *mut u64, trampoline) };
+}
+
+/// A hijacked function returned to the trampoline: account for the return, then go where it was
+/// really going.
+fn return_trampoline_hit(g: &mut Gregs, depth: u32) {
+    let ts = sys::thread_state();
+    let slot = (g[libc::REG_RSP as usize] as u64).wrapping_sub(8); // `ret` popped it
+    let mut i = ts.ret_depth.load(Ordering::Relaxed) as usize;
+    // Innermost first; frames above the match were abandoned (longjmp, exceptions).
+    let found = loop {
+        if i == 0 {
+            break None;
+        }
+        i -= 1;
+        if ts.ret_frames[i].slot.load(Ordering::Relaxed) == slot {
+            break Some(i);
+        }
+    };
+    let Some(i) = found else {
+        // Nowhere to return to: the stack was switched under us. Say so and stop, rather than
+        // jump somewhere arbitrary.
+        let _ = sys::write_all(2, b"libuprobe: a return-probed function returned on a stack it was not called on; aborting\n");
+        let dfl = sys::KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+        let _ = sys::rt_sigaction(libc::SIGABRT, Some(&dfl), None);
+        sys::raise_here(libc::SIGABRT);
+        return;
+    };
+    let f = &ts.ret_frames[i];
+    let (real, site, entry_ns) = (
+        f.real.load(Ordering::Relaxed),
+        f.site.load(Ordering::Relaxed),
+        f.entry_ns.load(Ordering::Relaxed),
+    );
+    ts.ret_depth.store(i as u32, Ordering::Relaxed);
+    g[libc::REG_RIP as usize] = real as i64;
+    if depth != 0 || sys::getpid() != fork_pid() {
+        return;
+    }
+    let now = sys::monotonic_ns();
+    let duration = now.saturating_sub(entry_ns);
+    let tracing = TRACING.load(Ordering::Relaxed);
+    let guard = ReadGuard::enter();
+    let Some(table) = guard.table() else { return };
+    let Some(entry) = table.lookup(site) else { return }; // unregistered meanwhile
+    let (first, count) = (entry.first as usize, entry.count as usize);
+    for c in table.consumers.get(first..first + count).unwrap_or(&[]).iter().filter(|c| c.ret) {
+        c.hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(l) = &c.latency {
+            l.record(duration);
+        }
+        if tracing {
+            record_return(c, g[libc::REG_RAX as usize] as u64, duration, now);
+        }
+    }
 }
 
 const EFL_CF: u64 = 1 << 0;

@@ -83,7 +83,12 @@ fn eight_threads_every_event_once_and_in_order() {
             "thread {tid} recorded another thread's calls"
         );
         let seqs: Vec<u64> = calls.iter().map(|c| c.1).collect();
-        assert!(seqs == (0..CALLS).collect::<Vec<_>>(), "thread {tid}: {} events, not every call once in order; summary: {}", seqs.len(), traced.summary());
+        assert!(
+            seqs == (0..CALLS).collect::<Vec<_>>(),
+            "thread {tid}: {} events, not every call once in order; summary: {}",
+            seqs.len(),
+            traced.summary()
+        );
         workers.push(worker);
     }
     workers.sort();
