@@ -49,7 +49,7 @@ fn main() {
     let iterations = std::env::var("UPROBE_BENCH_ITERATIONS").unwrap_or_else(|_| "200000".into());
     let rounds = std::env::var("UPROBE_BENCH_ROUNDS").unwrap_or_else(|_| "7".into());
     let lib = library();
-    let m = measure(&lib, "bench:probed", false, &iterations, &rounds);
+    let m = measure(&lib, "bench:probed bench:probed_ret%return", false, &iterations, &rounds);
     let (bare, floor, probe) = (m["bare"], m["floor"], m["probe"]);
     let hit = probe - bare;
     println!(
@@ -59,6 +59,9 @@ fn main() {
     println!("  SIGTRAP floor       {floor:>9.2}   int3 + empty SA_SIGINFO handler, same process");
     println!("  probe hit           {hit:>9.2}   call of a probed function less a bare call");
     println!("  ratio probe/floor   {:>9.3}", hit / floor);
+    let pair = m["probe_ret"] - bare;
+    println!("  entry+return pair   {pair:>9.2}   call of a return-probed function (two traps) less a bare call");
+    println!("  ratio pair/floor    {:>9.3}", pair / floor);
     // Tracing: every hit also records an event (drained to /dev/null by the drain thread).
     let t = measure(&lib, "bench:probed(int)", true, &iterations, &rounds);
     let traced = t["probe"] - t["bare"];

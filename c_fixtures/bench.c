@@ -3,6 +3,7 @@
  *   floor  an int3 caught by an empty SA_SIGINFO handler (installed with a raw rt_sigaction, same
  *          flags as libuprobe's, so that libuprobe's own handler is not in the path), then restored
  *   probe  a call to probed(), on which the benchmark puts a probe (UPROBES=bench:probed)
+ *   probe_ret  a call to probed_ret(), on which it may put a return probe (two traps a call)
  * and prints the minimum over ROUNDS rounds, as "name ns_per_iteration" lines.
  * Usage: bench [ITERATIONS [ROUNDS]] (default 200000 7). */
 #define _GNU_SOURCE

@@ -158,6 +158,7 @@ pub(crate) fn ensure_runtime() -> Result<(), String> {
             let previous = trap::install_handler()
                 .map_err(|e| format!("cannot install the SIGTRAP handler: {e}; no probes"))?;
             signals::took_sigtrap(previous);
+            sys::find_vdso_clock(); // timestamps on the trap path without a system call
             if let Err(e) = dl_hook::install_link_map_hook() {
                 let message =
                     format!("{e}: objects loaded by libc itself will not get their probes");

@@ -96,14 +96,3 @@ fn eight_threads_every_event_once_and_in_order() {
     let summary = traced.summary();
     assert_eq!((summary["events"].as_u64(), summary["lost"].as_u64()), (Some(8 * CALLS), Some(0)));
 }
-
-#[test]
-fn return_probes_are_refused_clearly_for_now() {
-    let probed = run_probed("args", &[], "args:typed%return");
-    assert!(probed.status.success());
-    assert!(
-        probed.errors()[0].contains("return probes (%return) are not available yet"),
-        "{:?}",
-        probed.errors()
-    );
-}
