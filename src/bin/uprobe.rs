@@ -209,13 +209,17 @@ fn request(socket: &Path, line: &str) -> Result<Value, String> {
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(120)))
         .map_err(|e| e.to_string())?;
-    stream
-        .write_all(format!("{line}\n").as_bytes())
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    // A server that refuses us answers at once and closes: the write may then fail (EPIPE) with
+    // the refusal already waiting to be read, so read whatever came back before giving up.
+    let written = stream.write_all(format!("{line}\n").as_bytes());
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let read = BufReader::new(stream).read_line(&mut answer);
+    if answer.is_empty() {
+        if let Err(e) = written {
+            return Err(format!("{}: {e}", socket.display()));
+        }
+        read.map_err(|e| format!("{}: {e}", socket.display()))?;
+    }
     if answer.is_empty() {
         return Err(format!(
             "{}: the process closed the connection without an answer",
