@@ -5,7 +5,9 @@
  *   backtrace   bt_leaf(), called through bt_mid(), prints the function names of its backtrace
  *   deep N      one recursion deep(N-1) .. deep(0): N nested calls
  *   exit        a thread calls exiter(), which calls pthread_exit
- *   fork        forker() forks; parent and child both return from it */
+ *   fork        forker() forks; parent and child both return from it
+ *   tail N      tail_outer(i) N times: it tail-calls tail_inner(i + 1) with a jmp (assembly, so
+ *               that no compiler setting changes it); both return i + 2 */
 #define _GNU_SOURCE
 #include <execinfo.h>
 #include <pthread.h>
@@ -51,6 +53,11 @@ static void *exit_thread(void *arg) {
 
 __attribute__((noipa)) pid_t forker(void) { return fork(); }
 
+long tail_outer(long x);
+__attribute__((noipa, used)) long tail_inner(long x) { return x + 1; }
+__asm__(".text\n.globl tail_outer\n.type tail_outer, @function\ntail_outer:\n"
+        "  add $1, %rdi\n  jmp tail_inner\n.size tail_outer, . - tail_outer\n");
+
 int main(int argc, char **argv) {
   const char *mode = argc > 1 ? argv[1] : "";
   long n = argc > 2 ? atol(argv[2]) : 0, s = 0;
@@ -78,6 +85,8 @@ int main(int argc, char **argv) {
     int st;
     waitpid(pid, &st, 0);
     s = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+  } else if (!strcmp(mode, "tail")) {
+    for (long i = 0; i < n; i++) s += tail_outer(i);
   } else {
     return 2;
   }

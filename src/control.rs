@@ -360,7 +360,16 @@ fn stats(reset: bool) -> Value {
     let (events, lost) = crate::events::totals().unwrap_or((0, 0));
     let list: Vec<Value> = probes
         .iter()
-        .map(|p| json!({"id": p.id, "spec": p.spec, "symbol": p.symbol, "state": p.state.as_str(), "hits": p.hits}))
+        .map(|p| {
+            let mut v = json!({"id": p.id, "spec": p.spec, "symbol": p.symbol, "state": p.state.as_str(), "hits": p.hits});
+            if p.ret {
+                // The same latency figures as the summary's, live.
+                let full = report::probe_json(p);
+                v["missed"] = full["missed"].clone();
+                v["latency"] = full["latency"].clone();
+            }
+            v
+        })
         .collect();
     json!({
         "ok": true,

@@ -125,3 +125,61 @@ fn fork_inside_a_return_probed_function() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(returns, [1, 1], "the child returns through its own copy of the pending return");
 }
+
+#[test]
+fn tail_calls_between_return_probed_functions_chain() {
+    // tail_outer jumps to tail_inner: one return (to the trampoline) answers for both.
+    let specs = "ret:tail_outer%return ret:tail_inner%return";
+    let traced = run_probed_env("ret", &["tail", "100"], specs, &[("UPROBES_TRACE", "1")]);
+    assert_same_behaviour(&run_plain("ret", &["tail", "100"]), &traced);
+    assert_eq!(latency(&traced, "tail_outer"), (100, 0));
+    assert_eq!(latency(&traced, "tail_inner"), (100, 0));
+    let outer: Vec<u64> = traced
+        .report
+        .iter()
+        .filter(|v| v["type"] == "return" && v["symbol"] == "tail_outer")
+        .map(|v| v["retval"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        outer,
+        (0..100).map(|i| i + 2).collect::<Vec<_>>(),
+        "the outer call returns what the inner one did"
+    );
+}
+
+#[test]
+fn the_socket_shows_latency_live() {
+    let dir = scratch("retsock");
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("s.sock");
+    let mut child = std::process::Command::new(fixture("serve"))
+        .env("LD_PRELOAD", lib())
+        .env("UPROBES", "serve:target%return")
+        .env("UPROBES_SOCKET", &socket)
+        .env("UPROBES_OUTPUT", dir.join("report"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::{BufRead, BufReader, Write};
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    writeln!(stdin, "call 300").unwrap();
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "done 300\n");
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    s.write_all(b"stats\n").unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+    let v: Value = serde_json::from_str(&answer).unwrap();
+    let p = &v["probes"][0];
+    assert_eq!(
+        (p["hits"].as_u64(), p["latency"]["calls"].as_u64(), p["missed"].as_u64()),
+        (Some(300), Some(300), Some(0)),
+        "{v}"
+    );
+    writeln!(stdin, "quit").unwrap();
+    assert!(child.wait().unwrap().success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
