@@ -122,14 +122,30 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
     r
 }
 
-fn after_mmap(addr: *mut c_void, prot: c_int, flags: c_int, fd: c_int) {
-    if addr != libc::MAP_FAILED
+/// The real `mmap` or `mmap64`, then a rescan for an executable file mapping.
+///
+/// # Safety
+/// As libc's mmap.
+unsafe fn interposed_mmap(
+    real: Option<MmapFn>,
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: i64,
+) -> *mut c_void {
+    let Some(real) = real else { return libc::MAP_FAILED };
+    // SAFETY: forwarding the caller's arguments.
+    let p = unsafe { real(addr, len, prot, flags, fd, off) };
+    if p != libc::MAP_FAILED
         && prot & libc::PROT_EXEC != 0
         && fd >= 0
         && flags & libc::MAP_ANONYMOUS == 0
     {
         objects_changed();
     }
+    p
 }
 
 /// Interposed `mmap(2)`: an executable file mapping gets the probes of its file.
@@ -145,11 +161,9 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     off: i64,
 ) -> *mut c_void {
-    let Some(real) = real_fn!(REAL_MMAP, "mmap", MmapFn) else { return libc::MAP_FAILED };
-    // SAFETY: forwarding the caller's arguments.
-    let p = unsafe { real(addr, len, prot, flags, fd, off) };
-    after_mmap(p, prot, flags, fd);
-    p
+    let real = real_fn!(REAL_MMAP, "mmap", MmapFn);
+    // SAFETY: the caller's contract.
+    unsafe { interposed_mmap(real, addr, len, prot, flags, fd, off) }
 }
 
 /// Interposed `mmap64(2)`.
@@ -165,11 +179,9 @@ pub unsafe extern "C" fn mmap64(
     fd: c_int,
     off: i64,
 ) -> *mut c_void {
-    let Some(real) = real_fn!(REAL_MMAP64, "mmap64", MmapFn) else { return libc::MAP_FAILED };
-    // SAFETY: forwarding the caller's arguments.
-    let p = unsafe { real(addr, len, prot, flags, fd, off) };
-    after_mmap(p, prot, flags, fd);
-    p
+    let real = real_fn!(REAL_MMAP64, "mmap64", MmapFn);
+    // SAFETY: the caller's contract.
+    unsafe { interposed_mmap(real, addr, len, prot, flags, fd, off) }
 }
 
 /// Interposed `munmap(2)`: breakpoints in the range vanished with it. Cheap when the range holds

@@ -183,19 +183,28 @@ fn my_ring() -> Option<&'static Ring> {
 }
 
 /// Record an entry event for consumer `c`. Never blocks: a full ring counts the event as lost.
-#[inline(never)]
-fn record_entry(c: &Consumer, g: &Gregs) {
+/// The next free event slot of this thread's ring, or None (counted as lost). The event becomes
+/// visible to the drain thread only when the caller stores `head + 1`.
+#[inline(always)]
+fn reserve_event() -> Option<(&'static Ring, u64, &'static mut Event)> {
     let Some(ring) = my_ring() else {
         LOST_NO_RING.fetch_add(1, Ordering::Relaxed);
-        return;
+        return None;
     };
     let head = ring.head.load(Ordering::Relaxed);
     if head.wrapping_sub(ring.tail.load(Ordering::Acquire)) >= RING_EVENTS as u64 {
         ring.lost.fetch_add(1, Ordering::Relaxed);
-        return;
+        return None;
     }
-    // SAFETY: the slot at `head` is not visible to the consumer until `head` is published.
+    // SAFETY: the slot at `head` is not visible to the consumer until `head` is published, and
+    // only this thread produces into its ring.
     let e = unsafe { &mut *ring.events[(head % RING_EVENTS as u64) as usize].get() };
+    Some((ring, head, e))
+}
+
+#[inline(never)]
+fn record_entry(c: &Consumer, g: &Gregs) {
+    let Some((ring, head, e)) = reserve_event() else { return };
     e.probe = c.id;
     e.kind = 0;
     e.tid = sys::thread_state().tid.load(Ordering::Relaxed);
@@ -224,17 +233,7 @@ fn record_entry(c: &Consumer, g: &Gregs) {
 /// Record a return event for consumer `c`.
 #[inline(never)]
 fn record_return(c: &Consumer, retval: u64, duration: u64, now: u64) {
-    let Some(ring) = my_ring() else {
-        LOST_NO_RING.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    let head = ring.head.load(Ordering::Relaxed);
-    if head.wrapping_sub(ring.tail.load(Ordering::Acquire)) >= RING_EVENTS as u64 {
-        ring.lost.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    // SAFETY: as in record_entry.
-    let e = unsafe { &mut *ring.events[(head % RING_EVENTS as u64) as usize].get() };
+    let Some((ring, head, e)) = reserve_event() else { return };
     e.probe = c.id;
     e.kind = 1;
     e.tid = sys::thread_state().tid.load(Ordering::Relaxed);

@@ -84,21 +84,10 @@ impl Served {
     }
 }
 
-/// The bytes of `target` in the serve fixture's file: (file offset, size, bytes).
+/// The bytes of `target` in the serve fixture's file: (file offset, bytes).
 fn target_in_file() -> (u64, Vec<u8>) {
-    let bytes = std::fs::read(fixture("serve")).unwrap();
-    let elf = goblin::elf::Elf::parse(&bytes).unwrap();
-    let sym = elf.syms.iter().find(|s| elf.strtab.get_at(s.st_name) == Some("target")).unwrap();
-    let ph = elf
-        .program_headers
-        .iter()
-        .find(|p| {
-            p.p_type == goblin::elf::program_header::PT_LOAD
-                && p.vm_range().contains(&(sym.st_value as usize))
-        })
-        .unwrap();
-    let off = sym.st_value - ph.p_vaddr + ph.p_offset;
-    (off, bytes[off as usize..(off + sym.st_size) as usize].to_vec())
+    let (_, off, bytes) = symbol_in_file("serve", "target");
+    (off, bytes)
 }
 
 fn read_mem(pid: u32, addr: u64, len: usize) -> Vec<u8> {

@@ -4,30 +4,14 @@
 mod common;
 use common::*;
 
-use goblin::elf::Elf;
 use iced_x86::{Decoder, DecoderOptions};
 
 const N: u64 = 1000;
 
-/// (file virtual address, size, bytes) of a function of the counts fixture.
+/// (file virtual address, bytes) of a function of the counts fixture.
 fn function(name: &str) -> (u64, Vec<u8>) {
-    let bytes = std::fs::read(fixture("counts")).expect("read counts");
-    let elf = Elf::parse(&bytes).expect("parse counts");
-    let sym = elf
-        .syms
-        .iter()
-        .find(|s| elf.strtab.get_at(s.st_name) == Some(name))
-        .unwrap_or_else(|| panic!("no symbol {name}"));
-    let ph = elf
-        .program_headers
-        .iter()
-        .find(|p| {
-            p.p_type == goblin::elf::program_header::PT_LOAD
-                && p.vm_range().contains(&(sym.st_value as usize))
-        })
-        .expect("segment");
-    let off = (sym.st_value - ph.p_vaddr + ph.p_offset) as usize;
-    (sym.st_value, bytes[off..off + sym.st_size as usize].to_vec())
+    let (vaddr, _, bytes) = symbol_in_file("counts", name);
+    (vaddr, bytes)
 }
 
 /// Offsets of the instructions of `code`.

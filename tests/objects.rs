@@ -12,19 +12,7 @@ fn lib() -> String {
 
 /// File offset of lib_add in libcounted.so, from its symbol table.
 fn lib_add_offset() -> u64 {
-    let bytes = std::fs::read(fixture("libcounted.so")).unwrap();
-    let elf = goblin::elf::Elf::parse(&bytes).unwrap();
-    let sym =
-        elf.dynsyms.iter().find(|s| elf.dynstrtab.get_at(s.st_name) == Some("lib_add")).unwrap();
-    let ph = elf
-        .program_headers
-        .iter()
-        .find(|p| {
-            p.p_type == goblin::elf::program_header::PT_LOAD
-                && p.vm_range().contains(&(sym.st_value as usize))
-        })
-        .unwrap();
-    sym.st_value - ph.p_vaddr + ph.p_offset
+    symbol_in_file("libcounted.so", "lib_add").1
 }
 
 #[test]

@@ -39,6 +39,28 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("UPROBE_FIXTURES")).join(name)
 }
 
+/// A symbol of a fixture's ELF file: (virtual address, file offset, the function's bytes).
+pub fn symbol_in_file(file: &str, name: &str) -> (u64, u64, Vec<u8>) {
+    let bytes = std::fs::read(fixture(file)).unwrap_or_else(|e| panic!("read {file}: {e}"));
+    let elf = goblin::elf::Elf::parse(&bytes).unwrap_or_else(|e| panic!("parse {file}: {e}"));
+    let named = |syms: &goblin::elf::Symtab, strs: &goblin::strtab::Strtab| {
+        syms.iter().find(|s| strs.get_at(s.st_name) == Some(name))
+    };
+    let sym = named(&elf.syms, &elf.strtab)
+        .or_else(|| named(&elf.dynsyms, &elf.dynstrtab))
+        .unwrap_or_else(|| panic!("no symbol {name} in {file}"));
+    let ph = elf
+        .program_headers
+        .iter()
+        .find(|p| {
+            p.p_type == goblin::elf::program_header::PT_LOAD
+                && p.vm_range().contains(&(sym.st_value as usize))
+        })
+        .expect("a PT_LOAD holds the symbol");
+    let off = sym.st_value - ph.p_vaddr + ph.p_offset;
+    (sym.st_value, off, bytes[off as usize..(off + sym.st_size) as usize].to_vec())
+}
+
 /// A unique scratch path for this test process.
 pub fn scratch(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
