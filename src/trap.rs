@@ -296,6 +296,19 @@ impl Table {
         let i = self.entries.binary_search_by(|e| e.addr.cmp(&addr)).ok()?;
         self.entries.get(i)
     }
+
+    /// The consumers of a breakpoint.
+    #[inline]
+    fn consumers_of(&self, e: &TableEntry) -> &[Arc<Consumer>] {
+        let (first, count) = (e.first as usize, e.count as usize);
+        self.consumers.get(first..first + count).unwrap_or(&[])
+    }
+
+    /// The return consumers of the breakpoint at `site` (none if it was unregistered).
+    #[inline]
+    fn return_consumers_at(&self, site: u64) -> impl Iterator<Item = &Arc<Consumer>> {
+        self.lookup(site).map(|e| self.consumers_of(e)).unwrap_or(&[]).iter().filter(|c| c.ret)
+    }
 }
 
 static TABLE: AtomicPtr<Table> = AtomicPtr::new(core::ptr::null_mut());
@@ -460,8 +473,7 @@ fn handle_breakpoint(info: &libc::siginfo_t, uc: &mut libc::ucontext_t, depth: u
     // Hits count only in the process that owns the runtime: not in a vfork or posix_spawn child,
     // which runs on the parent's memory (and counters), nor in a child made by a raw clone.
     let own = depth == 0 && (entry.count > 0 || entry.link_map_hook) && sys::getpid() == fork_pid();
-    let (first, count) = (entry.first as usize, entry.count as usize);
-    let consumers = table.consumers.get(first..first + count).unwrap_or(&[]);
+    let consumers = table.consumers_of(entry);
     let mut hijack = false;
     if own {
         let tracing = TRACING.load(Ordering::Relaxed);
@@ -512,9 +524,7 @@ fn handle_breakpoint(info: &libc::siginfo_t, uc: &mut libc::ucontext_t, depth: u
 pub fn count_missed(site: u64) {
     let guard = ReadGuard::enter();
     let Some(table) = guard.table() else { return };
-    let Some(entry) = table.lookup(site) else { return };
-    let (first, count) = (entry.first as usize, entry.count as usize);
-    for c in table.consumers.get(first..first + count).unwrap_or(&[]).iter().filter(|c| c.ret) {
+    for c in table.return_consumers_at(site) {
         c.missed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -627,9 +637,7 @@ fn return_trampoline_hit(g: &mut Gregs, depth: u32) {
     let tracing = TRACING.load(Ordering::Relaxed);
     let guard = ReadGuard::enter();
     let Some(table) = guard.table() else { return };
-    let Some(entry) = table.lookup(site) else { return }; // unregistered meanwhile
-    let (first, count) = (entry.first as usize, entry.count as usize);
-    for c in table.consumers.get(first..first + count).unwrap_or(&[]).iter().filter(|c| c.ret) {
+    for c in table.return_consumers_at(site) {
         c.hits.fetch_add(1, Ordering::Relaxed);
         if let Some(l) = &c.latency {
             l.record(duration);
