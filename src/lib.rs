@@ -1,204 +1,138 @@
 //! libuprobe: userspace uprobes, preloaded into an unmodified program.
 //!
-//! This file is the runtime's entry: the constructor reads the environment, installs the SIGTRAP
-//! handler and registers the probes of `UPROBES`; the destructor writes the summary. See DESIGN.md
-//! for the path of one probe through the other modules:
+//! This file is the top of the house: the constructor and the destructor, which put the parts
+//! together. The path of one probe (docs/DESIGN.md), bottom of the house first:
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | `spec` | the spec grammar |
-//! | `objects` | mapped objects and their ELF function symbols |
-//! | `probes` | the probe tree, breakpoint install/removal |
-//! | `trap` | the SIGTRAP handler and emulation (the async-signal-safe set) |
-//! | `xol` | decoding, XOL slots, relocation |
-//! | `signals` | the program's own view of SIGTRAP |
-//! | `report` | summary and problems |
-//! | `sys` | every raw system call |
+//! | [`sigsafe`] | the async-signal-safe core: raw system calls, per-thread state, the published table, the signal handlers, the return trampoline, event recording |
+//! | [`runtime`] | what every part shares: process ownership, the in-runtime mark, runtime threads, the locks held across fork, the configuration, libc-free allocation and I/O |
+//! | [`spec`] | the spec grammar |
+//! | [`error`] | why a probe could not be set up, typed |
+//! | [`objects`] | mapped objects and their ELF files |
+//! | [`xol`] | decoding, out-of-line slots, relocation |
+//! | [`patch`] | the only code that writes the program's text |
+//! | [`resolve`] | spec + mapped objects -> sites, and what is refused |
+//! | [`registry`] | the probe tree: sites, installs, counters, the published table |
+//! | [`consumers`] | the event stream's drain and formatting |
+//! | [`report`] | the summary and problem lines, text and JSON |
+//! | [`control`] | the control socket |
+//! | [`hooks`] | interposed functions: objects, exec, spawn, signals, namespaces, unwinders |
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-/// The next definition of `$name` after ours (libc's), cached in `$cache`. Every interposer's
-/// real function is looked up once at startup, so that no interposer calls `dlsym` later (it is not
-/// async-signal-safe, and a vfork child must not call it).
-macro_rules! real_fn {
-    ($cache:ident, $name:literal, $ty:ty) => {{
-        let mut p = $cache.load(core::sync::atomic::Ordering::Acquire);
-        if p == 0 {
-            // SAFETY: dlsym with a NUL-terminated name.
-            p = unsafe { libc::dlsym(libc::RTLD_NEXT, concat!($name, "\0").as_ptr().cast()) }
-                as usize;
-            $cache.store(p, core::sync::atomic::Ordering::Release);
+pub mod consumers;
+pub mod control;
+pub mod error;
+pub mod hooks;
+pub mod objects;
+pub mod patch;
+pub mod registry;
+pub mod report;
+pub mod resolve;
+pub mod runtime;
+pub mod sigsafe;
+pub mod spec;
+pub mod xol;
+
+use runtime::fork::ForkLock;
+use runtime::{config, owner, InRuntime};
+use sigsafe::{chain, trap};
+
+/// What the runtime needs before the first probe: libuprobe's handlers for SIGTRAP and the
+/// synchronous faults (the program's dispositions become virtual), and the link-map hook.
+fn setup() -> Result<(), String> {
+    chain::take(libc::SIGTRAP, trap::sigtrap_handler(), trap::HANDLER_FLAGS)
+        .map_err(|e| format!("cannot install the SIGTRAP handler: {e}; no probes"))?;
+    for sig in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
+        if let Err(e) = chain::take(sig, trap::fault_handler(), trap::HANDLER_FLAGS) {
+            report::problem("signals", &format!("cannot handle signal {sig}: {e}"));
         }
-        if p == 0 {
-            None
-        } else {
-            // SAFETY: the symbol has this C signature in libc.
-            Some(unsafe { core::mem::transmute::<usize, $ty>(p) })
-        }
-    }};
+    }
+    if let Err(e) = hooks::dl::install_link_map_hook() {
+        report::problem(
+            "link-map hook",
+            &format!("{e}: objects loaded by libc itself will not get their probes"),
+        );
+    }
+    Ok(())
 }
 
-mod control;
-mod dl_hook;
-mod events;
-mod fork_hook;
-mod objects;
-mod probes;
-mod report;
-mod signals;
-mod socket_path;
-mod spec;
-mod sys;
-mod trap;
-mod unwind_hook;
-mod xol;
-
-use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
-
-use report::{Format, Output};
-
-/// Marks the current thread as running libuprobe code: traps taken meanwhile (in malloc, memcpy,
-/// ... called by the runtime) resume without running consumers.
-pub(crate) struct InRuntime(());
-
-impl InRuntime {
-    pub(crate) fn enter() -> InRuntime {
-        let d = &sys::thread_state().runtime_depth;
-        d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        InRuntime(())
-    }
-
-    /// The guard of a section entered earlier and forgotten (across fork's prepare and
-    /// parent/child handlers): dropping it leaves the section.
-    pub(crate) fn resume() -> InRuntime {
-        InRuntime(())
+fn events_in_child() {
+    if let Err(e) = consumers::events::start_in_child() {
+        report::problem("UPROBES_TRACE", &e.to_string());
     }
 }
 
-impl Drop for InRuntime {
-    fn drop(&mut self) {
-        let d = &sys::thread_state().runtime_depth;
-        d.store(d.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-    }
-}
-
-/// The runtime's configuration, read once from the environment.
-struct Config {
-    specs: String,
-    output: Output,
-    /// `UPROBES_TRACE=1`: an event per hit.
-    trace: bool,
-}
-
-static CONFIG: OnceLock<Config> = OnceLock::new();
-
-fn read_config() -> (Config, Vec<String>) {
-    let mut problems = Vec::new();
-    let format = match std::env::var("UPROBES_FORMAT").as_deref() {
-        Err(_) | Ok("") | Ok("text") => Format::Text,
-        Ok("json") => Format::Json,
-        Ok(other) => {
-            problems.push(format!("UPROBES_FORMAT={other} is not `text` or `json`; using text"));
-            Format::Text
-        }
-    };
-    let path = std::env::var("UPROBES_OUTPUT").ok().filter(|p| !p.is_empty());
-    let specs = std::env::var("UPROBES").unwrap_or_default();
-    let trace =
-        matches!(std::env::var("UPROBES_TRACE").as_deref(), Ok("1" | "yes" | "true" | "on"));
-    (Config { specs, output: Output { path, format }, trace }, problems)
+/// The locks held across fork, in the order they are taken (see runtime::fork).
+fn fork_locks() -> Vec<ForkLock> {
+    vec![
+        ForkLock {
+            name: "control socket",
+            lock: control::lock_for_fork,
+            unlock_in_parent: control::unlock_in_parent,
+            unlock_in_child: control::unlock_in_child,
+        },
+        ForkLock {
+            name: "event drain",
+            lock: consumers::events::lock_for_fork,
+            unlock_in_parent: consumers::events::unlock_in_parent,
+            unlock_in_child: consumers::events::unlock_in_child,
+        },
+        ForkLock {
+            name: "registry",
+            lock: registry::lock_for_fork,
+            unlock_in_parent: registry::unlock_in_parent,
+            unlock_in_child: registry::unlock_in_child,
+        },
+    ]
 }
 
 extern "C" fn uprobe_init() {
     let _rt = InRuntime::enter();
-    let (config, problems) = read_config();
-    let config = CONFIG.get_or_init(|| config);
-    for p in problems {
-        config.output.problem("UPROBES_FORMAT", &p);
-    }
-    fork_hook::apply_follow_setting();
-    if config.output.path.is_none() {
+    owner::take();
+    let problems = config::init();
+    let config = config::get();
+    if config.output.is_none() {
         report::keep_stderr();
     }
-    signals::resolve_real_functions();
-    dl_hook::resolve_real_functions();
-    fork_hook::resolve_real_functions();
-    unwind_hook::resolve_real_functions();
-    fork_hook::init();
+    for p in problems {
+        report::problem(p.variable, &p.message);
+    }
+    hooks::exec::apply_follow_setting(config.follow);
+    hooks::table::resolve_all();
+    objects::find_vdso_clock();
+    runtime::set_setup(setup);
+    runtime::on_wake(control::wake);
+    runtime::fork::install(fork_locks(), vec![control::start_in_child, events_in_child]);
     let specs = spec::split_specs(&config.specs);
     if !specs.is_empty() {
-        if let Err(e) = ensure_runtime() {
-            config.output.problem(&config.specs, &e);
+        if let Err(e) = runtime::ensure_setup() {
+            report::problem(&config.specs, &e);
             return;
         }
         if config.trace {
-            if let Err(e) = events::enable(&config.output) {
-                config.output.problem("UPROBES_TRACE", &e);
+            if let Err(e) = consumers::events::enable(report::emit_events, config.format) {
+                report::problem("UPROBES_TRACE", &e);
             }
         }
         for text in specs {
-            let errors = probes::with_registry(|r| r.register(text).1).unwrap_or_default();
-            for e in errors {
-                config.output.problem(&e.spec, &e.message);
-            }
+            let problems = registry::with_registry(|r| r.register(text).1).unwrap_or_default();
+            report::problems(&problems);
         }
     }
-    control::start(false, &config.output);
-}
-
-/// The parts of the runtime that only probes need, set up once, on the first probe (at startup
-/// for `UPROBES`, or at the first `add` on the control socket): the SIGTRAP handler and the
-/// link-map hook.
-pub(crate) fn ensure_runtime() -> Result<(), String> {
-    static READY: OnceLock<Result<(), String>> = OnceLock::new();
-    READY
-        .get_or_init(|| {
-            let previous = trap::install_handler()
-                .map_err(|e| format!("cannot install the SIGTRAP handler: {e}; no probes"))?;
-            signals::took_sigtrap(previous);
-            sys::find_vdso_clock(); // timestamps on the trap path without a system call
-            if let Err(e) = dl_hook::install_link_map_hook() {
-                let message =
-                    format!("{e}: objects loaded by libc itself will not get their probes");
-                log_problem("link-map hook", &message);
-            }
-            Ok(())
-        })
-        .clone()
-}
-
-/// Say something went wrong, on the report's channel.
-pub(crate) fn log_problem(what: &str, message: &str) {
-    if let Some(config) = CONFIG.get() {
-        config.output.problem(what, message);
-    }
-}
-
-/// The report's channel, for the parts of the runtime that start threads after fork.
-pub(crate) fn output() -> Option<&'static report::Output> {
-    CONFIG.get().map(|c| &c.output)
-}
-
-/// Write the summary of this process (at exit, and before an exec replaces the image). Written
-/// when there were probes: from `UPROBES`, or added through the socket.
-pub(crate) fn write_summary() {
-    let _rt = InRuntime::enter();
-    let Some(config) = CONFIG.get() else { return };
-    events::flush(&config.output);
-    if let Some(probes) = probes::with_registry(|r| r.snapshot()) {
-        if !probes.is_empty() || !spec::split_specs(&config.specs).is_empty() {
-            config.output.summary(&probes, events::totals());
-        }
+    if let Err(e) = control::start(false) {
+        report::problem("control socket", &e);
     }
 }
 
 extern "C" fn uprobe_fini() {
-    if fork_hook::owns_runtime() {
+    let _rt = InRuntime::enter();
+    if owner::owns() {
         control::remove_socket();
     }
-    write_summary();
+    report::write_summary();
 }
 
 #[used]

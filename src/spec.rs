@@ -30,31 +30,18 @@ pub struct Spec {
     pub ret: bool,
 }
 
-/// How a traced event shows an argument register.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ArgType {
-    /// A NUL-terminated string, read safely from the program's memory (`<bad>` if unreadable).
-    Str,
-    I32,
-    U32,
-    I64,
-    U64,
-    /// Hexadecimal (`x64`, `ptr`).
-    Hex,
-}
+pub use crate::sigsafe::consumer::ArgType;
 
-impl ArgType {
-    fn parse(s: &str) -> Option<ArgType> {
-        Some(match s {
-            "str" | "string" => ArgType::Str,
-            "int" | "i32" => ArgType::I32,
-            "u32" => ArgType::U32,
-            "long" | "i64" => ArgType::I64,
-            "u64" => ArgType::U64,
-            "x64" | "ptr" => ArgType::Hex,
-            _ => return None,
-        })
-    }
+fn parse_arg_type(s: &str) -> Option<ArgType> {
+    Some(match s {
+        "str" | "string" => ArgType::Str,
+        "int" | "i32" => ArgType::I32,
+        "u32" => ArgType::U32,
+        "long" | "i64" => ArgType::I64,
+        "u64" => ArgType::U64,
+        "x64" | "ptr" => ArgType::Hex,
+        _ => return None,
+    })
 }
 
 impl Spec {
@@ -68,23 +55,25 @@ impl Spec {
 }
 
 /// Why a spec could not be parsed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "malformed spec `{}`: {why} (expected OBJECT:SYMBOL, OBJECT:SYMBOL+OFFSET or OBJECT:0xADDRESS)",
+    crate::spec::shorten(spec)
+)]
 pub struct SpecError {
     pub spec: String,
     pub why: String,
 }
 
-impl std::fmt::Display for SpecError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "malformed spec `{}`: {} (expected OBJECT:SYMBOL, OBJECT:SYMBOL+OFFSET or OBJECT:0xADDRESS)",
-            self.spec, self.why
-        )
+/// At most 200 characters of `s` (a message must stay readable whatever was typed).
+pub fn shorten(s: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 200;
+    if s.chars().count() <= MAX {
+        return s.into();
     }
+    let cut: String = s.chars().take(MAX).collect();
+    format!("{cut}... ({} characters)", s.chars().count()).into()
 }
-
-impl std::error::Error for SpecError {}
 
 /// Split a list of specs on `;`, `,` and white space outside brackets.
 pub fn split_specs(list: &str) -> Vec<&str> {
@@ -130,7 +119,7 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
                 tail.strip_suffix(')').ok_or_else(|| err("unclosed `(` in argument types"))?;
             let mut args = Vec::new();
             for a in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-                args.push(ArgType::parse(a).ok_or_else(|| {
+                args.push(parse_arg_type(a).ok_or_else(|| {
                     err(&format!("unknown argument type `{a}` (str, int, i32, u32, long, i64, u64, x64, ptr)"))
                 })?);
             }

@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
-#[path = "../socket_path.rs"]
+#[path = "../control/socket_path.rs"]
 #[expect(dead_code, reason = "default_socket is the runtime's half of the shared file")]
 mod socket_path;
 
@@ -175,7 +175,7 @@ fn uid() -> u32 {
 
 /// The socket of `pid`, wherever this user's processes put theirs.
 fn find_socket(pid: i32) -> Result<PathBuf, String> {
-    let dirs = socket_path::socket_dirs(uid());
+    let dirs = socket_path::socket_dirs(uid(), std::env::var("XDG_RUNTIME_DIR").ok().as_deref());
     for d in &dirs {
         let p = d.join(format!("{pid}.sock"));
         if p.exists() {
@@ -330,7 +330,7 @@ fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
 /// The processes this user can reach: live sockets in the socket directories.
 fn ps() -> Result<ExitCode, String> {
     println!("{:>8}  {:>6}  {:>12}  {:<40}  COMMAND", "PID", "PROBES", "HITS", "SOCKET");
-    for dir in socket_path::socket_dirs(uid()) {
+    for dir in socket_path::socket_dirs(uid(), std::env::var("XDG_RUNTIME_DIR").ok().as_deref()) {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         let mut found: Vec<(i32, PathBuf)> = entries
             .filter_map(|e| e.ok())

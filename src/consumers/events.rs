@@ -1,32 +1,37 @@
 //! The event stream (`UPROBES_TRACE=1`): every probe hit is an event, with the six argument
 //! registers and the typed arguments its spec asked for, written to the report one per line.
 //!
-//! The trap path records events into per-thread rings from a preallocated pool (`trap::Ring`,
-//! `trap::record_entry`): no allocation, no lock, and a full ring drops the event and counts it as
-//! `lost`. A runtime thread drains the rings every millisecond while events flow (every 10 ms when
-//! idle), in order for each thread, and frees the ring of a thread that has exited once it is empty.
-//! At exit the rest is drained before the summary, so every event of a process that exits
-//! normally, and of its threads that exited before, reaches the output.
+//! Hits record events into per-thread rings from a preallocated pool (`sigsafe::events`): no
+//! allocation, no lock, and a full ring drops the event and counts it as `lost`. A runtime thread
+//! drains the rings every millisecond while events flow (every 10 ms when idle), in order for each
+//! thread, and frees the ring of a thread that has exited once it is empty. At exit (and before an
+//! exec) the rest is drained before the summary, so every event of a process that exits normally,
+//! and of its threads that exited before, reaches the output.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::report::{Format, Output};
-use crate::spec::ArgType;
-use crate::trap::{self, Event, Ring, RINGS, RING_EVENTS, STR_MAX};
-use crate::{probes, sys, InRuntime};
+use crate::registry;
+use crate::runtime::config::Format;
+use crate::runtime::{lock::Mutex, threads};
+use crate::sigsafe::consumer::ArgType;
+use crate::sigsafe::events::{self as rec, Event, Ring, RINGS, RING_EVENTS, STR_MAX};
+use crate::sigsafe::sys;
 
 static EVENTS_WRITTEN: AtomicU64 = AtomicU64::new(0);
 /// Lost events of rings already freed (their thread exited).
 static LOST_FREED: AtomicU64 = AtomicU64::new(0);
-static STOP: AtomicBool = AtomicBool::new(false);
+/// The drain thread runs (or should run again in a forked child).
+static DRAINING: AtomicBool = AtomicBool::new(false);
 
-/// Held while draining: one consumer at a time (the drain thread, or the exit flush).
+/// Held while draining: one consumer at a time (the drain thread, or a flush).
 static DRAIN: Mutex<Meta> = Mutex::new(Meta { by_probe: None });
+
+/// Where drained events go.
+pub type Sink = fn(&str);
+static SINK: std::sync::OnceLock<(Sink, Format)> = std::sync::OnceLock::new();
 
 /// How a probe's events are shown: (symbol, symbol as a JSON string, argument types).
 type ProbeMeta = (String, String, Vec<ArgType>);
@@ -36,75 +41,61 @@ struct Meta {
     by_probe: Option<HashMap<u32, ProbeMeta>>,
 }
 
-/// Map the rings and start the drain thread.
-pub fn enable(output: &'static Output) -> Result<(), String> {
-    sys::find_vdso_clock();
-    if trap::RING_POOL.load(Ordering::Acquire).is_null() {
+/// Map the rings and start the drain thread; events go to `sink`, formatted as `format`.
+pub fn enable(sink: Sink, format: Format) -> Result<(), String> {
+    let _ = SINK.set((sink, format));
+    rec::PID.store(sys::getpid(), Ordering::Relaxed);
+    if rec::RING_POOL.load(Ordering::Acquire).is_null() {
         let len = RINGS * std::mem::size_of::<Ring>();
-        let pool = sys::mmap_anon(0, len, libc::PROT_READ | libc::PROT_WRITE)
+        let pool = sys::mmap_anon(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_NORESERVE)
             .map_err(|e| format!("cannot map {} KiB of event rings: {e}", len / 1024))?;
         // Zeroed memory is RINGS free, empty rings.
-        trap::RING_POOL.store(pool as *mut Ring, Ordering::Release);
+        rec::RING_POOL.store(pool as *mut Ring, Ordering::Release);
     }
-    start_drain_thread(output)?;
-    trap::TRACING.store(true, Ordering::Release);
+    DRAINING.store(true, Ordering::Release);
+    threads::spawn("uprobe-events", drain_thread).map_err(|e| e.to_string())?;
+    rec::TRACING.store(true, Ordering::Release);
     Ok(())
 }
 
-fn start_drain_thread(output: &'static Output) -> Result<(), String> {
-    STOP.store(false, Ordering::SeqCst);
-    std::thread::Builder::new()
-        .name("uprobe-events".into())
-        .spawn(move || {
-            let _rt = InRuntime::enter();
-            let keep = [libc::SIGTRAP, libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE];
-            let mask = keep.iter().fold(!0u64, |m, &s| m & !sys::sigbit(s));
-            let _ = sys::rt_sigprocmask(libc::SIG_BLOCK, Some(&mask), None);
-            while !STOP.load(Ordering::Acquire) {
-                let n = {
-                    let mut meta = DRAIN.lock().unwrap_or_else(|p| p.into_inner());
-                    drain(&mut meta, output)
-                };
-                std::thread::sleep(Duration::from_millis(if n > 0 { 1 } else { 10 }));
-            }
-        })
-        .map(drop)
-        .map_err(|e| format!("cannot start the event thread: {e}"))
+fn drain_thread() {
+    while !threads::stopping() {
+        let n = drain(&mut DRAIN.lock());
+        sys::sleep_ns(if n > 0 { 1_000_000 } else { 10_000_000 });
+    }
 }
 
-/// Drain what is left and stop the drain thread (at exit, and before exec).
-pub fn flush(output: &Output) {
-    if trap::RING_POOL.load(Ordering::Acquire).is_null() {
+/// Drain what is there now (at exit, and before an exec); the drain thread goes on.
+pub fn flush() {
+    if rec::RING_POOL.load(Ordering::Acquire).is_null() {
         return;
     }
-    STOP.store(true, Ordering::SeqCst);
-    let mut meta = DRAIN.lock().unwrap_or_else(|p| p.into_inner());
-    while drain(&mut meta, output) > 0 {}
+    let mut meta = DRAIN.lock();
+    while drain(&mut meta) > 0 {}
 }
 
 /// (events written, events lost) so far; None when tracing is off.
 pub fn totals() -> Option<(u64, u64)> {
-    let pool = trap::RING_POOL.load(Ordering::Acquire);
-    if pool.is_null() {
+    if rec::RING_POOL.load(Ordering::Acquire).is_null() {
         return None;
     }
-    let mut lost = LOST_FREED.load(Ordering::Relaxed) + trap::LOST_NO_RING.load(Ordering::Relaxed);
+    let mut lost = LOST_FREED.load(Ordering::Relaxed) + rec::LOST_NO_RING.load(Ordering::Relaxed);
     for i in 0..RINGS {
-        // SAFETY: the pool holds RINGS rings for the life of the process.
-        lost += unsafe { &*pool.add(i) }.lost.load(Ordering::Relaxed);
+        if let Some(r) = rec::ring(i) {
+            lost += r.lost.load(Ordering::Relaxed);
+        }
     }
     Some((EVENTS_WRITTEN.load(Ordering::Relaxed), lost))
 }
 
 /// Write every event in the rings; free the rings of threads that are gone. Returns how many.
-fn drain(meta: &mut Meta, output: &Output) -> usize {
-    let pool = trap::RING_POOL.load(Ordering::Acquire);
+fn drain(meta: &mut Meta) -> usize {
+    let Some(&(sink, format)) = SINK.get() else { return 0 };
     let pid = sys::getpid();
     let mut text = String::new();
     let mut n = 0;
     for i in 0..RINGS {
-        // SAFETY: the pool holds RINGS rings for the life of the process.
-        let r = unsafe { &*pool.add(i) };
+        let Some(r) = rec::ring(i) else { break };
         let owner = r.owner.load(Ordering::Acquire);
         if owner == 0 {
             continue;
@@ -116,7 +107,7 @@ fn drain(meta: &mut Meta, output: &Output) -> usize {
             // until `tail` moves past them.
             let e = unsafe { *r.events[(tail % RING_EVENTS as u64) as usize].get() };
             tail += 1;
-            format_event(meta, output.format, pid, &e, &mut text);
+            format_event(meta, format, pid, &e, &mut text);
             n += 1;
         }
         r.tail.store(tail, Ordering::Release);
@@ -126,7 +117,7 @@ fn drain(meta: &mut Meta, output: &Output) -> usize {
         }
     }
     if !text.is_empty() {
-        output.emit(&text);
+        sink(&text);
         EVENTS_WRITTEN.fetch_add(n as u64, Ordering::Relaxed);
     }
     n
@@ -136,13 +127,13 @@ fn format_event(meta: &mut Meta, format: Format, pid: i32, e: &Event, out: &mut 
     use std::fmt::Write;
     let by_probe = meta.by_probe.get_or_insert_with(HashMap::new);
     let (symbol, quoted, types) = &*by_probe.entry(e.probe).or_insert_with(|| {
-        let m = probes::with_registry(|r| r.event_meta(e.probe)).flatten();
+        let m = registry::with_registry(|r| r.event_meta(e.probe)).flatten();
         let (symbol, types) = m.unwrap_or_else(|| (format!("probe{}", e.probe), Vec::new()));
         let quoted = Value::String(symbol.clone()).to_string();
         (symbol, quoted, types)
     });
     // Formatted by hand: the drain thread must keep up with every thread of the program.
-    if e.kind == 1 {
+    if e.kind == rec::RETURN {
         let (retval, duration) = (e.regs[0], e.regs[1]);
         let _ = match format {
             Format::Json => write!(
@@ -236,41 +227,38 @@ fn typed_values(types: &[ArgType], e: &Event) -> Vec<Value> {
         .collect()
 }
 
-static mut HELD_ACROSS_FORK: Option<MutexGuard<'static, Meta>> = None;
-
-/// Hold the drain lock across fork, so that the child never inherits it held.
+/// Fork: the drain lock is held across it (see runtime::fork).
 pub fn lock_for_fork() {
-    let guard = DRAIN.lock().unwrap_or_else(|p| p.into_inner());
-    // SAFETY: touched only by the forking thread between prepare and parent/child.
-    unsafe { *core::ptr::addr_of_mut!(HELD_ACROSS_FORK) = Some(guard) };
+    DRAIN.lock_raw();
 }
 
-/// In the parent: let go. In the child: the parent's events are the parent's to write; start
-/// with every ring free and empty, and a drain thread of our own.
-pub fn unlock_after_fork(child: bool) {
-    // SAFETY: as in lock_for_fork.
-    let guard = unsafe { (*core::ptr::addr_of_mut!(HELD_ACROSS_FORK)).take() };
-    let pool = trap::RING_POOL.load(Ordering::Acquire);
-    if child && !pool.is_null() {
-        for i in 0..RINGS {
-            // SAFETY: the pool holds RINGS rings; this is the only thread of the child.
-            let r = unsafe { &*pool.add(i) };
-            r.owner.store(0, Ordering::Relaxed);
-            r.head.store(0, Ordering::Relaxed);
-            r.tail.store(0, Ordering::Relaxed);
-            r.lost.store(0, Ordering::Relaxed);
-        }
-        let ts = sys::thread_state();
-        ts.ring.store(0, Ordering::Relaxed);
-        ts.tid.store(0, Ordering::Relaxed);
-        EVENTS_WRITTEN.store(0, Ordering::Relaxed);
-        LOST_FREED.store(0, Ordering::Relaxed);
-        trap::LOST_NO_RING.store(0, Ordering::Relaxed);
+pub fn unlock_in_parent() {
+    // SAFETY: taken by lock_for_fork on this thread.
+    unsafe { DRAIN.unlock_raw() };
+}
+
+/// In the child: the parent's events are the parent's to write; start with every ring free and
+/// empty (a drain thread of its own starts in [`start_in_child`]).
+pub fn unlock_in_child() {
+    for i in 0..RINGS {
+        let Some(r) = rec::ring(i) else { break };
+        r.owner.store(0, Ordering::Relaxed);
+        r.head.store(0, Ordering::Relaxed);
+        r.tail.store(0, Ordering::Relaxed);
+        r.lost.store(0, Ordering::Relaxed);
     }
-    drop(guard);
-    if child && !pool.is_null() {
-        if let Some(output) = crate::output() {
-            let _ = start_drain_thread(output);
-        }
+    EVENTS_WRITTEN.store(0, Ordering::Relaxed);
+    LOST_FREED.store(0, Ordering::Relaxed);
+    rec::LOST_NO_RING.store(0, Ordering::Relaxed);
+    rec::PID.store(sys::getpid(), Ordering::Relaxed);
+    // SAFETY: taken by lock_for_fork on the forking thread, which is this one.
+    unsafe { DRAIN.unlock_raw() };
+}
+
+/// In a forked child, once its locks are its own: a drain thread of its own.
+pub fn start_in_child() -> Result<(), threads::SpawnError> {
+    if DRAINING.load(Ordering::Acquire) {
+        threads::spawn("uprobe-events", drain_thread)?;
     }
+    Ok(())
 }

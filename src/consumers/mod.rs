@@ -1,0 +1,3 @@
+//! What hits produce, beyond their counts, for people to read: the event stream.
+
+pub mod events;

@@ -1,0 +1,227 @@
+//! The server's loop. It never trusts a client:
+//! - the peer's credentials are checked on every connection (same uid or root);
+//! - a request line is at most [`MAX_LINE`] bytes; at most [`MAX_CLIENTS`] clients are served at
+//!   once; a client idle for [`IDLE`] is dropped;
+//! - an answer is produced only while the client's unread answers are under [`MAX_PENDING`]: a
+//!   client that sends requests and reads nothing is dropped, it cannot grow the program's memory;
+//! - clients are served in turn, one request each per round, so that a client that pipelines long
+//!   operations (`add libc.so.6:*`) cannot hold the others;
+//! - all I/O is non-blocking from one `poll`, so the program's own threads never wait on it.
+
+use std::sync::atomic::Ordering;
+
+use super::{protocol, sock, LISTENER, WAKE};
+use crate::registry;
+use crate::runtime::{lock::Mutex, threads};
+use crate::sigsafe::sys::{self, Errno};
+
+/// The longest request line, newline excluded.
+pub const MAX_LINE: usize = 4096;
+/// Clients served at once; more are answered with an error and dropped.
+pub const MAX_CLIENTS: usize = 256;
+/// A client that sends nothing for this long is dropped (ns).
+pub const IDLE: u64 = 10_000_000_000;
+/// Unread answers beyond which no answer is produced, and the client is dropped.
+pub const MAX_PENDING: usize = 1 << 20;
+/// Input buffered per client at most (requests waiting for their turn).
+const MAX_INPUT: usize = 64 * 1024;
+
+struct Client {
+    fd: i32,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    last: u64,
+    closing: bool,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        sys::close(self.fd);
+    }
+}
+
+static CLIENTS: Mutex<Vec<Client>> = Mutex::new(Vec::new());
+
+/// The server thread's body.
+pub fn serve() {
+    while !threads::stopping() {
+        let listener = LISTENER.load(Ordering::Acquire);
+        let wake = WAKE.load(Ordering::Acquire);
+        let mut fds = vec![
+            libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
+        ];
+        {
+            let clients = CLIENTS.lock();
+            for c in clients.iter() {
+                let out = if c.output.is_empty() { 0 } else { libc::POLLOUT };
+                let inp = if c.input.len() < MAX_INPUT { libc::POLLIN } else { 0 };
+                fds.push(libc::pollfd { fd: c.fd, events: inp | out, revents: 0 });
+            }
+        }
+        let ready = sys::poll(&mut fds, 1000);
+        if matches!(ready, Err(e) if e != Errno(libc::EINTR)) {
+            sys::sleep_ns(10_000_000);
+            continue;
+        }
+        if fds[0].revents != 0 {
+            let mut b = [0u8; 8];
+            let _ = sys::read(wake, &mut b);
+        }
+        if registry::ifunc_pending() {
+            let problems = registry::with_registry(|r| r.rescan(false)).unwrap_or_default();
+            crate::report::problems(&problems);
+        }
+        if fds[1].revents != 0 && listener >= 0 {
+            accept_all(listener);
+        }
+        let now = sys::monotonic_ns();
+        let mut clients = CLIENTS.lock();
+        // Read what came, then answer one request of each client, in turn.
+        for (c, pfd) in clients.iter_mut().zip(&fds[2..]) {
+            if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                read_input(c, now);
+            }
+        }
+        for c in clients.iter_mut() {
+            answer_one(c);
+            flush(c);
+            if now.saturating_sub(c.last) > IDLE {
+                c.closing = true;
+            }
+        }
+        clients
+            .retain(|c| !(c.closing && (c.output.is_empty() || now.saturating_sub(c.last) > IDLE)));
+    }
+}
+
+fn accept_all(listener: i32) {
+    loop {
+        let fd = match sock::accept(listener) {
+            Ok(fd) => fd,
+            Err(_) => return,
+        };
+        if let Err(reason) = check_peer(fd) {
+            refuse(fd, &reason);
+            crate::report::problem("control socket", &reason);
+            continue;
+        }
+        let mut clients = CLIENTS.lock();
+        if clients.len() >= MAX_CLIENTS {
+            drop(clients);
+            refuse(fd, &format!("too many clients (at most {MAX_CLIENTS} at once)"));
+            continue;
+        }
+        clients.push(Client {
+            fd,
+            input: Vec::new(),
+            output: Vec::new(),
+            last: sys::monotonic_ns(),
+            closing: false,
+        });
+    }
+}
+
+fn refuse(fd: i32, reason: &str) {
+    let line = format!("{}\n", serde_json::json!({"ok": false, "error": reason}));
+    let _ = sock::send(fd, line.as_bytes());
+    sys::close(fd);
+}
+
+/// Only our own uid, or root, may talk to us.
+fn check_peer(fd: i32) -> Result<(), String> {
+    let cred = sock::peer_credentials(fd)
+        .map_err(|e| format!("refused a client whose credentials cannot be read: {e}"))?;
+    let me = sys::geteuid();
+    if cred.uid == me || cred.uid == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "refused a client of uid {} (pid {}): only uid {me} or root may control this process",
+            cred.uid, cred.pid
+        ))
+    }
+}
+
+fn read_input(c: &mut Client, now: u64) {
+    let mut buf = [0u8; 8192];
+    while c.input.len() < MAX_INPUT {
+        match sys::read(c.fd, &mut buf) {
+            Ok(0) => {
+                c.closing = true;
+                break;
+            }
+            Ok(n) => {
+                c.input.extend_from_slice(&buf[..n]);
+                c.last = now;
+            }
+            Err(Errno(libc::EAGAIN)) => break,
+            Err(Errno(libc::EINTR)) => {}
+            Err(_) => {
+                c.closing = true;
+                break;
+            }
+        }
+    }
+    if c.input.len() > MAX_LINE && !c.input[..MAX_LINE + 1].contains(&b'\n') {
+        let answer = serde_json::json!({
+            "ok": false,
+            "error": format!("request longer than {MAX_LINE} bytes: dropped"),
+        });
+        c.output.extend_from_slice(format!("{answer}\n").as_bytes());
+        c.input.clear();
+        c.closing = true;
+    }
+}
+
+/// Answer the client's next request, if it has one and reads its answers.
+fn answer_one(c: &mut Client) {
+    if c.output.len() >= MAX_PENDING {
+        // It sends and does not read: no more answers; drop it.
+        c.closing = true;
+        c.input.clear();
+        return;
+    }
+    let Some(nl) = c.input.iter().position(|&b| b == b'\n') else { return };
+    let line: Vec<u8> = c.input.drain(..=nl).collect();
+    let line = &line[..line.len() - 1];
+    let answer = if line.len() > MAX_LINE {
+        serde_json::json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
+    } else {
+        protocol::handle(line)
+    };
+    c.output.extend_from_slice(format!("{answer}\n").as_bytes());
+}
+
+fn flush(c: &mut Client) {
+    while !c.output.is_empty() {
+        match sock::send(c.fd, &c.output) {
+            Ok(n) => drop(c.output.drain(..n)),
+            Err(Errno(libc::EAGAIN)) => return,
+            Err(Errno(libc::EINTR)) => {}
+            Err(_) => {
+                c.closing = true;
+                c.output.clear();
+                return;
+            }
+        }
+    }
+}
+
+pub(super) fn lock_for_fork() {
+    CLIENTS.lock_raw();
+}
+
+pub(super) fn unlock_in_parent() {
+    // SAFETY: taken by lock_for_fork on this thread.
+    unsafe { CLIENTS.unlock_raw() };
+}
+
+/// In a forked child: the clients are the parent's (their descriptors, copies, are closed).
+pub(super) fn unlock_in_child() {
+    // SAFETY: taken by lock_for_fork on the forking thread, which is this one.
+    unsafe {
+        CLIENTS.get_locked().clear();
+        CLIENTS.unlock_raw();
+    }
+}

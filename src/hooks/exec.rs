@@ -1,0 +1,163 @@
+//! exec: the summary of the image that goes is written first (its counts would be lost), then
+//! LD_PRELOAD and UPROBES, inherited, instrument the new image.
+//!
+//! Only an exec that can succeed ends the image: before it, libuprobe checks what the kernel will
+//! check first (the file exists, is a regular file the caller may execute, starts like an ELF file
+//! or a script), and a PATH search is done as libc will do it. An exec that is bound to fail
+//! (a shell trying each directory of PATH) writes nothing and changes nothing; the runtime, its
+//! socket and its threads go on. If an exec that passed the check fails all the same, the socket
+//! is served again and the image goes on; its summary at exit is then its second (said in README).
+
+use core::ffi::{c_char, c_int, CStr};
+
+use crate::runtime::{fs, owner, InRuntime};
+use crate::sigsafe::sys;
+use crate::{control, report};
+
+use super::table;
+
+/// Will an exec of `path` likely succeed?
+fn can_exec(path: &[u8]) -> bool {
+    let mut p = path.to_vec();
+    p.push(0);
+    let Ok(st) = sys::stat(&p, 0) else { return false };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || sys::access(&p, libc::X_OK).is_err() {
+        return false;
+    }
+    let Ok(fd) = sys::open(&p, libc::O_RDONLY, 0) else {
+        // Executable but not readable: the kernel may still run it (an ELF file).
+        return true;
+    };
+    let fd = fs::Fd(fd);
+    let mut head = [0u8; 4];
+    matches!(sys::read(fd.0, &mut head), Ok(n) if n >= 2)
+        && (head == *b"\x7fELF" || head[..2] == *b"#!")
+}
+
+/// The file `execvp(file)` runs: `file` itself if it has a `/`, else the first executable match in
+/// PATH (or libc's default path).
+fn search_path(file: &[u8]) -> Option<Vec<u8>> {
+    if file.contains(&b'/') {
+        return Some(file.to_vec());
+    }
+    if file.is_empty() {
+        return None;
+    }
+    let path =
+        crate::runtime::config::env_bytes("PATH").unwrap_or_else(|| b"/bin:/usr/bin".to_vec());
+    path.split(|&b| b == b':').find_map(|dir| {
+        let dir = if dir.is_empty() { b"." as &[u8] } else { dir };
+        let mut candidate = dir.to_vec();
+        candidate.push(b'/');
+        candidate.extend_from_slice(file);
+        can_exec(&candidate).then_some(candidate)
+    })
+}
+
+/// Before an exec that will likely replace this image: its summary. Returns whether the socket
+/// was taken down (to be served again if the exec fails).
+fn before_exec(target: Option<Vec<u8>>) -> bool {
+    if !owner::owns() || !target.is_some_and(|t| can_exec(&t)) {
+        return false;
+    }
+    let _rt = InRuntime::enter();
+    control::before_exec();
+    report::write_summary();
+    true
+}
+
+fn after_failed_exec(prepared: bool) {
+    if prepared {
+        let _rt = InRuntime::enter();
+        control::after_failed_exec();
+    }
+}
+
+fn bytes(p: *const c_char) -> Option<Vec<u8>> {
+    // SAFETY: exec's path is a NUL-terminated string (or null, which fails with EFAULT).
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_bytes().to_vec())
+}
+
+/// # Safety
+/// As libc's `execve`.
+pub unsafe fn execve(
+    real: Option<table::execve::Fn>,
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let prepared = before_exec(bytes(path));
+    // SAFETY: forwarding the caller's arguments.
+    let r = real.map_or(-1, |real| unsafe { real(path, argv, envp) });
+    after_failed_exec(prepared);
+    r
+}
+
+/// # Safety
+/// As libc's `execv`.
+pub unsafe fn execv(
+    real: Option<table::execv::Fn>,
+    path: *const c_char,
+    argv: *const *const c_char,
+) -> c_int {
+    let prepared = before_exec(bytes(path));
+    // SAFETY: forwarding the caller's arguments.
+    let r = real.map_or(-1, |real| unsafe { real(path, argv) });
+    after_failed_exec(prepared);
+    r
+}
+
+/// # Safety
+/// As libc's `execvp`.
+pub unsafe fn execvp(
+    real: Option<table::execvp::Fn>,
+    file: *const c_char,
+    argv: *const *const c_char,
+) -> c_int {
+    let prepared = before_exec(bytes(file).and_then(|f| search_path(&f)));
+    // SAFETY: forwarding the caller's arguments.
+    let r = real.map_or(-1, |real| unsafe { real(file, argv) });
+    after_failed_exec(prepared);
+    r
+}
+
+/// # Safety
+/// As libc's `execvpe`.
+pub unsafe fn execvpe(
+    real: Option<table::execvpe::Fn>,
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let prepared = before_exec(bytes(file).and_then(|f| search_path(&f)));
+    // SAFETY: forwarding the caller's arguments.
+    let r = real.map_or(-1, |real| unsafe { real(file, argv, envp) });
+    after_failed_exec(prepared);
+    r
+}
+
+/// `UPROBES_FOLLOW=0`: children started by exec are not instrumented. libuprobe takes itself out
+/// of LD_PRELOAD and the `UPROBES*` variables out of the environment, at startup.
+pub fn apply_follow_setting(follow: bool) {
+    if follow {
+        return;
+    }
+    if let Ok(preload) = std::env::var("LD_PRELOAD") {
+        let kept: Vec<&str> = preload
+            .split([':', ' '])
+            .filter(|e| !e.is_empty() && !e.ends_with("/libuprobe.so") && *e != "libuprobe.so")
+            .collect();
+        if kept.is_empty() {
+            std::env::remove_var("LD_PRELOAD");
+        } else {
+            std::env::set_var("LD_PRELOAD", kept.join(":"));
+        }
+    }
+    let names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("UPROBES"))
+        .collect();
+    for v in names {
+        std::env::remove_var(v);
+    }
+}

@@ -1,0 +1,207 @@
+//! libuprobe's own probes: the link-map hook (see hooks::dl), and the mask fixes.
+//!
+//! A trap taken where SIGTRAP is blocked kills the process (the kernel forces a blocked synchronous
+//! signal). libuprobe keeps SIGTRAP out of every signal mask the program sets through libc's
+//! functions (hooks::signals); but glibc itself blocks every signal with raw system calls: in
+//! `pthread_create` (the new thread starts with everything blocked), at a thread's exit, in
+//! `posix_spawn` (whose child also resets the handlers of every blocked signal), in `setcontext`,
+//! `abort`... Whatever probe the user asks for, by name or by address, may run in those windows.
+//! So, by construction rather than by a list of functions, libuprobe puts a probe of its own on
+//! every such system call in libc (`rt_sigprocmask`, `rt_sigsuspend`, `ppoll`, `epoll_pwait`,
+//! `epoll_pwait2`), found by scanning libc's code for `mov eax, NR` ... `syscall`, whose hit
+//! passes the kernel a copy of the set without SIGTRAP (`sigsafe::trap::fix_mask`). SIGTRAP is then
+//! never blocked, and the posix_spawn child keeps libuprobe's handler (it only resets the handlers
+//! of blocked signals).
+
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
+
+use super::{MaskFix, Registry, Site, SiteKey};
+use crate::error::ProbeError;
+use crate::objects::{self, MapEntry};
+use crate::sigsafe::table::NO_COUNTER;
+use crate::sigsafe::trap::{self, MASK_HOW_IN_RDI};
+
+/// What became of the mask fixes in this process.
+#[derive(Default, Debug, Clone)]
+pub enum State {
+    /// libc is not mapped yet (or no probe was asked for yet).
+    #[default]
+    NotYet,
+    /// Installed at this many system calls.
+    Installed(usize),
+    /// Could not be installed: why.
+    Failed(String),
+}
+
+/// System calls that take a signal set: (number, register of the set, register of its size,
+/// `how` in rdi).
+const CALLS: &[(u32, i32, i32, bool)] = &[
+    (14, libc::REG_RSI, libc::REG_R10, true), // rt_sigprocmask(how, set, old, 8)
+    (130, libc::REG_RDI, libc::REG_RSI, false), // rt_sigsuspend(set, 8)
+    (271, libc::REG_R10, libc::REG_R8, false), // ppoll(fds, n, timeout, set, 8)
+    (281, libc::REG_R8, libc::REG_R9, false), // epoll_pwait(fd, ev, n, timeout, set, 8)
+    (441, libc::REG_R8, libc::REG_R9, false), // epoll_pwait2(fd, ev, n, timeout, set, 8)
+];
+
+/// The `syscall` instructions in `code` (a file's executable bytes starting at file offset
+/// `base`) that are one of [`CALLS`]: `mov eax, NR` followed, within a few instructions that
+/// neither branch nor write rax, by `syscall`. Returns (file offset of the syscall, fix).
+pub fn find_sites(code: &[u8], base: u64) -> Vec<(u64, MaskFix)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(i) = code.get(at..).and_then(|c| c.windows(2).position(|w| w == [0x0f, 0x05])) {
+        let sc = at + i;
+        at = sc + 1;
+        'back: for back in 5..=24usize {
+            let Some(start) = sc.checked_sub(back) else { break };
+            if code[start] != 0xb8 {
+                continue;
+            }
+            let nr = u32::from_le_bytes([
+                code[start + 1],
+                code[start + 2],
+                code[start + 3],
+                code[start + 4],
+            ]);
+            let Some(&(_, set, size, how)) = CALLS.iter().find(|c| c.0 == nr) else { continue };
+            let mut d = Decoder::with_ip(64, &code[start..sc + 2], 0, DecoderOptions::NONE);
+            let mut first = true;
+            while d.can_decode() {
+                let ip = d.ip() as usize;
+                let insn = d.decode();
+                if insn.is_invalid() {
+                    continue 'back;
+                }
+                if start + ip == sc {
+                    if insn.mnemonic() != Mnemonic::Syscall {
+                        continue 'back;
+                    }
+                    let mask_reg = set as u8 | if how { MASK_HOW_IN_RDI } else { 0 };
+                    out.push((base + sc as u64, MaskFix { mask_reg, size_reg: size as u8 }));
+                    break 'back;
+                }
+                if first {
+                    first = false;
+                    continue; // the mov itself
+                }
+                let writes_rax = insn.op0_kind() == OpKind::Register
+                    && insn.op0_register().full_register() == Register::RAX;
+                let plain = matches!(
+                    insn.mnemonic(),
+                    Mnemonic::Mov | Mnemonic::Lea | Mnemonic::Movq | Mnemonic::Xor
+                );
+                if insn.flow_control() != FlowControl::Next || writes_rax || !plain {
+                    continue 'back;
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Registry {
+    /// Install the mask fixes in libc, once, before the first probe is written.
+    pub(super) fn ensure_mask_fix(&mut self, maps: &[MapEntry]) {
+        if !matches!(self.mask_fix, State::NotYet) {
+            return;
+        }
+        let loaded = objects::loaded_objects(maps);
+        let Some(libc) = loaded.into_iter().find(|o| {
+            let name = o.path.rsplit('/').next().unwrap_or("");
+            name.starts_with("libc.so") || name.starts_with("libc-")
+        }) else {
+            return;
+        };
+        let elf = match self.resolver.elf(&libc, maps) {
+            Ok(e) => e,
+            Err(e) => {
+                self.mask_fix = State::Failed(e.to_string());
+                return;
+            }
+        };
+        let mut found = Vec::new();
+        for s in elf.segments.iter().filter(|s| s.exec) {
+            found.extend(find_sites(elf.bytes_at(s.offset, s.filesz as usize), s.offset));
+        }
+        if found.is_empty() {
+            self.mask_fix = State::Failed("no system call with a signal set found in libc".into());
+            return;
+        }
+        let mut new_installs = Vec::new();
+        let mut n = 0;
+        for (offset, fix) in found {
+            let key = SiteKey { file: libc.id, offset };
+            if let Some(site) = self.sites.get_mut(&key) {
+                site.mask_fix = Some(fix);
+                n += 1;
+                continue;
+            }
+            match self.plan_site(key, maps) {
+                Ok(installs) => {
+                    self.sites.insert(
+                        key,
+                        Site {
+                            consumers: Vec::new(),
+                            installs: installs.clone(),
+                            link_map_hook: false,
+                            mask_fix: Some(fix),
+                            counter: NO_COUNTER,
+                            ret_counter: NO_COUNTER,
+                        },
+                    );
+                    new_installs.push((key, installs));
+                    n += 1;
+                }
+                Err(e) => {
+                    self.mask_fix = State::Failed(format!("at libc+{offset:#x}: {e}"));
+                    return;
+                }
+            }
+        }
+        let problems = self.install(new_installs, "mask fix");
+        self.mask_fix = match problems.first() {
+            Some(p) => State::Failed(p.error.to_string()),
+            None => State::Installed(n),
+        };
+    }
+
+    /// What became of the mask fixes.
+    pub fn mask_fix_state(&self) -> State {
+        self.mask_fix.clone()
+    }
+
+    /// Put libuprobe's own breakpoint on the loader's `r_brk` (`_dl_debug_state`), which the
+    /// loader calls on every change to the link map, whoever asked for it.
+    pub fn install_link_map_hook(&mut self, r_brk: u64) -> Result<(), ProbeError> {
+        let maps = objects::read_maps().map_err(|source| ProbeError::Maps { source })?;
+        let m = objects::maps::find(&maps, r_brk)
+            .filter(|m| m.is_exec() && m.file.is_some())
+            .ok_or(ProbeError::NotExecutable { addr: r_brk, object: "the loader".into() })?;
+        let file = m.file.ok_or(ProbeError::NotMapped { offset: r_brk })?;
+        let key = SiteKey { file, offset: r_brk - m.start + m.offset };
+        if let Some(site) = self.sites.get_mut(&key) {
+            site.link_map_hook = true;
+            self.publish();
+            return Ok(());
+        }
+        let install = self.plan_install(key, m, r_brk, &maps)?;
+        if !trap::can_hijack(install.resume) {
+            return Err(ProbeError::Runtime {
+                why: "the loader's r_brk starts with an instruction the hook cannot resume".into(),
+            });
+        }
+        self.sites.insert(
+            key,
+            Site {
+                consumers: Vec::new(),
+                installs: vec![install],
+                link_map_hook: true,
+                mask_fix: None,
+                counter: NO_COUNTER,
+                ret_counter: NO_COUNTER,
+            },
+        );
+        let problems = self.install(vec![(key, vec![install])], "link-map hook");
+        problems.into_iter().next().map_or(Ok(()), |p| Err(p.error))
+    }
+}

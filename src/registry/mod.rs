@@ -1,0 +1,584 @@
+//! The probe tree, keyed like the kernel's: (device, inode, file offset) of the probed
+//! instruction. One site per key, however many probes (consumers) ask for it and whatever name
+//! they used; each site keeps the original bytes and the resume plan of every mapping it is
+//! installed in, and its hit counters.
+//!
+//! All writers go through one lock ([`with_registry`]); hits never take it and see the sites only
+//! through the table published by [`Registry::publish`].
+//!
+//! Order of operations (see docs/DESIGN.md, "Invariants"):
+//! - register: publish the site in the table first, then write `int3` (a trap must always find
+//!   its site); if any write fails, restore every byte this call wrote and unpublish;
+//! - unregister of the last consumer: restore the original bytes first, then republish. The
+//!   address stays in the table as a tombstone (no consumers), so that a thread that trapped just
+//!   before the restore still knows the trap was ours; it finds the original instruction and
+//!   re-executes it.
+
+pub mod info;
+mod install;
+mod maskfix;
+mod publish;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub use info::{LatencyInfo, ProbeId, ProbeInfo, ProbeState};
+use install::Install;
+
+use crate::error::ProbeError;
+use crate::objects::{self, MapEntry};
+use crate::resolve::{NotYet, Resolver, SiteKey};
+use crate::runtime::{config, lock::Mutex, owner, InRuntime};
+use crate::sigsafe::consumer::{ArgType, Consumer, Latency};
+use crate::sigsafe::plan::Resume;
+use crate::sigsafe::{sys, thread, trap};
+use crate::spec::{self, Spec};
+use crate::xol::area::Areas;
+use crate::xol::slot::Slots;
+
+/// A probe as the user registered it: resolved to a site, still waiting for its object (`pending`
+/// kept to resolve it when the object appears), or failed.
+struct Probe {
+    id: ProbeId,
+    spec: String,
+    object: String,
+    symbol: String,
+    error: Option<ProbeError>,
+    site: Option<SiteKey>,
+    pending: Option<Spec>,
+    consumer: Arc<Consumer>,
+    /// The site counter's sum when this probe was attached (or reset): its hits are the rest.
+    baseline: u64,
+}
+
+/// The internal probe of a raw system call that passes a signal set (see `maskfix.rs`).
+#[derive(Clone, Copy, Debug)]
+struct MaskFix {
+    mask_reg: u8,
+    size_reg: u8,
+}
+
+struct Site {
+    consumers: Vec<(ProbeId, Arc<Consumer>)>,
+    /// Every current mapping of the site's file that holds it. Empty while the file is unmapped
+    /// (after dlclose): the site and its counts live on, and are installed again when it returns.
+    installs: Vec<Install>,
+    /// libuprobe's own breakpoint on the loader's `r_brk` (see hooks::dl).
+    link_map_hook: bool,
+    mask_fix: Option<MaskFix>,
+    /// Hit counter and return counter (`sigsafe::table::NO_COUNTER` when none).
+    counter: u32,
+    ret_counter: u32,
+}
+
+impl Site {
+    fn wanted(&self) -> bool {
+        !self.consumers.is_empty() || self.link_map_hook || self.mask_fix.is_some()
+    }
+}
+
+/// A probe that could not be set up, with the spec it came from.
+#[derive(Clone, Debug)]
+pub struct Problem {
+    pub spec: String,
+    pub error: ProbeError,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    probes: Vec<Probe>,
+    sites: BTreeMap<SiteKey, Site>,
+    /// Removed breakpoints, by address: kept in the table so that a late trap resumes correctly.
+    tombstones: BTreeMap<u64, Resume>,
+    resolver: Resolver,
+    areas: Areas,
+    slots: Slots,
+    /// Counter indexes by (site, is the return counter): kept when a site goes, so that it gets
+    /// the same counter back (and its probes' baselines stay right).
+    counters: HashMap<(SiteKey, bool), u32>,
+    next_counter: u32,
+    next_id: ProbeId,
+    mask_fix: maskfix::State,
+    /// A spec waits for an IFUNC to be resolvable (its object was being loaded).
+    ifunc_pending: bool,
+}
+
+static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+
+/// Objects may have changed while the registry was busy (or on the trap path): the registry's
+/// holder rescans before it lets go.
+pub fn want_rescan() {
+    trap::RESCAN_WANTED.store(true, Ordering::SeqCst);
+}
+
+fn run_locked<R>(
+    reg: &mut Option<Registry>,
+    in_loader: bool,
+    f: impl FnOnce(&mut Registry) -> R,
+) -> R {
+    let reg = reg.get_or_insert_with(Registry::default);
+    let r = f(reg);
+    while trap::RESCAN_WANTED.swap(false, Ordering::SeqCst) {
+        reg.rescan(in_loader);
+    }
+    r
+}
+
+/// Run `f` with the registry locked. The only way to reach it; never called on a hit. `None` in
+/// a process that does not own the runtime (a child made by a raw clone, whose copy of the lock
+/// may be held by a thread that does not exist).
+pub fn with_registry<R>(f: impl FnOnce(&mut Registry) -> R) -> Option<R> {
+    if !owner::owns() {
+        return None;
+    }
+    let _rt = InRuntime::enter();
+    let mut guard = REGISTRY.lock();
+    Some(run_locked(&mut guard, false, f))
+}
+
+/// As [`with_registry`] for a rescan, but gives up at once when the registry is busy, asking its
+/// holder to rescan instead. `in_loader`: called with the loader's lock held (the link-map hook):
+/// waiting for a registry holder that is itself waiting for the loader would deadlock, and objects
+/// are not relocated yet.
+pub fn try_rescan(in_loader: bool) -> Vec<Problem> {
+    if !owner::owns() {
+        return Vec::new();
+    }
+    let _rt = InRuntime::enter();
+    match REGISTRY.try_lock() {
+        Some(mut guard) => run_locked(&mut guard, in_loader, |r| r.rescan(in_loader)),
+        None => {
+            want_rescan();
+            Vec::new()
+        }
+    }
+}
+
+/// Is a rescan outside the loader wanted (an IFUNC probe waits for its object's relocation)?
+pub fn ifunc_pending() -> bool {
+    REGISTRY.try_lock().is_some_and(|g| g.as_ref().is_some_and(|r| r.ifunc_pending))
+}
+
+/// Fork: the registry lock is held across it (see runtime::fork).
+pub fn lock_for_fork() {
+    REGISTRY.lock_raw();
+}
+
+pub fn unlock_in_parent() {
+    // SAFETY: taken by lock_for_fork on this thread.
+    unsafe { REGISTRY.unlock_raw() };
+}
+
+/// In the child: every count starts at zero (the counters themselves were zeroed by
+/// `thread::reset_after_fork`).
+pub fn unlock_in_child() {
+    // SAFETY: taken by lock_for_fork on the forking thread, which is this one; no other thread.
+    if let Some(reg) = unsafe { REGISTRY.get_locked() }.as_mut() {
+        for p in &mut reg.probes {
+            p.baseline = 0;
+            p.consumer.missed.store(0, Ordering::Relaxed);
+            if let Some(l) = &p.consumer.latency {
+                l.reset();
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe { REGISTRY.unlock_raw() };
+}
+
+impl Registry {
+    /// Register every probe `text` names. Returns the ids created (failed and pending ones
+    /// included) and the problems found.
+    pub fn register(&mut self, text: &str) -> (Vec<ProbeId>, Vec<Problem>) {
+        let spec = match spec::parse(text) {
+            Ok(s) => s,
+            Err(e) => {
+                let e = ProbeError::Spec(e);
+                let id = self.new_probe(text, "", "", Some(e.clone()));
+                return (
+                    vec![id],
+                    vec![Problem { spec: spec::shorten(text.trim()).into(), error: e }],
+                );
+            }
+        };
+        if spec.ret && sys::shadow_stack_enabled() {
+            let e = ProbeError::ShadowStack;
+            let id = self.new_probe(&spec.text, &spec.object, &spec.symbol_text(), Some(e.clone()));
+            return (vec![id], vec![Problem { spec: spec.text.clone(), error: e }]);
+        }
+        let maps = match objects::read_maps() {
+            Ok(m) => m,
+            Err(errno) => {
+                let e = ProbeError::Maps { source: errno };
+                let id =
+                    self.new_probe(&spec.text, &spec.object, &spec.symbol_text(), Some(e.clone()));
+                return (vec![id], vec![Problem { spec: spec.text.clone(), error: e }]);
+            }
+        };
+        self.ensure_mask_fix(&maps);
+        let loaded = objects::loaded_objects(&maps);
+        let matching = self.resolver.matching_objects(&spec.object, &loaded, &maps);
+        if matching.is_empty() {
+            let id = self.new_probe(&spec.text, &spec.object, &spec.symbol_text(), None);
+            self.probe_mut(id).pending = Some(spec);
+            return (vec![id], vec![]);
+        }
+        let (ids, problems, _) = self.attach_spec(&spec, &matching, &maps, None, false);
+        (ids, problems)
+    }
+
+    /// Resolve `spec` in `matching` objects and attach a probe to each site. `reuse` is a pending
+    /// probe that becomes the first of them. With `in_loader`, a spec that needs an IFUNC resolved
+    /// is left alone (returns false) until its object is relocated.
+    fn attach_spec(
+        &mut self,
+        spec: &Spec,
+        matching: &[objects::LoadedObject],
+        maps: &[MapEntry],
+        mut reuse: Option<ProbeId>,
+        in_loader: bool,
+    ) -> (Vec<ProbeId>, Vec<Problem>, bool) {
+        let mut ids = Vec::new();
+        let mut problems = Vec::new();
+        // (object, symbol, error) of each probe that could not be set up.
+        let mut failed: Vec<(String, String, ProbeError)> = Vec::new();
+        let mut resolved = Vec::new();
+        for obj in matching {
+            match self.resolver.resolve(spec, obj, maps, in_loader) {
+                Ok(outcomes) => {
+                    for o in outcomes {
+                        match o {
+                            Ok(r) => resolved.push(r),
+                            Err(f) => failed.push((f.object, f.symbol, f.error)),
+                        }
+                    }
+                }
+                Err(NotYet::Ifunc) => {
+                    self.ifunc_pending = true;
+                    return (ids, problems, false);
+                }
+            }
+        }
+        let mut new_installs = Vec::new();
+        let mut reused_counters = false;
+        for r in resolved {
+            let planned = if self.sites.contains_key(&r.key) {
+                Ok(Vec::new())
+            } else {
+                self.plan_site(r.key, maps)
+            };
+            let installs = match planned {
+                Ok(i) => i,
+                Err(e) => {
+                    failed.push((r.path, r.symbol, e));
+                    continue;
+                }
+            };
+            let counter = match self.counter_for(r.key, spec.ret) {
+                Ok((c, reused)) => {
+                    reused_counters |= reused;
+                    c
+                }
+                Err(e) => {
+                    failed.push((r.path, r.symbol, e));
+                    continue;
+                }
+            };
+            let id = match reuse.take() {
+                Some(id) => {
+                    let p = self.probe_mut(id);
+                    (p.object, p.symbol, p.pending) = (r.path.clone(), r.symbol.clone(), None);
+                    id
+                }
+                None => self.new_probe(&spec.text, &r.path, &r.symbol, None),
+            };
+            let latency = spec.ret && config::get().latency;
+            let consumer = Arc::new(Consumer {
+                id,
+                args: spec.args.clone(),
+                ret: spec.ret,
+                missed: Default::default(),
+                latency: latency.then(|| Box::new(Latency::default())),
+            });
+            let p = self.probe_mut(id);
+            p.site = Some(r.key);
+            p.consumer = consumer.clone();
+            p.baseline = counter as u64;
+            let site = self.sites.entry(r.key).or_insert_with(|| Site {
+                consumers: Vec::new(),
+                installs: Vec::new(),
+                link_map_hook: false,
+                mask_fix: None,
+                counter: crate::sigsafe::table::NO_COUNTER,
+                ret_counter: crate::sigsafe::table::NO_COUNTER,
+            });
+            if spec.ret {
+                site.ret_counter = counter;
+            } else {
+                site.counter = counter;
+            }
+            site.consumers.push((id, consumer));
+            for i in &installs {
+                self.tombstones.remove(&i.addr);
+            }
+            site.installs.extend_from_slice(&installs);
+            new_installs.push((r.key, installs));
+            ids.push(id);
+        }
+        // `baseline` held the counter index until here: the counters' sums now.
+        self.set_baselines(&ids, reused_counters);
+        for (object, symbol, error) in failed {
+            let id = match reuse.take() {
+                Some(id) => {
+                    let p = self.probe_mut(id);
+                    (p.object, p.symbol, p.pending, p.error) =
+                        (object, symbol, None, Some(error.clone()));
+                    id
+                }
+                None => self.new_probe(&spec.text, &object, &symbol, Some(error.clone())),
+            };
+            ids.push(id);
+            problems.push(Problem { spec: spec.text.clone(), error });
+        }
+        problems.extend(self.install(new_installs, &spec.text));
+        (ids, problems, true)
+    }
+
+    /// The counter of `key` (its return counter with `ret`): the one it had, or a new one. True
+    /// when it had one (its sum may not be zero).
+    fn counter_for(&mut self, key: SiteKey, ret: bool) -> Result<(u32, bool), ProbeError> {
+        if let Some(&c) = self.counters.get(&(key, ret)) {
+            return Ok((c, true));
+        }
+        if self.next_counter as usize >= thread::MAX_COUNTERS {
+            return Err(ProbeError::NoCounter { max: thread::MAX_COUNTERS });
+        }
+        let c = self.next_counter;
+        self.next_counter += 1;
+        self.counters.insert((key, ret), c);
+        Ok((c, false))
+    }
+
+    /// The probes `ids` were just attached with `baseline` holding their counter's index: make
+    /// it the counter's sum now.
+    fn set_baselines(&mut self, ids: &[ProbeId], any_reused: bool) {
+        let sums = if any_reused { self.sums() } else { Vec::new() };
+        for id in ids {
+            let p = self.probe_mut(*id);
+            if p.error.is_none() {
+                p.baseline = sums.get(p.baseline as usize).copied().unwrap_or(0);
+            }
+        }
+    }
+
+    /// Every counter's sum over every thread, living or gone.
+    fn sums(&self) -> Vec<u64> {
+        thread::reclaim(self.next_counter as usize);
+        let mut sums = vec![0u64; self.next_counter as usize];
+        thread::sum_into(&mut sums);
+        sums
+    }
+
+    /// Bring the breakpoints in line with what is mapped now (the kernel's mmap and munmap
+    /// hooks): forget installs whose mapping vanished, install every site in mappings that
+    /// appeared, and resolve pending probes whose object appeared. All under the registry lock, so
+    /// a probe unregistered meanwhile is simply not there to install.
+    pub fn rescan(&mut self, in_loader: bool) -> Vec<Problem> {
+        let Ok(maps) = objects::read_maps() else { return Vec::new() };
+        // Still mapped: the same file at the same place, whatever the protection is now (a
+        // hot-patcher may have made the page briefly non-executable: the int3 is still there).
+        let still_mapped = |key: &SiteKey, addr: u64| {
+            maps.iter().any(|m| m.file == Some(key.file) && m.addr_of(key.offset) == Some(addr))
+        };
+        let mut changed = false;
+        for (key, site) in self.sites.iter_mut() {
+            let before = site.installs.len();
+            site.installs.retain(|i| still_mapped(key, i.addr));
+            changed |= site.installs.len() != before;
+        }
+        let before = self.tombstones.len();
+        self.tombstones.retain(|&addr, _| maps.iter().any(|m| m.start <= addr && addr < m.end));
+        changed |= self.tombstones.len() != before;
+        self.slots.forget_range(|addr| maps.iter().any(|m| m.start <= addr && addr < m.end));
+        self.resolver.forget_unmapped(&maps);
+
+        // Sites in mappings that appeared (a dlopen again, a second namespace, an mmap).
+        let mut problems = Vec::new();
+        let mut new_installs = Vec::new();
+        let keys: Vec<SiteKey> = self.sites.keys().copied().collect();
+        for key in keys {
+            let known: Vec<u64> = self.sites[&key].installs.iter().map(|i| i.addr).collect();
+            for m in maps.iter().filter(|m| m.file == Some(key.file) && m.is_exec()) {
+                let Some(addr) = m.addr_of(key.offset) else { continue };
+                if known.contains(&addr) {
+                    continue;
+                }
+                match self.plan_install(key, m, addr, &maps) {
+                    Ok(i) => {
+                        self.tombstones.remove(&i.addr);
+                        if let Some(s) = self.sites.get_mut(&key) {
+                            s.installs.push(i);
+                        }
+                        new_installs.push((key, vec![i]));
+                    }
+                    Err(error) => problems
+                        .push(Problem { spec: format!("{}+{:#x}", m.path, key.offset), error }),
+                }
+            }
+        }
+        if !new_installs.is_empty() {
+            problems.extend(self.install(new_installs, "rescan"));
+        } else if changed {
+            self.publish();
+        }
+
+        // Pending probes whose object appeared.
+        let pending: Vec<(ProbeId, Spec)> =
+            self.probes.iter().filter_map(|p| p.pending.clone().map(|s| (p.id, s))).collect();
+        if !pending.is_empty() {
+            let loaded = objects::loaded_objects(&maps);
+            self.ifunc_pending = false;
+            for (id, spec) in pending {
+                let matching = self.resolver.matching_objects(&spec.object, &loaded, &maps);
+                if matching.is_empty() {
+                    continue;
+                }
+                let (_, p, _) = self.attach_spec(&spec, &matching, &maps, Some(id), in_loader);
+                problems.extend(p);
+            }
+        }
+        problems
+    }
+
+    /// Unregister probe `id`. When it was the last consumer of its site, the original bytes are
+    /// back in every mapping when this returns.
+    pub fn unregister(&mut self, id: ProbeId) -> bool {
+        let Some(pos) = self.probes.iter().position(|p| p.id == id) else {
+            return false;
+        };
+        let probe = self.probes.remove(pos);
+        if let Some(key) = probe.site {
+            if let Some(site) = self.sites.get_mut(&key) {
+                site.consumers.retain(|(cid, _)| *cid != id);
+                if !site.wanted() {
+                    if let Some(site) = self.sites.remove(&key) {
+                        install::restore(&site.installs);
+                        for i in &site.installs {
+                            self.tombstones.insert(i.addr, i.resume);
+                        }
+                    }
+                }
+            }
+            self.publish();
+        }
+        true
+    }
+
+    /// Every probe, in id order, with its hits now.
+    pub fn snapshot(&self) -> Vec<ProbeInfo> {
+        let sums = self.sums();
+        self.probes
+            .iter()
+            .map(|p| {
+                let site = p.site.and_then(|k| self.sites.get(&k));
+                let installed = site.is_some_and(|s| !s.installs.is_empty());
+                let lost = site.is_some_and(|s| s.installs.iter().any(|i| i.is_lost()));
+                let state = match (&p.error, installed, lost) {
+                    (Some(_), _, _) => ProbeState::Failed,
+                    (None, true, true) => ProbeState::Lost,
+                    (None, true, false) => ProbeState::Active,
+                    (None, false, _) => ProbeState::Pending,
+                };
+                let c = &p.consumer;
+                let counter = site.map(|s| if c.ret { s.ret_counter } else { s.counter });
+                let total =
+                    counter.and_then(|i| sums.get(i as usize)).copied().unwrap_or(p.baseline);
+                ProbeInfo {
+                    id: p.id,
+                    spec: p.spec.clone(),
+                    object: p.object.clone(),
+                    symbol: p.symbol.clone(),
+                    offset: p.site.map(|k| k.offset),
+                    state,
+                    error: p.error.clone(),
+                    hits: total.wrapping_sub(p.baseline),
+                    ret: c.ret || p.pending.as_ref().is_some_and(|s| s.ret),
+                    missed: c.missed.load(Ordering::Relaxed),
+                    latency: c.latency.as_deref().map(LatencyInfo::of),
+                    path: installed.then_some("trap"),
+                    path_reason: None,
+                }
+            })
+            .collect()
+    }
+
+    /// Symbol and argument types of probe `id`, for formatting its events.
+    pub fn event_meta(&self, id: ProbeId) -> Option<(String, Vec<ArgType>)> {
+        let p = self.probes.iter().find(|p| p.id == id)?;
+        Some((p.symbol.clone(), p.consumer.args.clone()))
+    }
+
+    /// Every count back to zero (`stats reset`).
+    pub fn reset_counts(&mut self) {
+        let sums = self.sums();
+        for p in &mut self.probes {
+            if let Some(site) = p.site.and_then(|k| self.sites.get(&k)) {
+                let c = if p.consumer.ret { site.ret_counter } else { site.counter };
+                p.baseline = sums.get(c as usize).copied().unwrap_or(0);
+            }
+            p.consumer.missed.store(0, Ordering::Relaxed);
+            if let Some(l) = &p.consumer.latency {
+                l.reset();
+            }
+        }
+    }
+
+    /// Sites with breakpoints or waiting for their file, libuprobe's own included.
+    pub fn site_count(&self) -> usize {
+        self.sites.len()
+    }
+
+    /// Bytes of code memory (XOL slots) mapped so far.
+    pub fn xol_bytes(&self) -> u64 {
+        self.areas.mapped_bytes()
+    }
+
+    /// Are there probes the user asked for (pending and failed ones included)?
+    pub fn has_probes(&self) -> bool {
+        !self.probes.is_empty()
+    }
+
+    fn new_probe(
+        &mut self,
+        spec: &str,
+        object: &str,
+        symbol: &str,
+        error: Option<ProbeError>,
+    ) -> ProbeId {
+        self.next_id += 1;
+        self.probes.push(Probe {
+            id: self.next_id,
+            spec: spec.trim().to_string(),
+            object: object.to_string(),
+            symbol: symbol.to_string(),
+            error,
+            site: None,
+            pending: None,
+            consumer: Arc::new(Consumer {
+                id: self.next_id,
+                args: Vec::new(),
+                ret: false,
+                missed: Default::default(),
+                latency: None,
+            }),
+            baseline: 0,
+        });
+        self.next_id
+    }
+
+    fn probe_mut(&mut self, id: ProbeId) -> &mut Probe {
+        let i = self.probes.iter().position(|p| p.id == id).unwrap_or(self.probes.len() - 1);
+        &mut self.probes[i]
+    }
+}

@@ -1,0 +1,64 @@
+//! Giving hits a new table: built from the current sites and tombstones, swapped in atomically,
+//! the old one freed once no hit can still be reading it.
+
+use super::Registry;
+use crate::sigsafe::table::{self, Table, TableEntry, LINK_MAP_HOOK, MASK_FIX, NO_COUNTER, TIMED};
+
+impl Registry {
+    /// Build and publish the table. Called only with the registry lock held (one writer).
+    pub(super) fn publish(&self) {
+        let mut t = Table::default();
+        for site in self.sites.values() {
+            let first = t.consumers.len() as u32;
+            t.consumers.extend(site.consumers.iter().map(|(_, c)| c.clone()));
+            let count = site.consumers.len() as u32;
+            let mut flags = 0;
+            if site.link_map_hook {
+                flags |= LINK_MAP_HOOK;
+            }
+            if site.mask_fix.is_some() {
+                flags |= MASK_FIX;
+            }
+            if site.consumers.iter().any(|(_, c)| c.latency.is_some()) {
+                flags |= TIMED;
+            }
+            let (mask_reg, size_reg) = site.mask_fix.map_or((0, 0), |m| (m.mask_reg, m.size_reg));
+            for i in &site.installs {
+                t.entries.push(TableEntry {
+                    addr: i.addr,
+                    resume: i.resume,
+                    first,
+                    count,
+                    counter: site.counter,
+                    ret_counter: site.ret_counter,
+                    flags,
+                    mask_reg,
+                    size_reg,
+                });
+            }
+        }
+        for (&addr, &resume) in &self.tombstones {
+            t.entries.push(TableEntry {
+                addr,
+                resume,
+                first: 0,
+                count: 0,
+                counter: NO_COUNTER,
+                ret_counter: NO_COUNTER,
+                flags: 0,
+                mask_reg: 0,
+                size_reg: 0,
+            });
+        }
+        // A live entry wins over a tombstone at the same address.
+        t.entries.sort_by_key(|e| (e.addr, !e.live()));
+        t.entries.dedup_by_key(|e| e.addr);
+        t.slots = self.slots.maps();
+        // SAFETY: a fresh box, handed over.
+        let old = unsafe { table::replace(Box::into_raw(Box::new(t))) };
+        if !old.is_null() {
+            // SAFETY: `old` came from Box::into_raw in an earlier publish, and no reader holds it.
+            drop(unsafe { Box::from_raw(old) });
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! What libuprobe says: problems found while setting up, and the summary at exit, as a readable
+//! table (`UPROBES_FORMAT=text`, the default) or JSON Lines (`UPROBES_FORMAT=json`), written to
+//! stderr or appended to `UPROBES_OUTPUT` (`%p` is replaced by the pid). Every error and every
+//! probe is rendered here, and nowhere else.
+
+pub mod json;
+pub mod text;
+
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use crate::consumers::events;
+use crate::error::ProbeError;
+use crate::registry::{self, Problem};
+use crate::runtime::config::{self, Format};
+use crate::runtime::{fs, InRuntime};
+use crate::sigsafe::sys;
+use crate::spec;
+
+/// A duplicate of the stderr the program started with. Many programs close stderr on their way
+/// out (gnulib's `close_stdout` does, in every coreutils program), before our destructor runs.
+static STDERR: AtomicI32 = AtomicI32::new(2);
+/// `UPROBES_OUTPUT` could not be written, and that was said.
+static OUTPUT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Keep the program's stderr for the report: a close-on-exec duplicate, numbered high so that it
+/// never takes a descriptor number the program expects `open` to return.
+pub fn keep_stderr() {
+    if let Ok(fd) = sys::dup_cloexec_at_least(2, 900).or_else(|_| sys::dup_cloexec_at_least(2, 3)) {
+        STDERR.store(fd, Ordering::Relaxed);
+    }
+}
+
+/// Append `text` to the report. The file is opened for each report and closed after, so that
+/// libuprobe holds no descriptor the program might close, reuse or inherit.
+pub fn emit(text: &str) {
+    let config = config::get();
+    let Some(template) = &config.output else {
+        let _ = sys::write_all(STDERR.load(Ordering::Relaxed), text.as_bytes());
+        return;
+    };
+    let path = template.replace("%p", &sys::getpid().to_string());
+    if let Err(e) = fs::append(&path, text.as_bytes()) {
+        if !OUTPUT_FAILED.swap(true, Ordering::Relaxed) {
+            let msg = format!(
+                "libuprobe: cannot write the report to UPROBES_OUTPUT={path}: {e}; writing it to \
+                 stderr instead\n"
+            );
+            let _ = sys::write_all(STDERR.load(Ordering::Relaxed), msg.as_bytes());
+        }
+        let _ = sys::write_all(STDERR.load(Ordering::Relaxed), text.as_bytes());
+    }
+}
+
+/// A problem, on the report's channel: `what` is the spec (or the variable, or the part of the
+/// runtime) it is about.
+pub fn problem(what: &str, message: &str) {
+    let what = spec::shorten(what);
+    let line = match config::get().format {
+        Format::Text => format!("libuprobe: {what}: {message}\n"),
+        Format::Json => {
+            format!("{}\n", serde_json::json!({"type": "error", "spec": what, "message": message}))
+        }
+    };
+    emit(&line);
+}
+
+/// A probe that could not be set up.
+pub fn probe_error(spec_text: &str, e: &ProbeError) {
+    let what = spec::shorten(spec_text);
+    let line = match config::get().format {
+        Format::Text => format!("libuprobe: {what}: {e}\n"),
+        Format::Json => format!("{}\n", json::error_line(&what, e)),
+    };
+    emit(&line);
+}
+
+/// Problems found by a registration or a rescan.
+pub fn problems(list: &[Problem]) {
+    for p in list {
+        probe_error(&p.spec, &p.error);
+    }
+}
+
+/// Events go to the report.
+pub fn emit_events(text: &str) {
+    emit(text);
+}
+
+/// The program, as a summary names it: its `comm` and its argv[0].
+pub fn program() -> (String, String) {
+    let comm = fs::read_string("/proc/self/comm").unwrap_or_default().trim_end().to_string();
+    let argv0 = fs::read("/proc/self/cmdline")
+        .ok()
+        .map(|b| {
+            let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+            String::from_utf8_lossy(&b[..end]).into_owned()
+        })
+        .unwrap_or_default();
+    (comm, argv0)
+}
+
+/// Write the summary of this process (at exit, and before an exec replaces the image), when it
+/// has probes: from `UPROBES`, or added through the socket and not all removed.
+pub fn write_summary() {
+    let _rt = InRuntime::enter();
+    events::flush();
+    let Some(probes) = registry::with_registry(|r| r.snapshot()) else { return };
+    let config = config::get();
+    if probes.is_empty() && spec::split_specs(&config.specs).is_empty() {
+        return;
+    }
+    let pid = sys::getpid();
+    let program = program();
+    let trace = events::totals();
+    let text = match config.format {
+        Format::Text => text::summary(pid, &program, &probes, trace, config.summary_all),
+        Format::Json => json::summary(pid, &program, &probes, trace),
+    };
+    emit(&text);
+}

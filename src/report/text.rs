@@ -1,0 +1,98 @@
+//! The text renderings: the summary table and latency histograms.
+
+use crate::registry::{ProbeInfo, ProbeState};
+use crate::spec;
+
+/// Widest a column of the table grows; longer cells are shortened.
+const MAX_WIDTH: usize = 60;
+
+fn cell(s: &str) -> String {
+    if s.chars().count() <= MAX_WIDTH {
+        return s.to_string();
+    }
+    let cut: String = s.chars().take(MAX_WIDTH - 3).collect();
+    format!("{cut}...")
+}
+
+/// A duration for people: ns, us, ms or s.
+pub fn human_ns(ns: u64) -> String {
+    match ns {
+        n if n < 10_000 => format!("{n}ns"),
+        n if n < 10_000_000 => format!("{:.1}us", n as f64 / 1e3),
+        n if n < 10_000_000_000 => format!("{:.1}ms", n as f64 / 1e6),
+        n => format!("{:.1}s", n as f64 / 1e9),
+    }
+}
+
+/// A return probe's durations, as bpftrace's `hist()` and BCC's funclatency print them.
+fn latency(p: &ProbeInfo, out: &mut String) {
+    let Some(l) = &p.latency else { return };
+    *out += &format!(
+        "\n  {} ({}): calls {}, total {}, mean {}, min {}, max {}, p50 {}, p99 {}, missed {}\n",
+        spec::shorten(&p.spec),
+        p.symbol,
+        l.calls,
+        human_ns(l.total_ns),
+        human_ns(l.mean_ns),
+        human_ns(if l.calls == 0 { 0 } else { l.min_ns }),
+        human_ns(l.max_ns),
+        human_ns(l.p50_ns),
+        human_ns(l.p99_ns),
+        p.missed
+    );
+    let widest = l.histogram.iter().map(|h| h.2).max().unwrap_or(1).max(1);
+    for &(lo, hi, n) in &l.histogram {
+        let bar = "@".repeat(((n * 40).div_ceil(widest)) as usize);
+        *out += &format!("  [{:>10}, {:>10}] {n:>10} |{bar:<40}|\n", human_ns(lo), human_ns(hi));
+    }
+}
+
+/// The summary table.
+pub fn summary(
+    pid: i32,
+    program: &(String, String),
+    probes: &[ProbeInfo],
+    trace: Option<(u64, u64)>,
+    _all: bool,
+) -> String {
+    let (comm, argv0) = program;
+    let mut out =
+        format!("libuprobe: pid {pid} ({comm}, argv[0] {argv0:?}): {} probe(s)\n", probes.len());
+    let specs: Vec<String> = probes.iter().map(|p| cell(&p.spec)).collect();
+    let symbols: Vec<String> = probes.iter().map(|p| cell(&p.symbol)).collect();
+    let spec_w = specs.iter().map(|s| s.chars().count()).max().unwrap_or(4).max(4);
+    let sym_w = symbols.iter().map(|s| s.chars().count()).max().unwrap_or(6).max(6);
+    out += &format!(
+        "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  WHERE\n",
+        "ID", "HITS", "STATE", "SPEC", "SYMBOL"
+    );
+    for ((p, spec), symbol) in probes.iter().zip(&specs).zip(&symbols) {
+        let place = match (p.state, p.offset) {
+            (ProbeState::Failed, _) => p.error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
+            (ProbeState::Pending, _) => format!("{} (not loaded)", p.object),
+            (ProbeState::Lost, Some(off)) => {
+                format!("{}+{off:#x} (the breakpoint was removed by something else)", p.object)
+            }
+            (_, Some(off)) => format!("{}+{off:#x}", p.object),
+            (_, None) => p.object.clone(),
+        };
+        out += &format!(
+            "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  {place}\n",
+            p.id,
+            p.hits,
+            p.state.as_str(),
+            spec,
+            symbol
+        );
+    }
+    for p in probes.iter().filter(|p| p.ret) {
+        latency(p, &mut out);
+    }
+    if let Some((events, lost)) = trace {
+        out += &format!("libuprobe: {events} events traced, {lost} lost\n");
+    }
+    if !probes.is_empty() && probes.iter().all(|p| p.state == ProbeState::Pending) {
+        out += "libuprobe: no object named by the specs was ever loaded\n";
+    }
+    out
+}

@@ -1,0 +1,148 @@
+//! libuprobe's own memory allocator (the crate's `#[global_allocator]`): size classes carved from
+//! anonymous mappings, large blocks mapped directly. The runtime never calls the program's
+//! `malloc`, so that a probe on `malloc` (or on everything in libc) neither fires for libuprobe's
+//! own work nor makes that work slow, and libuprobe's allocations never change the program's heap.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr::null_mut;
+
+use super::lock::Mutex;
+use crate::sigsafe::sys;
+
+/// Size classes; larger blocks are mapped on their own.
+const CLASSES: [usize; 16] =
+    [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096];
+/// Bytes mapped at once to refill a class.
+const REFILL: usize = 256 * 1024;
+
+struct Heap {
+    /// Free blocks of each class, linked through their first word.
+    free: [usize; 16],
+    /// The unused tail of the last refill of each class.
+    bump: [(usize, usize); 16],
+}
+
+pub struct Allocator {
+    heap: Mutex<Heap>,
+}
+
+impl Default for Allocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Allocator {
+    pub const fn new() -> Allocator {
+        Allocator { heap: Mutex::new(Heap { free: [0; 16], bump: [(0, 0); 16] }) }
+    }
+
+    /// Held across fork, last (see `runtime::fork`).
+    pub fn lock_for_fork(&self) {
+        self.heap.lock_raw();
+    }
+
+    /// # Safety
+    /// Taken with [`Allocator::lock_for_fork`] by this thread.
+    pub unsafe fn unlock_after_fork(&self) {
+        // SAFETY: the caller's contract.
+        unsafe { self.heap.unlock_raw() };
+    }
+}
+
+fn class_of(layout: &Layout) -> Option<usize> {
+    if layout.align() > 16 {
+        return None;
+    }
+    CLASSES.iter().position(|&c| c >= layout.size() && c % layout.align() == 0)
+}
+
+fn pages(size: usize) -> usize {
+    (size.max(1) + sys::PAGE - 1) & !(sys::PAGE - 1)
+}
+
+// SAFETY: blocks of a class are disjoint pieces of our own mappings, handed out once until freed;
+// large blocks are whole mappings of their own, page-aligned (which satisfies any alignment up to
+// a page; larger alignments are refused with null).
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let Some(c) = class_of(&layout) else {
+            if layout.align() > sys::PAGE {
+                return null_mut();
+            }
+            return sys::mmap_anon(0, pages(layout.size()), libc::PROT_READ | libc::PROT_WRITE, 0)
+                .map_or(null_mut(), |p| p as *mut u8);
+        };
+        let size = CLASSES[c];
+        let mut h = self.heap.lock();
+        let head = h.free[c];
+        if head != 0 {
+            // SAFETY: a free block's first word links to the next free block of its class.
+            h.free[c] = unsafe { *(head as *const usize) };
+            return head as *mut u8;
+        }
+        let (mut at, mut end) = h.bump[c];
+        if at + size > end {
+            match sys::mmap_anon(0, REFILL, libc::PROT_READ | libc::PROT_WRITE, 0) {
+                Ok(p) => (at, end) = (p, p + REFILL),
+                Err(_) => return null_mut(),
+            }
+        }
+        h.bump[c] = (at + size, end);
+        at as *mut u8
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        match class_of(&layout) {
+            Some(c) => {
+                let mut h = self.heap.lock();
+                // SAFETY: the block is ours and free now; its first word becomes the link.
+                unsafe { *(ptr as *mut usize) = h.free[c] };
+                h.free[c] = ptr as usize;
+            }
+            // SAFETY: a large block is a whole mapping of `pages(size)` bytes.
+            None => unsafe { sys::munmap(ptr as usize, pages(layout.size())) },
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if class_of(&layout).is_none() && layout.align() <= 16 && new_size > CLASSES[15] {
+            // Large to large: let the kernel move the pages.
+            // SAFETY: `ptr` is a whole mapping of pages(size) bytes; MREMAP_MAYMOVE returns a new
+            // mapping with the same contents.
+            let r = unsafe {
+                sys::call(
+                    libc::SYS_mremap,
+                    [
+                        ptr as usize,
+                        pages(layout.size()),
+                        pages(new_size),
+                        libc::MREMAP_MAYMOVE as usize,
+                        0,
+                        0,
+                    ],
+                )
+            };
+            return r.map_or(null_mut(), |p| p as *mut u8);
+        }
+        // SAFETY: the GlobalAlloc contract holds for `layout`, and `new_size` with its alignment.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if class_of(&layout).is_some() && class_of(&layout) == class_of(&new_layout) {
+            return ptr;
+        }
+        // SAFETY: as above.
+        let new = unsafe { self.alloc(new_layout) };
+        if !new.is_null() {
+            // SAFETY: both blocks are valid for the smaller of the two sizes, and disjoint.
+            unsafe {
+                core::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+        }
+        new
+    }
+}
+
+/// The allocator of everything libuprobe allocates.
+#[global_allocator]
+pub static ALLOCATOR: Allocator = Allocator::new();

@@ -1,0 +1,176 @@
+//! The runtime's configuration, read once from the environment (without libc's `getenv`, which may
+//! be probed): every `UPROBES*` variable is read here and nowhere else.
+
+use std::sync::OnceLock;
+
+/// How reports are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Which way probes are placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathMode {
+    /// A jump where it is safe, a trap elsewhere (the default).
+    Jump,
+    /// Traps only (`UPROBES_PATH=trap`).
+    Trap,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `UPROBES`: the specs to probe from startup.
+    pub specs: String,
+    /// `UPROBES_OUTPUT`, with `%p` unexpanded; None is stderr.
+    pub output: Option<String>,
+    pub format: Format,
+    /// `UPROBES_TRACE`: an event per hit.
+    pub trace: bool,
+    /// `UPROBES_FOLLOW`: programs started by exec are instrumented too.
+    pub follow: bool,
+    /// `UPROBES_SOCKET`: the control socket's path (None: the default; Some("none"): off).
+    pub socket: Option<String>,
+    /// `UPROBES_PATH`.
+    pub path: PathMode,
+    /// `UPROBES_LATENCY`: return probes record durations.
+    pub latency: bool,
+    /// `UPROBES_SUMMARY=all`: every probe in the text summary.
+    pub summary_all: bool,
+}
+
+/// A problem with a variable, said once on the report's channel.
+pub struct ConfigProblem {
+    pub variable: &'static str,
+    pub message: String,
+}
+
+static CONFIG: OnceLock<Config> = OnceLock::new();
+
+extern "C" {
+    static environ: *const *const core::ffi::c_char;
+}
+
+/// The raw bytes of environment variable `name`.
+pub fn env_bytes(name: &str) -> Option<Vec<u8>> {
+    // SAFETY: `environ` is libc's NULL-terminated array of NUL-terminated strings; it is read, not
+    // changed, and the program does not change it while the constructor runs.
+    unsafe {
+        let mut p = environ;
+        if p.is_null() {
+            return None;
+        }
+        while !(*p).is_null() {
+            let entry = core::ffi::CStr::from_ptr(*p).to_bytes();
+            if let Some(rest) = entry.strip_prefix(name.as_bytes()) {
+                if let Some(value) = rest.strip_prefix(b"=") {
+                    return Some(value.to_vec());
+                }
+            }
+            p = p.add(1);
+        }
+    }
+    None
+}
+
+fn text(name: &'static str, problems: &mut Vec<ConfigProblem>) -> Option<String> {
+    let bytes = env_bytes(name)?;
+    match String::from_utf8(bytes) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            problems.push(ConfigProblem {
+                variable: name,
+                message: format!(
+                    "{name} is not valid UTF-8 (invalid byte at {}); it is ignored",
+                    e.utf8_error().valid_up_to()
+                ),
+            });
+            None
+        }
+    }
+}
+
+fn flag(v: Option<&str>) -> Option<bool> {
+    match v? {
+        "1" | "yes" | "true" | "on" => Some(true),
+        "0" | "no" | "false" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn read() -> (Config, Vec<ConfigProblem>) {
+    let mut problems = Vec::new();
+    let format = match text("UPROBES_FORMAT", &mut problems).as_deref() {
+        None | Some("") | Some("text") => Format::Text,
+        Some("json") => Format::Json,
+        Some(other) => {
+            problems.push(ConfigProblem {
+                variable: "UPROBES_FORMAT",
+                message: format!("UPROBES_FORMAT={other} is not `text` or `json`; using text"),
+            });
+            Format::Text
+        }
+    };
+    let path = match text("UPROBES_PATH", &mut problems).as_deref() {
+        None | Some("") | Some("jump") => PathMode::Jump,
+        Some("trap") => PathMode::Trap,
+        Some(other) => {
+            problems.push(ConfigProblem {
+                variable: "UPROBES_PATH",
+                message: format!("UPROBES_PATH={other} is not `jump` or `trap`; using jump"),
+            });
+            PathMode::Jump
+        }
+    };
+    let bool_var = |name: &'static str, default: bool, problems: &mut Vec<ConfigProblem>| {
+        let v = text(name, problems);
+        match v.as_deref() {
+            None | Some("") => default,
+            s => flag(s).unwrap_or_else(|| {
+                problems.push(ConfigProblem {
+                    variable: name,
+                    message: format!(
+                        "{name}={} is not 1/yes/true/on or 0/no/false/off; using {}",
+                        s.unwrap_or_default(),
+                        if default { "on" } else { "off" }
+                    ),
+                });
+                default
+            }),
+        }
+    };
+    let trace = bool_var("UPROBES_TRACE", false, &mut problems);
+    let follow = bool_var("UPROBES_FOLLOW", true, &mut problems);
+    let latency = bool_var("UPROBES_LATENCY", true, &mut problems);
+    let summary_all = matches!(text("UPROBES_SUMMARY", &mut problems).as_deref(), Some("all"));
+    let config = Config {
+        specs: text("UPROBES", &mut problems).unwrap_or_default(),
+        output: text("UPROBES_OUTPUT", &mut problems).filter(|p| !p.is_empty()),
+        format,
+        trace,
+        follow,
+        socket: text("UPROBES_SOCKET", &mut problems).filter(|s| !s.is_empty()),
+        path,
+        latency,
+        summary_all,
+    };
+    (config, problems)
+}
+
+/// Read the environment (once, in the constructor). Returns the problems found the first time.
+pub fn init() -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    CONFIG.get_or_init(|| {
+        let (c, p) = read();
+        problems = p;
+        c
+    });
+    problems
+}
+
+/// The configuration (defaults if read before `init`, as by a destructor in a process where the
+/// constructor never ran).
+pub fn get() -> &'static Config {
+    CONFIG.get_or_init(|| read().0)
+}

@@ -1,0 +1,88 @@
+//! The "in the runtime" mark: while a thread runs libuprobe code, hits on it are not the program's
+//! and are not counted (its calls into probed code, if any, still resume). This guard is the only
+//! writer of a thread's mark (`sigsafe::thread::Tls::depth` and the `active` block it hides).
+//!
+//! On a program thread, entering also blocks the program's asynchronous signals until the
+//! outermost guard is dropped, so that none of the program's signal handlers runs, uncounted,
+//! inside libuprobe's code. The synchronous signals, SIGTRAP and glibc's two internal signals stay
+//! open (`sys::ALWAYS_OPEN`).
+
+use core::sync::atomic::Ordering;
+
+use crate::sigsafe::{sys, thread};
+
+/// Marks the current thread as running libuprobe code, until dropped.
+pub struct InRuntime {
+    /// The signal mask to restore, when this guard blocked signals.
+    saved_mask: Option<u64>,
+}
+
+impl InRuntime {
+    pub fn enter() -> InRuntime {
+        let t = thread::tls();
+        let depth = t.depth.load(Ordering::Relaxed);
+        let mut saved_mask = None;
+        if depth == 0 {
+            let mut old = 0u64;
+            if sys::rt_sigprocmask(libc::SIG_BLOCK, Some(&!sys::ALWAYS_OPEN), Some(&mut old))
+                .is_ok()
+            {
+                saved_mask = Some(old);
+            }
+        }
+        t.depth.store(depth + 1, Ordering::Relaxed);
+        t.active.store(core::ptr::null_mut(), Ordering::Relaxed);
+        InRuntime { saved_mask }
+    }
+
+    /// Keep the mark past this guard's scope (across fork's prepare and parent/child handlers);
+    /// [`InRuntime::leave`] ends it.
+    pub fn keep(self) -> Option<u64> {
+        let mask = self.saved_mask;
+        core::mem::forget(self);
+        mask
+    }
+
+    /// End a mark kept with [`InRuntime::keep`].
+    pub fn leave(saved_mask: Option<u64>) {
+        drop(InRuntime { saved_mask });
+    }
+
+    /// Mark this thread as a runtime thread for good (its start routine).
+    pub fn for_life() {
+        let t = thread::tls();
+        t.depth.store(1, Ordering::Relaxed);
+        t.active.store(core::ptr::null_mut(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for InRuntime {
+    fn drop(&mut self) {
+        let t = thread::tls();
+        let depth = t.depth.load(Ordering::Relaxed).saturating_sub(1);
+        t.depth.store(depth, Ordering::Relaxed);
+        if depth == 0 && t.suspended.load(Ordering::Relaxed) == 0 {
+            t.active.store(t.block.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        if let Some(mask) = self.saved_mask {
+            let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&mask), None);
+        }
+    }
+}
+
+/// Hits on this thread stop counting: a vfork or posix_spawn child is about to borrow its stack
+/// and TLS (and its hits are not the parent's). Called by the parent before it starts the child.
+pub extern "C" fn suspend_counting() {
+    let t = thread::tls();
+    t.suspended.store(1, Ordering::Relaxed);
+    t.active.store(core::ptr::null_mut(), Ordering::Relaxed);
+}
+
+/// The child is gone (it exec'd or exited): hits on this thread count again.
+pub extern "C" fn resume_counting() {
+    let t = thread::tls();
+    t.suspended.store(0, Ordering::Relaxed);
+    if t.depth.load(Ordering::Relaxed) == 0 {
+        t.active.store(t.block.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,177 @@
+//! The lookup table hits read: every patched address, how to resume there, and its consumers.
+//! Immutable once published through an `AtomicPtr`; a writer (the registry, one at a time) swaps in
+//! a new one and frees the old one only after every reader that could hold it has left
+//! (signal-hook's half-lock: two reader counters by epoch parity).
+
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::consumer::Consumer;
+use super::plan::Resume;
+
+/// libuprobe's own breakpoint on the loader's `r_brk` (see `hooks::dl`).
+pub const LINK_MAP_HOOK: u8 = 1;
+/// An internal probe on a raw `rt_sigprocmask` in libc: SIGTRAP is taken out of the set.
+pub const MASK_FIX: u8 = 2;
+/// Some consumer needs durations: take a timestamp at entry.
+pub const TIMED: u8 = 4;
+
+/// No counter.
+pub const NO_COUNTER: u32 = u32::MAX;
+
+/// One patched address in one mapping.
+#[derive(Clone, Copy, Debug)]
+pub struct TableEntry {
+    pub addr: u64,
+    pub resume: Resume,
+    /// Range in [`Table::consumers`]. Empty for a site that was removed: a thread that trapped
+    /// just before the removal still finds how to resume.
+    pub first: u32,
+    pub count: u32,
+    /// The site's hit counter and return counter (see `thread.rs`), or [`NO_COUNTER`].
+    pub counter: u32,
+    pub ret_counter: u32,
+    pub flags: u8,
+    /// For [`MASK_FIX`]: the register that holds the signal set (a gregs index, with
+    /// `trap::MASK_HOW_IN_RDI` when `how` in rdi may be SIG_UNBLOCK), and the register that must
+    /// hold the set's size, 8 (a check that this is the system call it was taken for).
+    pub mask_reg: u8,
+    pub size_reg: u8,
+}
+
+impl TableEntry {
+    pub fn live(&self) -> bool {
+        self.count > 0 || self.flags & (LINK_MAP_HOOK | MASK_FIX) != 0
+    }
+}
+
+/// Where a displaced instruction runs out of line, so that a fault or a single-step trap there
+/// is shown to the program at the instruction's own address.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotMap {
+    /// The relocated copy's address, and its length.
+    pub start: u64,
+    pub len: u32,
+    /// The original instruction's address, and its length.
+    pub site: u64,
+    pub site_len: u32,
+    /// Bytes of libuprobe's code after the copy (the `rcx` fix-up after `syscall`, the jump back).
+    pub tail: u32,
+    /// The copy is a `syscall`, followed by the fix-up of `rcx`.
+    pub syscall: bool,
+}
+
+/// The immutable lookup table: entries sorted by address.
+#[derive(Default)]
+pub struct Table {
+    pub entries: Vec<TableEntry>,
+    pub consumers: Vec<Arc<Consumer>>,
+    /// Out-of-line copies, sorted by `start`.
+    pub slots: Vec<SlotMap>,
+}
+
+impl Table {
+    #[inline]
+    pub fn lookup(&self, addr: u64) -> Option<&TableEntry> {
+        let i = self.entries.binary_search_by(|e| e.addr.cmp(&addr)).ok()?;
+        self.entries.get(i)
+    }
+
+    /// The consumers of an entry.
+    #[inline]
+    pub fn consumers_of(&self, e: &TableEntry) -> &[Arc<Consumer>] {
+        let first = e.first as usize;
+        let end = first.saturating_add(e.count as usize);
+        self.consumers.get(first..end).unwrap_or(&[])
+    }
+
+    /// The return consumers of the site at `site` (none if it was unregistered).
+    #[inline]
+    pub fn return_consumers_at(&self, site: u64) -> impl Iterator<Item = &Arc<Consumer>> {
+        self.lookup(site).map(|e| self.consumers_of(e)).unwrap_or(&[]).iter().filter(|c| c.ret)
+    }
+
+    /// The out-of-line copy whose code holds `rip`.
+    pub fn slot_at(&self, rip: u64) -> Option<&SlotMap> {
+        let i = self.slots.partition_point(|s| s.start <= rip).checked_sub(1)?;
+        let s = self.slots.get(i)?;
+        let end = s.start.wrapping_add(s.len as u64).wrapping_add(s.tail as u64);
+        (rip < end).then_some(s)
+    }
+
+    /// Is there an entry in `[lo, hi)`?
+    pub fn any_in(&self, lo: u64, hi: u64) -> bool {
+        let i = self.entries.partition_point(|e| e.addr < lo);
+        self.entries.get(i).is_some_and(|e| e.addr < hi)
+    }
+}
+
+static TABLE: AtomicPtr<Table> = AtomicPtr::new(core::ptr::null_mut());
+static EPOCH: AtomicUsize = AtomicUsize::new(0);
+static READERS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// A reader's hold on the current table.
+pub struct ReadGuard {
+    parity: usize,
+}
+
+impl ReadGuard {
+    #[inline]
+    pub fn enter() -> ReadGuard {
+        loop {
+            let e = EPOCH.load(Ordering::SeqCst);
+            let parity = e & 1;
+            if let Some(r) = READERS.get(parity) {
+                r.fetch_add(1, Ordering::SeqCst);
+                if EPOCH.load(Ordering::SeqCst) == e {
+                    return ReadGuard { parity };
+                }
+                r.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[inline]
+    pub fn table(&self) -> Option<&Table> {
+        // SAFETY: a table reachable from TABLE is freed only after the readers of our parity left.
+        unsafe { TABLE.load(Ordering::SeqCst).as_ref() }
+    }
+}
+
+impl Drop for ReadGuard {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(r) = READERS.get(self.parity) {
+            r.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Make `new` the table and return the old one once no reader can still be reading it; the caller
+/// frees it. One writer at a time (the caller holds the registry's lock).
+///
+/// # Safety
+/// `new` comes from `Box::into_raw` and is not used by the caller afterwards.
+pub unsafe fn replace(new: *mut Table) -> *mut Table {
+    let old = TABLE.swap(new, Ordering::SeqCst);
+    let e = EPOCH.fetch_add(1, Ordering::SeqCst);
+    if let Some(r) = READERS.get(e & 1) {
+        while r.load(Ordering::SeqCst) != 0 {
+            super::sys::sched_yield();
+        }
+    }
+    old
+}
+
+/// Is there a patched address (or tombstone) in `[lo, hi)`? Lock-free; for the munmap hook.
+pub fn any_in(lo: u64, hi: u64) -> bool {
+    let guard = ReadGuard::enter();
+    guard.table().is_some_and(|t| t.any_in(lo, hi))
+}
+
+/// After fork the child has one thread: no reader can be inside a table, whatever the counters say.
+pub fn reset_readers_after_fork() {
+    for r in &READERS {
+        r.store(0, Ordering::SeqCst);
+    }
+}
