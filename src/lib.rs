@@ -45,10 +45,15 @@ use sigsafe::{chain, trap};
 fn setup() -> Result<(), String> {
     chain::take(libc::SIGTRAP, trap::sigtrap_handler(), trap::HANDLER_FLAGS)
         .map_err(|e| format!("cannot install the SIGTRAP handler: {e}; no probes"))?;
+    let mut faults = 0;
     for sig in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
-        if let Err(e) = chain::take(sig, trap::fault_handler(), trap::HANDLER_FLAGS) {
-            report::problem("signals", &format!("cannot handle signal {sig}: {e}"));
+        match chain::take(sig, trap::fault_handler(), trap::HANDLER_FLAGS) {
+            Ok(()) => faults += 1,
+            Err(e) => report::problem("signals", &format!("cannot handle signal {sig}: {e}")),
         }
+    }
+    if faults == 4 {
+        sigsafe::sys::FAULT_RECOVERY.store(true, std::sync::atomic::Ordering::Release);
     }
     if let Err(e) = hooks::dl::install_link_map_hook() {
         report::problem(

@@ -149,6 +149,12 @@ unsafe extern "C" fn on_sigtrap(sig: i32, info: *mut libc::siginfo_t, ctx: *mut 
 unsafe extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     // SAFETY: the kernel passes valid siginfo and ucontext pointers to an SA_SIGINFO handler.
     let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
+    if sig == libc::SIGSEGV || sig == libc::SIGBUS {
+        if let Some(to) = sys::fault_recovery(emulate::get(&uc.uc_mcontext.gregs, RIP)) {
+            emulate::set(&mut uc.uc_mcontext.gregs, RIP, to);
+            return;
+        }
+    }
     translate(&mut uc.uc_mcontext.gregs, info);
     // SAFETY: the kernel's pointers, passed on.
     unsafe { chain::deliver(sig, info, ctx, true) };
