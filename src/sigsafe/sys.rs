@@ -466,7 +466,7 @@ pub static FAULT_RECOVERY: core::sync::atomic::AtomicBool =
 /// Where a fault at `rip` goes on, if `rip` is the fast load's instruction.
 pub fn fault_recovery(rip: u64) -> Option<u64> {
     (rip == uprobe_probe_load_insn as *const () as u64)
-        .then(|| uprobe_probe_load_fault as *const () as u64)
+        .then_some(uprobe_probe_load_fault as *const () as u64)
 }
 
 /// Read 8 bytes of this process's memory at `addr`, or None if they are not all readable.
