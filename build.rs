@@ -65,4 +65,7 @@ fn main() {
         }
     }
     println!("cargo:rustc-env=UPROBE_FIXTURES={}", out.display());
+    // libuprobe's constructor runs before every other object's (DF_1_INITFIRST), so that the calls
+    // other libraries' constructors make are counted.
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-z,initfirst");
 }

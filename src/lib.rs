@@ -36,6 +36,9 @@ pub mod sigsafe;
 pub mod spec;
 pub mod xol;
 
+use core::ffi::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use runtime::fork::ForkLock;
 use runtime::{config, owner, InRuntime};
 use sigsafe::{chain, trap};
@@ -55,6 +58,8 @@ fn setup() -> Result<(), String> {
     if faults == 4 {
         sigsafe::sys::FAULT_RECOVERY.store(true, std::sync::atomic::Ordering::Release);
     }
+    let maps = objects::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
+    registry::with_registry(|r| r.ensure_mask_fix(&maps));
     if let Err(e) = hooks::dl::install_link_map_hook() {
         report::problem(
             "link-map hook",
@@ -94,10 +99,26 @@ fn fork_locks() -> Vec<ForkLock> {
     ]
 }
 
-extern "C" fn uprobe_init() {
+/// Set once the runtime is initialized (the constructor runs once, whoever calls it).
+static STARTED: AtomicBool = AtomicBool::new(false);
+/// Set once the summary of this image was written at exit.
+static FINISHED: AtomicBool = AtomicBool::new(false);
+
+extern "C" {
+    static __dso_handle: u8;
+    fn __cxa_atexit(f: extern "C" fn(*mut c_void), arg: *mut c_void, dso: *const u8) -> c_int;
+}
+
+/// The constructor. libuprobe.so is linked with `-z initfirst`: the loader runs it before any
+/// other object's constructor (libc's included), so that the calls those constructors make are
+/// counted; the environment comes from the loader's arguments, since libc has not set `environ`.
+extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut *mut c_char) {
+    if STARTED.swap(true, Ordering::SeqCst) {
+        return;
+    }
     let _rt = InRuntime::enter();
     owner::take();
-    let problems = config::init();
+    let problems = config::init(envp as *const *const c_char);
     let config = config::get();
     if config.output.is_none() {
         report::keep_stderr();
@@ -105,7 +126,16 @@ extern "C" fn uprobe_init() {
     for p in problems {
         report::problem(p.variable, &p.message);
     }
-    hooks::exec::apply_follow_setting(config.follow);
+    if !config.follow {
+        // SAFETY: the loader's environment array, which libc will adopt as `environ`; no other
+        // thread runs yet.
+        unsafe { config::strip_env(envp) };
+    }
+    // The summary at exit: an exit handler registered this early runs after every other one,
+    // and after every ELF destructor (the loader's own exit handler is registered later, when
+    // the program starts). Tied to libuprobe's DSO, so that it also runs if it is unloaded.
+    // SAFETY: a valid handler and this DSO's handle.
+    unsafe { __cxa_atexit(at_exit, core::ptr::null_mut(), &__dso_handle) };
     hooks::table::resolve_all();
     objects::find_vdso_clock();
     runtime::set_setup(setup);
@@ -132,7 +162,11 @@ extern "C" fn uprobe_init() {
     }
 }
 
-extern "C" fn uprobe_fini() {
+/// At exit, after every other exit handler and destructor: the summary.
+extern "C" fn at_exit(_: *mut c_void) {
+    if !STARTED.load(Ordering::SeqCst) || FINISHED.swap(true, Ordering::SeqCst) {
+        return;
+    }
     let _rt = InRuntime::enter();
     if owner::owns() {
         control::remove_socket();
@@ -142,8 +176,4 @@ extern "C" fn uprobe_fini() {
 
 #[used]
 #[link_section = ".init_array"]
-static INIT: extern "C" fn() = uprobe_init;
-
-#[used]
-#[link_section = ".fini_array"]
-static FINI: extern "C" fn() = uprobe_fini;
+static INIT: extern "C" fn(c_int, *const *const c_char, *mut *mut c_char) = uprobe_init;

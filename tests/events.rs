@@ -66,7 +66,7 @@ fn eight_threads_every_event_once_and_in_order() {
     const CALLS: u64 = 8_000;
     let traced =
         run_probed_env("args", &["8", &CALLS.to_string()], "args:seq", &[("UPROBES_TRACE", "1")]);
-    assert!(traced.status.success());
+    assert!(traced.status.success(), "{:?} {}", traced.status, traced.stderr);
     let mut per_thread: BTreeMap<i64, Vec<(u64, u64)>> = BTreeMap::new();
     for e in entries(&traced) {
         per_thread

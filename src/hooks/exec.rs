@@ -135,29 +135,3 @@ pub unsafe fn execvpe(
     after_failed_exec(prepared);
     r
 }
-
-/// `UPROBES_FOLLOW=0`: children started by exec are not instrumented. libuprobe takes itself out
-/// of LD_PRELOAD and the `UPROBES*` variables out of the environment, at startup.
-pub fn apply_follow_setting(follow: bool) {
-    if follow {
-        return;
-    }
-    if let Ok(preload) = std::env::var("LD_PRELOAD") {
-        let kept: Vec<&str> = preload
-            .split([':', ' '])
-            .filter(|e| !e.is_empty() && !e.ends_with("/libuprobe.so") && *e != "libuprobe.so")
-            .collect();
-        if kept.is_empty() {
-            std::env::remove_var("LD_PRELOAD");
-        } else {
-            std::env::set_var("LD_PRELOAD", kept.join(":"));
-        }
-    }
-    let names: Vec<String> = std::env::vars_os()
-        .filter_map(|(k, _)| k.into_string().ok())
-        .filter(|k| k.starts_with("UPROBES"))
-        .collect();
-    for v in names {
-        std::env::remove_var(v);
-    }
-}

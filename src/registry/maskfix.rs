@@ -100,8 +100,10 @@ pub fn find_sites(code: &[u8], base: u64) -> Vec<(u64, MaskFix)> {
 }
 
 impl Registry {
-    /// Install the mask fixes in libc, once, before the first probe is written.
-    pub(super) fn ensure_mask_fix(&mut self, maps: &[MapEntry]) {
+    /// Install the mask fixes in libc, once, before the first probe is written and before any
+    /// runtime thread starts (a thread inside glibc's thread-start window, every signal blocked,
+    /// would trap on a fix installed under it).
+    pub fn ensure_mask_fix(&mut self, maps: &[MapEntry]) {
         if !matches!(self.mask_fix, State::NotYet) {
             return;
         }

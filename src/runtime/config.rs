@@ -52,12 +52,28 @@ extern "C" {
     static environ: *const *const core::ffi::c_char;
 }
 
+/// The environment the process started with, as the loader passed it to the constructor
+/// (libuprobe initializes first, before libc has set `environ`).
+static INITIAL_ENV: core::sync::atomic::AtomicPtr<*const core::ffi::c_char> =
+    core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+/// The environment now: libc's `environ` once set, else the initial one.
+fn env_array() -> *const *const core::ffi::c_char {
+    // SAFETY: reading libc's `environ` pointer.
+    let e = unsafe { environ };
+    if e.is_null() {
+        INITIAL_ENV.load(core::sync::atomic::Ordering::Acquire)
+    } else {
+        e
+    }
+}
+
 /// The raw bytes of environment variable `name`.
 pub fn env_bytes(name: &str) -> Option<Vec<u8>> {
-    // SAFETY: `environ` is libc's NULL-terminated array of NUL-terminated strings; it is read, not
-    // changed, and the program does not change it while the constructor runs.
+    // SAFETY: the environment is a NULL-terminated array of NUL-terminated strings; it is read,
+    // not changed, and the program does not change it while the runtime reads it at startup.
     unsafe {
-        let mut p = environ;
+        let mut p = env_array();
         if p.is_null() {
             return None;
         }
@@ -158,8 +174,51 @@ fn read() -> (Config, Vec<ConfigProblem>) {
     (config, problems)
 }
 
-/// Read the environment (once, in the constructor). Returns the problems found the first time.
-pub fn init() -> Vec<ConfigProblem> {
+/// Remove, in place, the `UPROBES*` variables from the environment array `envp`, and libuprobe
+/// from `LD_PRELOAD` (`UPROBES_FOLLOW=0`: programs started by exec are not instrumented). In place,
+/// because libc's `environ` will be this very array, and libc's `setenv` cannot be used before
+/// libc has initialized.
+///
+/// # Safety
+/// `envp` is the process's environment array (writable, NULL-terminated, NUL-terminated strings),
+/// and no other thread reads it.
+pub unsafe fn strip_env(envp: *mut *mut core::ffi::c_char) {
+    if envp.is_null() {
+        return;
+    }
+    // SAFETY: the caller's contract; entries are moved down within the array, and LD_PRELOAD's
+    // value is rewritten within its own bytes (it only gets shorter).
+    unsafe {
+        let (mut read, mut write) = (envp, envp);
+        while !(*read).is_null() {
+            let entry = core::ffi::CStr::from_ptr(*read).to_bytes();
+            let keep = !entry.starts_with(b"UPROBES");
+            if let Some(value) = entry.strip_prefix(b"LD_PRELOAD=") {
+                let kept: Vec<&[u8]> = value
+                    .split(|&b| b == b':' || b == b' ')
+                    .filter(|e| {
+                        !e.is_empty() && !e.ends_with(b"/libuprobe.so") && *e != b"libuprobe.so"
+                    })
+                    .collect();
+                let mut new = b"LD_PRELOAD=".to_vec();
+                new.extend_from_slice(&kept.join(&b':'));
+                new.push(0);
+                core::ptr::copy_nonoverlapping(new.as_ptr(), *read as *mut u8, new.len());
+            }
+            if keep {
+                *write = *read;
+                write = write.add(1);
+            }
+            read = read.add(1);
+        }
+        *write = core::ptr::null_mut();
+    }
+}
+
+/// Read the environment (once, in the constructor, from the array the loader passed it). Returns
+/// the problems found the first time.
+pub fn init(envp: *const *const core::ffi::c_char) -> Vec<ConfigProblem> {
+    INITIAL_ENV.store(envp as *mut _, core::sync::atomic::Ordering::Release);
     let mut problems = Vec::new();
     CONFIG.get_or_init(|| {
         let (c, p) = read();
