@@ -32,6 +32,19 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "serve", sources: &["serve.c"], flags: &["-pthread"] },
     Fixture { out: "args", sources: &["args.c"], flags: &["-pthread"] },
     Fixture { out: "ret", sources: &["ret.c"], flags: &["-pthread", "-rdynamic"] },
+    Fixture { out: "libifunc.so", sources: &["ifunc.c"], flags: &["-shared", "-fPIC"] },
+    Fixture { out: "libctor.so", sources: &["ctor.c"], flags: &["-shared", "-fPIC"] },
+    Fixture {
+        out: "ctor",
+        sources: &["ctor_main.c"],
+        flags: &["-L{out}", "-lctor", "-Wl,-rpath,$ORIGIN"],
+    },
+    Fixture {
+        out: "defects",
+        sources: &["defects.c", "ret16.S"],
+        flags: &["-pthread", "-ldl", "-rdynamic"],
+    },
+    Fixture { out: "faults", sources: &["faults.S", "faults_main.c"], flags: &[] },
 ];
 
 fn main() {
@@ -68,4 +81,6 @@ fn main() {
     // libuprobe's constructor runs before every other object's (DF_1_INITFIRST), so that the calls
     // other libraries' constructors make are counted.
     println!("cargo:rustc-cdylib-link-arg=-Wl,-z,initfirst");
+    // Never unloaded (its exit handler and trampolines must stay mapped).
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-z,nodelete");
 }

@@ -96,6 +96,12 @@ fn fork_locks() -> Vec<ForkLock> {
             unlock_in_parent: registry::unlock_in_parent,
             unlock_in_child: registry::unlock_in_child,
         },
+        ForkLock {
+            name: "report file",
+            lock: report::lock_for_fork,
+            unlock_in_parent: report::unlock_after_fork,
+            unlock_in_child: report::unlock_after_fork,
+        },
     ]
 }
 
@@ -105,7 +111,6 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 static FINISHED: AtomicBool = AtomicBool::new(false);
 
 extern "C" {
-    static __dso_handle: u8;
     fn __cxa_atexit(f: extern "C" fn(*mut c_void), arg: *mut c_void, dso: *const u8) -> c_int;
 }
 
@@ -132,10 +137,11 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
         unsafe { config::strip_env(envp) };
     }
     // The summary at exit: an exit handler registered this early runs after every other one,
-    // and after every ELF destructor (the loader's own exit handler is registered later, when
-    // the program starts). Tied to libuprobe's DSO, so that it also runs if it is unloaded.
-    // SAFETY: a valid handler and this DSO's handle.
-    unsafe { __cxa_atexit(at_exit, core::ptr::null_mut(), &__dso_handle) };
+    // and after every ELF destructor (the loader's own exit handler, which runs them, is
+    // registered later, when the program starts). Not tied to libuprobe's DSO (its destructors
+    // run among the others): libuprobe is never unloaded (linked with -z nodelete).
+    // SAFETY: a valid handler, in code that stays mapped.
+    unsafe { __cxa_atexit(at_exit, core::ptr::null_mut(), core::ptr::null()) };
     hooks::table::resolve_all();
     objects::find_vdso_clock();
     runtime::set_setup(setup);
@@ -147,18 +153,20 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
             report::problem(&config.specs, &e);
             return;
         }
+    }
+    // The runtime threads start before the probes are written, so that starting them never runs
+    // into the program's probes.
+    if let Err(e) = control::start(false) {
+        report::problem("control socket", &e);
+    }
+    if !specs.is_empty() {
         if config.trace {
             if let Err(e) = consumers::events::enable(report::emit_events, config.format) {
                 report::problem("UPROBES_TRACE", &e);
             }
         }
-        for text in specs {
-            let problems = registry::with_registry(|r| r.register(text).1).unwrap_or_default();
-            report::problems(&problems);
-        }
-    }
-    if let Err(e) = control::start(false) {
-        report::problem("control socket", &e);
+        let problems = registry::with_registry(|r| r.register_many(&specs).1).unwrap_or_default();
+        report::problems(&problems);
     }
 }
 

@@ -327,6 +327,17 @@ fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
     Ok(if answer["ok"] == true { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// A command line (NUL-separated arguments) on one line: arguments separated by spaces, and
+/// control characters (a newline in an argument) escaped, so that each process is one row.
+fn printable_command(cmdline: &[u8]) -> String {
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).chars().flat_map(char::escape_debug).collect())
+        .collect();
+    args.join(" ")
+}
+
 /// The processes this user can reach: live sockets in the socket directories.
 fn ps() -> Result<ExitCode, String> {
     println!("{:>8}  {:>6}  {:>12}  {:<40}  COMMAND", "PID", "PROBES", "HITS", "SOCKET");
@@ -343,8 +354,8 @@ fn ps() -> Result<ExitCode, String> {
         found.sort();
         for (pid, path) in found {
             let Ok(answer) = request(&path, "stats") else { continue }; // stale: its process is gone
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                .map(|c| c.replace('\0', " ").trim().to_string())
+            let comm = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| printable_command(&c))
                 .unwrap_or_default();
             let probes = answer["probes"].as_array().map_or(0, |p| p.len());
             println!(
@@ -358,6 +369,10 @@ fn ps() -> Result<ExitCode, String> {
 }
 
 fn main() -> ExitCode {
+    // Like every Unix filter: when the reader goes away (`uprobe ctl PID list | head -1`), stop
+    // quietly on SIGPIPE instead of failing to print.
+    // SAFETY: restoring the default disposition of SIGPIPE, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Run(args) => match run(args) {

@@ -137,6 +137,7 @@ fn stats(reset: bool) -> Value {
         "xol_bytes": xol_bytes,
         "events": events,
         "lost": lost,
+        "runtime_traps": crate::sigsafe::trap::RUNTIME_TRAPS.load(std::sync::atomic::Ordering::Relaxed),
         "reset": reset,
     })
 }

@@ -69,6 +69,8 @@ pub fn serve() {
             let _ = sys::read(wake, &mut b);
         }
         if registry::ifunc_pending() {
+            // A probe on an IFUNC waits for its object's relocation: let the loader finish.
+            crate::objects::loader::wait_until_idle("libc.so.6");
             let problems = registry::with_registry(|r| r.rescan(false)).unwrap_or_default();
             crate::report::problems(&problems);
         }

@@ -19,11 +19,16 @@ use core::ffi::{c_char, c_int, c_long, c_void};
 use core::sync::atomic::Ordering;
 
 use crate::error::ProbeError;
-use crate::{registry, report, runtime, sigsafe};
+use crate::{objects, registry, report, runtime, sigsafe};
 
 /// Called through the trap handler's trampoline at the loader's `r_brk`, with the loader's lock
 /// held, before new objects are relocated.
 extern "C" fn on_link_map_change() {
+    // The hook fires before a change (objects about to be mapped or unmapped) and after it:
+    // only then are the mappings complete.
+    if !objects::loader::consistent() {
+        return;
+    }
     let problems = registry::try_rescan(true);
     report::problems(&problems);
     if registry::ifunc_pending() {

@@ -6,6 +6,7 @@
 //! the short name (`libc` for `libc.so.6`).
 
 pub mod elf;
+pub mod loader;
 pub mod maps;
 
 use std::collections::BTreeSet;

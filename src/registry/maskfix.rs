@@ -9,7 +9,9 @@
 //! So, by construction rather than by a list of functions, libuprobe puts a probe of its own on
 //! every such system call in libc (`rt_sigprocmask`, `rt_sigsuspend`, `ppoll`, `epoll_pwait`,
 //! `epoll_pwait2`), found by scanning libc's code for `mov eax, NR` ... `syscall`, whose hit
-//! passes the kernel a copy of the set without SIGTRAP (`sigsafe::trap::fix_mask`). SIGTRAP is then
+//! passes the kernel a copy of the set without SIGTRAP (`sigsafe::trap::fix_mask`); and on the
+//! `rt_sigreturn` of glibc's signal restorer, whose hit takes SIGTRAP out of the mask a signal
+//! handler may have put in its context. SIGTRAP is then
 //! never blocked, and the posix_spawn child keeps libuprobe's handler (it only resets the handlers
 //! of blocked signals).
 
@@ -19,7 +21,7 @@ use super::{MaskFix, Registry, Site, SiteKey};
 use crate::error::ProbeError;
 use crate::objects::{self, MapEntry};
 use crate::sigsafe::table::NO_COUNTER;
-use crate::sigsafe::trap::{self, MASK_HOW_IN_RDI};
+use crate::sigsafe::trap::{self, MASK_HOW_IN_RDI, MASK_IN_FRAME, NO_SIZE_REG};
 
 /// What became of the mask fixes in this process.
 #[derive(Default, Debug, Clone)]
@@ -52,6 +54,14 @@ pub fn find_sites(code: &[u8], base: u64) -> Vec<(u64, MaskFix)> {
     while let Some(i) = code.get(at..).and_then(|c| c.windows(2).position(|w| w == [0x0f, 0x05])) {
         let sc = at + i;
         at = sc + 1;
+        // glibc's signal restorer, __restore_rt: `mov rax, 15; syscall` (rt_sigreturn).
+        if sc >= 7 && code[sc - 7..sc] == [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00] {
+            out.push((
+                base + sc as u64,
+                MaskFix { mask_reg: MASK_IN_FRAME, size_reg: NO_SIZE_REG },
+            ));
+            continue;
+        }
         'back: for back in 5..=24usize {
             let Some(start) = sc.checked_sub(back) else { break };
             if code[start] != 0xb8 {

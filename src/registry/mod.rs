@@ -191,6 +191,42 @@ impl Registry {
     /// Register every probe `text` names. Returns the ids created (failed and pending ones
     /// included) and the problems found.
     pub fn register(&mut self, text: &str) -> (Vec<ProbeId>, Vec<Problem>) {
+        self.register_many(&[text])
+    }
+
+    /// Register the probes of several specs, reading the mappings once.
+    pub fn register_many(&mut self, texts: &[&str]) -> (Vec<ProbeId>, Vec<Problem>) {
+        let maps = match objects::read_maps() {
+            Ok(m) => m,
+            Err(errno) => {
+                let mut ids = Vec::new();
+                let mut problems = Vec::new();
+                for text in texts {
+                    let e = ProbeError::Maps { source: errno };
+                    ids.push(self.new_probe(text, "", "", Some(e.clone())));
+                    problems.push(Problem { spec: spec::shorten(text.trim()).into(), error: e });
+                }
+                return (ids, problems);
+            }
+        };
+        self.ensure_mask_fix(&maps);
+        let loaded = objects::loaded_objects(&maps);
+        let mut ids = Vec::new();
+        let mut problems = Vec::new();
+        for text in texts {
+            let (i, p) = self.register_in(text, &maps, &loaded);
+            ids.extend(i);
+            problems.extend(p);
+        }
+        (ids, problems)
+    }
+
+    fn register_in(
+        &mut self,
+        text: &str,
+        maps: &[MapEntry],
+        loaded: &[objects::LoadedObject],
+    ) -> (Vec<ProbeId>, Vec<Problem>) {
         let spec = match spec::parse(text) {
             Ok(s) => s,
             Err(e) => {
@@ -207,24 +243,13 @@ impl Registry {
             let id = self.new_probe(&spec.text, &spec.object, &spec.symbol_text(), Some(e.clone()));
             return (vec![id], vec![Problem { spec: spec.text.clone(), error: e }]);
         }
-        let maps = match objects::read_maps() {
-            Ok(m) => m,
-            Err(errno) => {
-                let e = ProbeError::Maps { source: errno };
-                let id =
-                    self.new_probe(&spec.text, &spec.object, &spec.symbol_text(), Some(e.clone()));
-                return (vec![id], vec![Problem { spec: spec.text.clone(), error: e }]);
-            }
-        };
-        self.ensure_mask_fix(&maps);
-        let loaded = objects::loaded_objects(&maps);
-        let matching = self.resolver.matching_objects(&spec.object, &loaded, &maps);
+        let matching = self.resolver.matching_objects(&spec.object, loaded, maps);
         if matching.is_empty() {
             let id = self.new_probe(&spec.text, &spec.object, &spec.symbol_text(), None);
             self.probe_mut(id).pending = Some(spec);
             return (vec![id], vec![]);
         }
-        let (ids, problems, _) = self.attach_spec(&spec, &matching, &maps, None, false);
+        let (ids, problems, _) = self.attach_spec(&spec, &matching, maps, None, false);
         (ids, problems)
     }
 
@@ -385,6 +410,11 @@ impl Registry {
     /// appeared, and resolve pending probes whose object appeared. All under the registry lock, so
     /// a probe unregistered meanwhile is simply not there to install.
     pub fn rescan(&mut self, in_loader: bool) -> Vec<Problem> {
+        if !in_loader && !objects::loader::consistent() {
+            // Another thread's dlopen or dlclose is mapping or unmapping: its hook, when it is
+            // done, rescans.
+            return Vec::new();
+        }
         let Ok(maps) = objects::read_maps() else { return Vec::new() };
         // Still mapped: the same file at the same place, whatever the protection is now (a
         // hot-patcher may have made the page briefly non-executable: the int3 is still there).

@@ -62,8 +62,11 @@ pub fn summary(
     trace: Option<(u64, u64)>,
 ) -> String {
     let list: Vec<_> = probes.iter().map(probe).collect();
+    let runtime_traps =
+        crate::sigsafe::trap::RUNTIME_TRAPS.load(std::sync::atomic::Ordering::Relaxed);
     let mut v = json!({
         "type": "summary", "pid": pid, "comm": program.0, "argv0": program.1, "probes": list,
+        "runtime_traps": runtime_traps,
     });
     if let Some((events, lost)) = trace {
         v["events"] = json!(events);

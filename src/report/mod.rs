@@ -12,7 +12,7 @@ use crate::consumers::events;
 use crate::error::ProbeError;
 use crate::registry::{self, Problem};
 use crate::runtime::config::{self, Format};
-use crate::runtime::{fs, InRuntime};
+use crate::runtime::{fs, lock::Mutex, InRuntime};
 use crate::sigsafe::sys;
 use crate::spec;
 
@@ -30,16 +30,67 @@ pub fn keep_stderr() {
     }
 }
 
-/// Append `text` to the report. The file is opened for each report and closed after, so that
-/// libuprobe holds no descriptor the program might close, reuse or inherit.
+/// The report file, open: its descriptor (close-on-exec, numbered 900 or above, like the stderr
+/// duplicate), its identity, and the pid it was opened for (`%p`).
+struct OutFile {
+    fd: i32,
+    id: (u64, u64),
+    pid: i32,
+}
+
+static OUT: Mutex<Option<OutFile>> = Mutex::new(None);
+
+/// Write to the report file, opening it on first use. It stays open, so that a program that
+/// drops its privileges (a daemon) can still write its report; a descriptor that is no longer
+/// the file (the program closed it, and the number was reused) is never written to.
+fn write_report_file(template: &str, text: &[u8]) -> Result<(), sys::Errno> {
+    let pid = sys::getpid();
+    let mut out = OUT.lock();
+    let same = |o: &OutFile| {
+        o.pid == pid && sys::fstat(o.fd).is_ok_and(|st| (st.st_dev, st.st_ino) == o.id)
+    };
+    if !out.as_ref().is_some_and(same) {
+        if let Some(o) = out.take() {
+            // A forked child's copy of its parent's descriptor is its own to close; a descriptor
+            // that is no longer the file belongs to the program.
+            if o.pid != pid || sys::fstat(o.fd).is_ok_and(|st| (st.st_dev, st.st_ino) == o.id) {
+                sys::close(o.fd);
+            }
+        }
+        let path = template.replace("%p", &pid.to_string());
+        let fd =
+            sys::open(&fs::cpath(&path), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o666)?;
+        let high = sys::dup_cloexec_at_least(fd, 900).unwrap_or(fd);
+        if high != fd {
+            sys::close(fd);
+        }
+        let st = sys::fstat(high)?;
+        *out = Some(OutFile { fd: high, id: (st.st_dev, st.st_ino), pid });
+    }
+    let fd = out.as_ref().map_or(-1, |o| o.fd);
+    sys::write_all(fd, text)
+}
+
+/// Fork: the report file's lock is held across it (see runtime::fork).
+pub fn lock_for_fork() {
+    OUT.lock_raw();
+}
+
+pub fn unlock_after_fork() {
+    // SAFETY: taken by lock_for_fork on this thread (in the child: the forking thread, which is
+    // this one).
+    unsafe { OUT.unlock_raw() };
+}
+
+/// Append `text` to the report.
 pub fn emit(text: &str) {
     let config = config::get();
     let Some(template) = &config.output else {
         let _ = sys::write_all(STDERR.load(Ordering::Relaxed), text.as_bytes());
         return;
     };
-    let path = template.replace("%p", &sys::getpid().to_string());
-    if let Err(e) = fs::append(&path, text.as_bytes()) {
+    if let Err(e) = write_report_file(template, text.as_bytes()) {
+        let path = template.replace("%p", &sys::getpid().to_string());
         if !OUTPUT_FAILED.swap(true, Ordering::Relaxed) {
             let msg = format!(
                 "libuprobe: cannot write the report to UPROBES_OUTPUT={path}: {e}; writing it to \

@@ -1,42 +1,20 @@
 //! IFUNC symbols (`strlen`, `memcpy`, ... in glibc): the implementation this process calls is
-//! probed, not the resolver. It is found as the dynamic linker binds it: `dlopen(RTLD_NOLOAD)` and
-//! `dlvsym`/`dlsym`, which only work on an object that is relocated (the caller sees to that).
+//! probed, not the resolver. It is found as the dynamic linker finds it on x86-64: by calling the
+//! resolver, with no arguments, once its object is relocated (the caller sees to that). Called
+//! directly, not through `dlsym`, so that resolving thousands of them (`libc.so.6:*`) never enters
+//! libc's probed code.
 
-use crate::objects::{FuncSym, LoadedObject};
+use crate::objects::{ElfFile, FuncSym, LoadedObject, MapEntry};
 
-/// The address an IFUNC resolves to in this process.
-pub fn resolve(obj: &LoadedObject, f: &FuncSym) -> Option<u64> {
-    let path = std::ffi::CString::new(obj.path.as_str()).ok()?;
-    let name = std::ffi::CString::new(f.name.as_str()).ok()?;
-    // SAFETY: RTLD_NOLOAD only returns a handle to an object that is already loaded (and, as the
-    // caller ensures, relocated); dlsym and dlclose are called with that handle and NUL-terminated
-    // names.
-    unsafe {
-        let h = if obj.is_main {
-            libc::dlopen(core::ptr::null(), libc::RTLD_LAZY)
-        } else {
-            libc::dlopen(path.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD)
-        };
-        if h.is_null() {
-            return None;
-        }
-        let version = f
-            .versioned
-            .as_deref()
-            .and_then(|v| v.split('@').next_back())
-            .map(|v| std::ffi::CString::new(v).ok());
-        let p = match version {
-            Some(Some(v)) if !v.as_bytes().is_empty() => {
-                let p = libc::dlvsym(h, name.as_ptr(), v.as_ptr());
-                if p.is_null() {
-                    libc::dlsym(h, name.as_ptr())
-                } else {
-                    p
-                }
-            }
-            _ => libc::dlsym(h, name.as_ptr()),
-        };
-        libc::dlclose(h);
-        (!p.is_null()).then_some(p as u64)
-    }
+/// The address the IFUNC `f` of `obj` resolves to in this process.
+pub fn resolve(obj: &LoadedObject, elf: &ElfFile, f: &FuncSym, maps: &[MapEntry]) -> Option<u64> {
+    let off = elf.file_offset(f.vaddr)?;
+    let m =
+        maps.iter().find(|m| m.file == Some(obj.id) && m.is_exec() && m.addr_of(off).is_some())?;
+    let resolver = m.addr_of(off)?;
+    // SAFETY: `resolver` is the IFUNC's resolver in a mapped, relocated object: a function of no
+    // arguments that returns the implementation's address, as the dynamic linker calls it.
+    let f: extern "C" fn() -> u64 = unsafe { core::mem::transmute(resolver as usize) };
+    let addr = f();
+    (addr != 0).then_some(addr)
 }

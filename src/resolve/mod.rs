@@ -225,7 +225,7 @@ impl Resolver {
     ) -> Result<Resolved, ProbeError> {
         let (file, path, start, size, target_elf) = if f.ifunc {
             // Probe the implementation the process actually calls, not the resolver.
-            let addr = ifunc::resolve(obj, f).ok_or_else(|| ProbeError::Ifunc {
+            let addr = ifunc::resolve(obj, elf, f, maps).ok_or_else(|| ProbeError::Ifunc {
                 symbol: f.name.clone(),
                 object: obj.path.clone(),
             })?;

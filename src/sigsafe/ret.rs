@@ -189,17 +189,19 @@ unsafe extern "C" fn on_return(regs: *mut SavedRegs) -> u64 {
     let regs = unsafe { &mut *regs };
     let slot = regs as *mut SavedRegs as u64 + core::mem::offset_of!(SavedRegs, slot) as u64;
     let Some(b) = thread::tls_block() else { return lost_return() };
-    let mut i = (b.ret_depth.load(Ordering::Relaxed) as usize).min(RET_STACK);
-    // Innermost first; frames above the match were abandoned (longjmp, exceptions).
-    let found = loop {
-        if i == 0 {
-            break None;
-        }
-        i -= 1;
-        if b.ret_frames.get(i).is_some_and(|f| f.slot.load(Ordering::Relaxed) == slot) {
-            break Some(i);
-        }
-    };
+    let depth = (b.ret_depth.load(Ordering::Relaxed) as usize).min(RET_STACK);
+    // Innermost first; frames above the match were abandoned (longjmp, exceptions). A function
+    // that returned with `ret imm16` popped its arguments too: its slot is up to 65535 bytes
+    // below; the nearest such frame is it (abandoned frames lie deeper still).
+    let slot_of = |i: usize| b.ret_frames.get(i).map_or(0, |f| f.slot.load(Ordering::Relaxed));
+    let exact = (0..depth).rev().find(|&i| slot_of(i) == slot);
+    let found = exact.or_else(|| {
+        (0..depth)
+            .rev()
+            .filter(|&i| slot_of(i) < slot && slot - slot_of(i) <= 0xffff)
+            .max_by_key(|&i| slot_of(i))
+    });
+    let i = found.unwrap_or(0);
     let Some(f) = found.and_then(|i| b.ret_frames.get(i)) else { return lost_return() };
     let (real, site, entry_ns, counter, flags) = (
         f.real.load(Ordering::Relaxed),

@@ -450,6 +450,18 @@ core::arch::global_asm!(
     "    xor eax, eax",
     "    ret",
     ".size uprobe_probe_load, . - uprobe_probe_load",
+    ".globl uprobe_probe_store",
+    ".hidden uprobe_probe_store",
+    ".type uprobe_probe_store, @function",
+    ".p2align 4",
+    "uprobe_probe_store:",
+    ".globl uprobe_probe_store_insn",
+    ".hidden uprobe_probe_store_insn",
+    "uprobe_probe_store_insn:",
+    "    mov qword ptr [rdi], rsi",
+    "    mov eax, 1",
+    "    ret",
+    ".size uprobe_probe_store, . - uprobe_probe_store",
     ".popsection",
 );
 
@@ -457,16 +469,30 @@ extern "C" {
     fn uprobe_probe_load(addr: u64, out: *mut u64) -> u32;
     fn uprobe_probe_load_insn();
     fn uprobe_probe_load_fault();
+    fn uprobe_probe_store(addr: u64, value: u64) -> u32;
+    fn uprobe_probe_store_insn();
 }
 
 /// libuprobe's fault handler is installed: [`read_u64_safely`] may use the fast load.
 pub static FAULT_RECOVERY: core::sync::atomic::AtomicBool =
     core::sync::atomic::AtomicBool::new(false);
 
-/// Where a fault at `rip` goes on, if `rip` is the fast load's instruction.
+/// Where a fault at `rip` goes on, if `rip` is the fast load's or store's instruction.
 pub fn fault_recovery(rip: u64) -> Option<u64> {
-    (rip == uprobe_probe_load_insn as *const () as u64)
+    (rip == uprobe_probe_load_insn as *const () as u64
+        || rip == uprobe_probe_store_insn as *const () as u64)
         .then_some(uprobe_probe_load_fault as *const () as u64)
+}
+
+/// Write 8 bytes of this process's memory at `addr`; false if they are not writable (only once
+/// libuprobe's fault handler is installed; false before).
+pub fn write_u64_safely(addr: u64, value: u64) -> bool {
+    if !FAULT_RECOVERY.load(core::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    // SAFETY: the store is in assembly; a fault there is caught by libuprobe's fault handler,
+    // which resumes at the recovery label (answer 0).
+    unsafe { uprobe_probe_store(addr, value) == 1 }
 }
 
 /// Read 8 bytes of this process's memory at `addr`, or None if they are not all readable.

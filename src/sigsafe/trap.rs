@@ -212,6 +212,9 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
     // which runs on the parent's memory), and not while libuprobe's own code runs.
     let ours = sys::getpid() == OWNER_PID.load(Ordering::Relaxed);
     let counting = if ours && entry.count > 0 { thread::counting() } else { Counting::No };
+    if ours && entry.count > 0 && matches!(counting, Counting::No) && in_runtime() {
+        RUNTIME_TRAPS.fetch_add(1, Ordering::Relaxed);
+    }
     let args = emulate::args(g);
     let rsp0 = emulate::get(g, RSP);
 
@@ -224,7 +227,7 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
                 emulate::push(g, slot);
             }
             emulate::set(g, RIP, uprobe_link_map_trampoline as *const () as u64);
-            count(&counting, &entry, table, site, args, rsp0);
+            count(&counting, &entry, table, site, args, Some(rsp0));
             return Outcome::Done;
         }
         // Inside the runtime (or a child that does not own it): whoever holds the registry
@@ -235,16 +238,20 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
         Resume::Xol { slot } => emulate::set(g, RIP, slot),
         Resume::Emulate(emu) => {
             if let Err(f) = emulate::emulate(emu, g) {
+                // The hit counts (as under kernel uprobes: the probe fired, then the instruction
+                // faulted); the fault is the program's, at the instruction's own address.
                 emulate::set(g, RIP, site);
+                count(&counting, &entry, table, site, args, None);
                 return Outcome::Fault(f.addr);
             }
         }
     }
-    count(&counting, &entry, table, site, args, rsp0);
+    count(&counting, &entry, table, site, args, Some(rsp0));
     Outcome::Done
 }
 
-/// Count a hit and give its consumers what they want.
+/// Count a hit and give its consumers what they want; `rsp0`: the stack pointer at the hit, to
+/// hijack the return of a return-probed function (None: the instruction did not run).
 #[inline(always)]
 fn count(
     counting: &Counting,
@@ -252,7 +259,7 @@ fn count(
     table: &super::table::Table,
     site: u64,
     args: [u64; 6],
-    rsp0: u64,
+    rsp0: Option<u64>,
 ) {
     if matches!(counting, Counting::No) {
         return;
@@ -265,7 +272,7 @@ fn count(
             events::record_entry(counting.block(), c, args);
         }
     }
-    if consumers.iter().any(|c| c.ret) {
+    if let (true, Some(rsp0)) = (consumers.iter().any(|c| c.ret), rsp0) {
         let timed = entry.flags & TIMED != 0;
         let h = ret::Hijack { site, counter: entry.ret_counter, timed, slow: timed || tracing };
         ret::hijack(counting.block(), rsp0, &h, consumers);
@@ -275,15 +282,34 @@ fn count(
 /// Bit 7 of a table entry's `mask_reg`: the system call is `rt_sigprocmask`, whose `how` (rdi)
 /// may be SIG_UNBLOCK (nothing to fix).
 pub const MASK_HOW_IN_RDI: u8 = 0x80;
+/// `mask_reg` of `rt_sigreturn`: the mask is the `uc_sigmask` of the signal frame at rsp (the
+/// kernel's ucontext: 8 + 8 + 24 + 256 bytes before it), fixed in place.
+pub const MASK_IN_FRAME: u8 = 0x7e;
+const UC_SIGMASK: u64 = 0x128;
+/// `size_reg` when the system call has no size argument to check.
+pub const NO_SIZE_REG: u8 = 0xff;
+
+/// Traps taken while libuprobe's own code ran on a thread (not counted: its own work running
+/// into the program's probes). Shown by `stats` and in the JSON summary.
+pub static RUNTIME_TRAPS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// An internal probe right before glibc passes a signal set to the kernel: if the set blocks
 /// SIGTRAP, pass a copy without it, so that no thread ever blocks SIGTRAP where a probe may be hit
 /// (a new thread's first instructions, a posix_spawn child, a thread's exit path).
 pub fn fix_mask(mask_reg: u8, size_reg: u8, g: &mut Gregs) {
-    let reg = (mask_reg & 0x7f) as usize;
-    if emulate::get(g, size_reg as usize) != 8 {
+    if size_reg != NO_SIZE_REG && emulate::get(g, size_reg as usize) != 8 {
         return; // not the system call this site was taken for
     }
+    if mask_reg == MASK_IN_FRAME {
+        let at = emulate::get(g, RSP).wrapping_add(UC_SIGMASK);
+        if let Some(mask) = sys::read_u64_safely(at) {
+            if mask & sys::sigbit(libc::SIGTRAP) != 0 {
+                sys::write_u64_safely(at, mask & !sys::sigbit(libc::SIGTRAP));
+            }
+        }
+        return;
+    }
+    let reg = (mask_reg & 0x7f) as usize;
     if mask_reg & MASK_HOW_IN_RDI != 0
         && emulate::get(g, libc::REG_RDI as usize) == libc::SIG_UNBLOCK as u64
     {

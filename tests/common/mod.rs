@@ -16,10 +16,14 @@ use serde_json::Value;
 pub const WATCHDOG: Duration = Duration::from_secs(120);
 
 /// target/<profile>/libuprobe.so, built once per test binary (cargo does not build a cdylib for
-/// integration tests by itself).
+/// integration tests by itself). `UPROBE_TEST_LIB` names another build instead (to check that a
+/// test fails on a build without the fix it guards).
 pub fn lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     LIB.get_or_init(|| {
+        if let Some(other) = std::env::var_os("UPROBE_TEST_LIB") {
+            return PathBuf::from(other);
+        }
         let exe = std::env::current_exe().expect("test executable");
         let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
         let mut cmd = Command::new(env!("CARGO"));

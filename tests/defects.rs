@@ -1,0 +1,279 @@
+//! What libuprobe must leave exactly as it was: privilege drops, namespaces, orphans, failed
+//! execs, signal masks, faults, constructors and destructors, libraries replaced on disk. Each
+//! test names the defect it guards (docs and the issue tracker say more).
+
+mod common;
+use common::*;
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Run `defects MODE ARGS` with every process's report in its own file; (stdout, status, every
+/// summary by pid).
+fn run_defects(
+    args: &[&str],
+    specs: &str,
+    env: &[(&str, &str)],
+) -> (String, std::process::ExitStatus, BTreeMap<i64, Vec<Value>>) {
+    let dir = scratch("defects");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = std::process::Command::new(fixture("defects"));
+    cmd.args(args)
+        .env("LD_PRELOAD", lib())
+        .env("UPROBES", specs)
+        .env("UPROBES_FORMAT", "json")
+        .env("UPROBES_OUTPUT", dir.join("report-%p.jsonl"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (stdout, _, status) = run_command(cmd);
+    let mut summaries: BTreeMap<i64, Vec<Value>> = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            if v["type"] == "summary" {
+                summaries.entry(v["pid"].as_i64().unwrap()).or_default().push(v);
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    (stdout, status, summaries)
+}
+
+fn hits(summary: &Value, spec: &str) -> u64 {
+    let p = summary["probes"].as_array().unwrap().iter().find(|p| p["spec"] == spec);
+    p.unwrap_or_else(|| panic!("no probe {spec} in {summary}"))["hits"].as_u64().unwrap()
+}
+
+/// Defect: every preloaded process hung in setuid (glibc waits for every thread to answer
+/// SIGSETXID, which libuprobe's threads blocked).
+#[test]
+fn dropping_privileges_does_not_hang() {
+    if !is_root() {
+        eprintln!("skipped: dropping privileges needs root");
+        return;
+    }
+    let plain = run_plain("defects", &["ids"]);
+    assert_eq!(plain.stdout, "ids: uid 65534 euid 65534 gid 65534\n");
+    for (specs, trace) in [("", "0"), ("defects:f", "0"), ("defects:f", "1")] {
+        let probed = run_probed_env("defects", &["ids"], specs, &[("UPROBES_TRACE", trace)]);
+        assert_same_behaviour(&plain, &probed);
+        if !specs.is_empty() {
+            assert_eq!(probed.hits("f"), 5, "{specs} trace={trace}");
+        }
+    }
+}
+
+/// Defect: libuprobe's always-on thread made every process multithreaded, so
+/// `unshare(CLONE_NEWUSER)` and `setns` into a user namespace failed with EINVAL.
+#[test]
+fn user_namespaces_can_be_entered() {
+    for mode in ["userns", "setns"] {
+        let plain = run_plain("defects", &[mode]);
+        if plain.status.code() != Some(0) {
+            eprintln!(
+                "skipped {mode}: this machine refuses it without libuprobe: {}",
+                plain.stdout
+            );
+            continue;
+        }
+        for specs in ["", "defects:f"] {
+            let probed = run_probed("defects", &[mode], specs);
+            assert_same_behaviour(&plain, &probed);
+            if !specs.is_empty() {
+                assert_eq!(probed.hits("f"), 2 - (mode == "setns") as u64, "{mode}");
+            }
+        }
+    }
+}
+
+/// Defect: a child decided it owned the runtime with getppid(), so an orphan (its parent gone)
+/// and the first process of a new pid namespace (getppid() is 0) counted nothing.
+#[test]
+fn orphans_and_the_first_child_of_a_pid_namespace_count() {
+    let (stdout, status, summaries) = run_defects(&["orphan", "7"], "defects:f", &[]);
+    assert_eq!((stdout.as_str(), status.code()), ("orphan: 7 calls\n", Some(0)));
+    let mut counts: Vec<u64> = summaries.values().map(|s| hits(&s[0], "defects:f")).collect();
+    counts.sort();
+    assert_eq!(counts, [0, 7], "the parent made no call; its orphaned child made 7");
+
+    if !is_root() {
+        eprintln!("skipped pidns: a new pid namespace needs root");
+        return;
+    }
+    let (stdout, status, summaries) = run_defects(&["pidns", "9"], "defects:f", &[]);
+    assert_eq!(status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("child pid 1 ppid 0"), "{stdout}");
+    let counts: Vec<u64> = summaries.values().flatten().map(|s| hits(s, "defects:f")).collect();
+    assert!(counts.contains(&9), "the namespace's first process counted its calls: {counts:?}");
+}
+
+/// Defect: a failed execve (a shell searching PATH) wrote an early summary, deleted the control
+/// socket and stopped the runtime.
+#[test]
+fn a_failed_exec_changes_nothing() {
+    let dir = scratch("execfail");
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("r-%p.jsonl");
+    // dash tries /x/true and /y/true (ENOENT) before /usr/bin/true: 2 images, 2 summaries.
+    let mut cmd = std::process::Command::new("dash");
+    cmd.args(["-c", "exec true"])
+        .env("PATH", "/x:/y:/usr/bin:/bin")
+        .env("LD_PRELOAD", lib())
+        .env("UPROBES", "libc.so.6:malloc")
+        .env("UPROBES_FORMAT", "json")
+        .env("UPROBES_OUTPUT", &report);
+    let (_, stderr, status) = run_command(cmd);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let mut summaries = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        summaries += text.lines().filter(|l| l.contains("\"type\":\"summary\"")).count();
+    }
+    assert_eq!(summaries, 2, "one summary for dash's image, one for true's");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Defect: the program's signal masks could still block SIGTRAP (sigsuspend, ppoll, pselect,
+/// epoll_pwait, a context's mask, a handler's uc_sigmask), and a probe hit there was fatal.
+#[test]
+fn no_mask_the_program_sets_blocks_a_probe() {
+    for mode in ["sigsuspend", "ppoll", "pselect", "epoll", "swapcontext", "ucmask"] {
+        let plain = run_plain("defects", &["masks", mode]);
+        assert_eq!(plain.status.code(), Some(0), "{mode}: {}", plain.stdout);
+        let probed = run_probed("defects", &["masks", mode], "defects:f");
+        assert_same_behaviour(&plain, &probed);
+        // A call in the handler (or the context), one after; swapcontext's handler calls too.
+        let want = if mode == "swapcontext" { 3 } else { 2 };
+        assert_eq!(probed.hits("f"), want, "{mode}");
+    }
+}
+
+/// Defect: a fault in a displaced instruction was shown at the copy's address (out of line) or
+/// inside libuprobe's handler (emulated), and a handler that left with siglongjmp left the
+/// thread uncounted for good. Single-stepping through a probed instruction was shifted too.
+#[test]
+fn faults_and_single_steps_are_where_the_program_expects_them() {
+    let plain = run_plain("faults", &[]);
+    assert!(plain.stdout.contains("SIGSEGV at fl_load_insn+0"), "{}", plain.stdout);
+    let specs = "faults:fl_load_insn faults:fl_div_insn faults:fl_call_insn faults:fl_step_a \
+                 faults:probed_after";
+    let probed = run_probed("faults", &[], specs);
+    assert_same_behaviour(&plain, &probed);
+    for (symbol, n) in
+        [("fl_load_insn", 2), ("fl_div_insn", 2), ("fl_call_insn", 1), ("fl_step_a", 1)]
+    {
+        assert_eq!(probed.hits(symbol), n, "{symbol}");
+    }
+    assert_eq!(probed.hits("probed_after"), 5, "counting goes on after the siglongjmp");
+}
+
+/// Defect: a probe on a function that returns with `ret imm16` aborted the program under
+/// `%return`.
+#[test]
+fn a_return_probe_on_a_function_that_pops_its_arguments() {
+    let plain = run_plain("defects", &["ret16", "10"]);
+    assert_eq!(plain.stdout, "ret16: 55\n");
+    let probed = run_probed("defects", &["ret16", "10"], "defects:ret16_fn%return");
+    assert_same_behaviour(&plain, &probed);
+    assert_eq!(probed.hits("ret16_fn"), 10);
+}
+
+/// Defect: a pending probe on an IFUNC crashed the dlopen that loaded its object (the rescan
+/// resolved the IFUNC before the object was relocated).
+#[test]
+fn a_pending_probe_on_an_ifunc_waits_for_relocation() {
+    let lib = fixture("libifunc.so").display().to_string();
+    let plain = run_plain("defects", &["ifunc", &lib, "100"]);
+    assert_eq!(plain.stdout, "ifunc: 9900\n");
+    let probed = run_probed("defects", &["ifunc", &lib, "100"], "libifunc.so:pick");
+    assert_same_behaviour(&plain, &probed);
+    let p = probed.probe("pick");
+    assert_eq!((p["state"].as_str(), p["hits"].as_u64()), (Some("active"), Some(100)), "{p}");
+}
+
+/// Defect: a rescan while a probed page was briefly not executable forgot the probe, and its
+/// int3 stayed: the next hit killed the process with SIGTRAP.
+#[test]
+fn a_page_briefly_not_executable_keeps_its_probe() {
+    let lib = fixture("libcounted.so").display().to_string();
+    let plain = run_plain("defects", &["mprot", &lib]);
+    assert_eq!(plain.stdout, "mprot: loaded, 5\n");
+    let probed = run_probed("defects", &["mprot", &lib], "defects:pagef");
+    assert_same_behaviour(&plain, &probed);
+    assert_eq!(probed.hits("pagef"), 2);
+}
+
+/// Defect: calls made by other libraries' constructors (before libuprobe's) and destructors
+/// (after the summary) were missed.
+#[test]
+fn constructors_and_destructors_of_other_libraries_count() {
+    let plain = run_plain("ctor", &[]);
+    assert_eq!(plain.stdout, "ctor: 5\n");
+    let probed = run_probed("ctor", &[], "libctor.so:ctor_work");
+    assert_same_behaviour(&plain, &probed);
+    assert_eq!(probed.hits("ctor_work"), 5 + 2 + 3, "constructor, main, destructor");
+}
+
+/// Defects: a posix_spawn child (also behind system()) runs glibc code with every signal blocked
+/// (and resets the handlers of blocked signals): any probe hit there killed it, whatever the
+/// function. And a probe on wait4 killed the parent when the child's exec failed (ENOEXEC).
+#[test]
+fn probes_in_code_a_posix_spawn_child_runs() {
+    let specs = "libc.so.6:strlen libc.so.6:getenv libc.so.6:strchr libc.so.6:strchrnul \
+                 libc.so.6:mempcpy libc.so.6:getuid libc.so.6:getgid libc.so.6:__libc_sigaction \
+                 libc.so.6:sigprocmask libc.so.6:dup2 libc.so.6:wait4 libc.so.6:waitpid \
+                 libc.so.6:_exit libc.so.6:execve";
+    let not_exec = scratch("noexec");
+    std::fs::write(&not_exec, b"not a program\n").unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&not_exec).unwrap().permissions(),
+        0o755,
+    );
+    std::fs::set_permissions(&not_exec, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap();
+    let not_exec = not_exec.display().to_string();
+    for args in [
+        vec!["spawn", "fa", "true"],
+        vec!["spawn", "resetids", "true"],
+        vec!["spawn", "noexec", &not_exec],
+        vec!["spawn", "system", "exit 3"],
+    ] {
+        let plain = run_plain("defects", &args);
+        let probed = run_probed("defects", &args, specs);
+        assert_same_behaviour(&plain, &probed);
+        assert!(probed.errors().is_empty(), "{args:?}: {:?}", probed.errors());
+    }
+    std::fs::remove_file(not_exec).unwrap();
+}
+
+/// Defect: `%return` on vfork killed the program; on _Unwind_RaiseException it turned every C++
+/// throw into std::terminate; on dlsym it broke dlsym(RTLD_NEXT). They are refused, with why.
+#[test]
+fn return_probes_that_would_break_the_program_are_refused() {
+    let plain = run_plain("exc", &[]);
+    let probed = run_probed("exc", &[], "libgcc_s.so.1:*%return");
+    assert_same_behaviour(&plain, &probed);
+    let refused: Vec<&Value> = probed.probes().iter().filter(|p| p["state"] == "failed").collect();
+    assert!(
+        refused.iter().any(|p| p["symbol"] == "_Unwind_RaiseException"
+            && p["error"].as_str().unwrap().contains("unwinder starts from its own return")),
+        "{refused:#?}"
+    );
+    for (spec, why) in [
+        ("libc.so.6:vfork%return", "returns twice"),
+        ("libc.so.6:dlsym%return", "its own return address"),
+        ("libc.so.6:_setjmp%return", "returns twice"),
+    ] {
+        let probed = run_probed("counts", &[], spec);
+        let p = &probed.probes()[0];
+        assert_eq!(p["state"], "failed", "{spec}");
+        assert!(p["error"].as_str().unwrap().contains(why), "{spec}: {p}");
+    }
+}
