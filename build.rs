@@ -33,6 +33,11 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "args", sources: &["args.c"], flags: &["-pthread"] },
     Fixture { out: "ret", sources: &["ret.c"], flags: &["-pthread", "-rdynamic"] },
     Fixture { out: "libifunc.so", sources: &["ifunc.c"], flags: &["-shared", "-fPIC"] },
+    Fixture {
+        out: "libcounted2.so",
+        sources: &["counted.c"],
+        flags: &["-shared", "-fPIC", "-DPAD"],
+    },
     Fixture { out: "libctor.so", sources: &["ctor.c"], flags: &["-shared", "-fPIC"] },
     Fixture {
         out: "ctor",

@@ -306,6 +306,57 @@ static int mode_spawn(const char *m, const char *prog) {
 
 long call_ret16(long a, long b);
 
+/* coro: a coroutine suspended inside co_f on the main thread is resumed, and returns, on another
+ * thread. */
+static ucontext_t co_main_ctx, co_a_ctx, co_b_ctx;
+static ucontext_t *co_return_to;
+__attribute__((noipa)) long co_f(long x) {
+  swapcontext(&co_a_ctx, &co_main_ctx);
+  return x + 1;
+}
+static long co_result;
+static void co_entry(void) {
+  co_result = co_f(41);
+  setcontext(co_return_to);
+}
+static void *co_thread(void *arg) {
+  (void)arg;
+  co_return_to = &co_b_ctx;
+  swapcontext(&co_b_ctx, &co_a_ctx);
+  return NULL;
+}
+static int mode_coro(void) {
+  static char stack[65536];
+  getcontext(&co_a_ctx);
+  co_a_ctx.uc_stack.ss_sp = stack;
+  co_a_ctx.uc_stack.ss_size = sizeof stack;
+  co_a_ctx.uc_link = &co_main_ctx;
+  makecontext(&co_a_ctx, co_entry, 0);
+  swapcontext(&co_main_ctx, &co_a_ctx); /* runs until co_f suspends */
+  pthread_t t;
+  pthread_create(&t, NULL, co_thread, NULL); /* resumes co_f there: it returns there */
+  pthread_join(t, NULL);
+  printf("coro: %ld\n", co_result);
+  return 0;
+}
+
+/* lostret: a return into the return trampoline that no call was hijacked for (what a stack
+ * switch libuprobe cannot see looks like): libuprobe stops the program, saying why. */
+static void *grabbed;
+__attribute__((noipa)) long grab(long x) {
+  grabbed = __builtin_return_address(0);
+  return x;
+}
+static int mode_lostret(void) {
+  grab(1);
+  printf("lostret: %s\n", grabbed == (void *)mode_lostret ? "?" : "returning into it");
+  fflush(stdout);
+  fprintf(stderr, "progress: 50%%"); /* a line not finished yet */
+  ((void (*)(void))grabbed)();
+  printf("lostret: returned\n");
+  return 0;
+}
+
 int main(int argc, char **argv) {
   const char *m = argc > 1 ? argv[1] : "";
   const char *a = argc > 2 ? argv[2] : "";
@@ -321,6 +372,8 @@ int main(int argc, char **argv) {
   if (!strcmp(m, "hold")) return mode_hold(a);
   if (!strcmp(m, "churn")) return mode_churn(a);
   if (!strcmp(m, "spawn")) return mode_spawn(a, argc > 3 ? argv[3] : "/bin/true");
+  if (!strcmp(m, "coro")) return mode_coro();
+  if (!strcmp(m, "lostret")) return mode_lostret();
   if (!strcmp(m, "ret16")) {
     long s = 0;
     for (int i = 0; i < atoi(a); i++) s += call_ret16(i, 1);

@@ -6,6 +6,7 @@
  *   deep N      one recursion deep(N-1) .. deep(0): N nested calls
  *   exit        a thread calls exiter(), which calls pthread_exit
  *   fork        forker() forks; parent and child both return from it
+ *   forkdeep N  deep(N-1) (too deep: missed returns), then fork; the child calls deep(9)
  *   tail N      tail_outer(i) N times: it tail-calls tail_inner(i + 1) with a jmp (assembly, so
  *               that no compiler setting changes it); both return i + 2 */
 #define _GNU_SOURCE
@@ -85,6 +86,15 @@ int main(int argc, char **argv) {
     int st;
     waitpid(pid, &st, 0);
     s = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+  } else if (!strcmp(mode, "forkdeep")) {
+    s = deep(n - 1);
+    pid_t pid = fork();
+    if (pid == 0) {
+      deep(9);
+      exit(0);
+    }
+    int st;
+    waitpid(pid, &st, 0);
   } else if (!strcmp(mode, "tail")) {
     for (long i = 0; i < n; i++) s += tail_outer(i);
   } else {

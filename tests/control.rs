@@ -22,21 +22,39 @@ struct Served {
 
 impl Served {
     fn start() -> Served {
+        Served::start_program("serve", &[], &[])
+    }
+
+    /// A fixture that reads its orders on stdin, with libuprobe preloaded and its socket in a
+    /// scratch directory. A fixture that says "ready" first is waited for.
+    fn start_program(name: &str, args: &[&str], env: &[(&str, &str)]) -> Served {
         let dir = scratch("ctl");
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("serve.sock");
         let report = dir.join("report.jsonl");
-        let mut child = Command::new(fixture("serve"))
+        let mut cmd = Command::new(fixture(name));
+        cmd.args(args)
             .env("LD_PRELOAD", lib())
             .env("UPROBES_SOCKET", &socket)
             .env("UPROBES_OUTPUT", &report)
             .env("UPROBES_FORMAT", "json")
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::piped());
+        for (k, v) in env {
+            if *k == "ARG0" {
+                std::os::unix::process::CommandExt::arg0(&mut cmd, v);
+            } else {
+                cmd.env(k, v);
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
         let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        if name != "serve" {
+            let mut ready = String::new();
+            stdout.read_line(&mut ready).unwrap();
+            assert_eq!(ready, "ready\n");
+        }
         let start = Instant::now();
         while !socket.exists() {
             assert!(start.elapsed() < Duration::from_secs(10), "no socket at {}", socket.display());
@@ -294,5 +312,172 @@ fn uprobe_ctl_speaks_for_a_pid() {
     let (_, err, status) = run_command(cmd);
     assert_eq!(status.code(), Some(2));
     assert!(err.contains("process 999999999 has no control socket"), "{err}");
+    s.quit();
+}
+
+/// Defect: symbols came from the file at the path, breakpoints went into the mapped code: after
+/// the file was replaced on disk (a package upgrade), `add` wrote an int3 inside an instruction.
+/// The symbols are read from the file that is mapped.
+#[test]
+fn a_library_replaced_on_disk_is_probed_as_it_is_mapped() {
+    let dir = scratch("swap");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib_path = dir.join("libswap.so");
+    std::fs::copy(fixture("libcounted.so"), &lib_path).unwrap();
+    let mut s = Served::start_program("defects", &["hold", lib_path.to_str().unwrap()], &[]);
+    // The upgrade: the same library, built differently (its functions at other offsets), renamed
+    // over the old one.
+    let new = dir.join("libswap.so.new");
+    std::fs::copy(fixture("libcounted2.so"), &new).unwrap();
+    std::fs::rename(&new, &lib_path).unwrap();
+    let added = s.req("add libswap.so:lib_add");
+    assert_eq!(added["ok"], true, "{added}");
+    let id = added["probes"][0]["id"].as_u64().unwrap();
+    assert_eq!(s.tell("call 100"), "done 100 5050", "lib_add still adds");
+    assert_eq!(s.hits(id), 100);
+    s.quit();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Defect: SIGSEGV when another thread unloaded a library while `add` or a rescan read its code.
+#[test]
+fn probes_come_and_go_while_another_thread_loads_and_unloads_their_library() {
+    let lib_path = fixture("libcounted.so").display().to_string();
+    let mut s = Served::start_program("defects", &["churn", &lib_path], &[]);
+    for cycle in 0..300 {
+        let added = s.req("add libcounted.so:lib_add");
+        assert_eq!(added["ok"], true, "cycle {cycle}: {added}");
+        let id = added["probes"][0]["id"].as_u64().unwrap();
+        assert_eq!(s.req(&format!("remove {id}"))["ok"], true, "cycle {cycle}");
+    }
+    assert_eq!(s.tell("quit"), "churn: ok");
+    assert!(s.child.wait().unwrap().success());
+}
+
+fn libc_mappings(pid: u32) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines().filter(|l| l.ends_with("/libc.so.6")).count()
+}
+
+/// Defect: after `add libc.so.6:*` and `remove`, libc's code was left split into one mapping per
+/// patched page (mprotect): code is written through /proc/self/mem, which splits nothing.
+#[test]
+fn libc_keeps_its_mappings_after_all_its_probes_come_and_go() {
+    let s = Served::start();
+    let pid = s.child.id();
+    let before = libc_mappings(pid);
+    let added = s.req("add libc.so.6:*");
+    assert_eq!(added["ok"], true);
+    assert_eq!(libc_mappings(pid), before, "with 2,000 probes in it");
+    assert_eq!(s.req("remove libc.so.6:*")["ok"], true);
+    assert_eq!(libc_mappings(pid), before);
+    s.quit();
+}
+
+/// Defect: a client that sent requests and never read the answers grew the program's memory
+/// without bound (10,000 unread `list` answers: RSS from 5.7 MB to 433 MB).
+#[test]
+fn a_client_that_reads_nothing_cannot_grow_the_programs_memory() {
+    let s = Served::start();
+    assert_eq!(s.req("add libc.so.6:str*")["ok"], true, "answers to `list` are big (30 KB)");
+    let peak = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let before = peak(s.child.id());
+    let mut c = UnixStream::connect(&s.socket).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut sent = 0;
+    for _ in 0..4_000 {
+        if c.write_all(b"list\n").is_err() {
+            break; // dropped, or its input is full: either way, it is not read any more
+        }
+        sent += 1;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = peak(s.child.id()).saturating_sub(before);
+    assert!(grown < 8 * 1024, "peak RSS grew by {grown} KiB for {sent} unread answers");
+    assert_eq!(s.req("list")["ok"], true, "others are still served");
+    drop(c);
+    s.quit();
+}
+
+/// Defect: one client could hold the server (pipelined add/remove of `libc.so.6:*` delayed
+/// another client's `help` by 42 s), and the server's own calls hit the program's probes
+/// (`stats` took 2.6 s with `libc.so.6:*` active).
+#[test]
+fn clients_are_served_in_turn_and_the_server_pays_nothing_for_the_probes() {
+    let s = Served::start();
+    let mut busy = UnixStream::connect(&s.socket).unwrap();
+    let rounds = 10;
+    for _ in 0..rounds {
+        busy.write_all(b"add libc.so.6:*\nremove libc.so.6:*\n").unwrap();
+    }
+    let started = Instant::now();
+    let help = s.req("help");
+    let waited = started.elapsed();
+    assert_eq!(help["ok"], true);
+    let mut answers = BufReader::new(busy);
+    for _ in 0..2 * rounds {
+        let mut line = String::new();
+        answers.read_line(&mut line).unwrap();
+        assert!(line.starts_with("{\"ok\":true"), "{line}");
+    }
+    let all = started.elapsed();
+    assert!(waited * 3 < all, "help waited {waited:?}, the busy client's 20 requests {all:?}");
+    assert_eq!(s.req("add libc.so.6:*")["ok"], true);
+    for _ in 0..3 {
+        assert_eq!(s.req("list")["ok"], true);
+        assert_eq!(s.req("stats")["ok"], true);
+    }
+    assert_eq!(s.req("stats")["runtime_traps"], 0, "the server's own work took no trap");
+    s.quit();
+}
+
+/// Defect: `uprobe ctl PID` did not find a socket moved by UPROBES_SOCKET; and `uprobe ps` broke
+/// its table on a command line with a newline.
+#[test]
+fn uprobe_ctl_and_ps_find_a_socket_moved_by_uprobes_socket() {
+    let xdg = scratch("xdg");
+    std::fs::create_dir_all(&xdg).unwrap();
+    let xdg_s = xdg.to_str().unwrap();
+    let env = [("XDG_RUNTIME_DIR", xdg_s), ("ARG0", "serve\nwith a newline")];
+    let mut s = Served::start_program("serve", &[], &env);
+    let pid = s.child.id().to_string();
+    let ctl = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uprobe"));
+        cmd.env("XDG_RUNTIME_DIR", xdg_s).args(args);
+        run_command(cmd)
+    };
+    let (out, err, status) = ctl(&["ctl", &pid, "add", "serve:target"]);
+    assert!(status.success(), "{err}");
+    assert!(out.starts_with("added 1 probe(s)"), "{out}");
+    assert_eq!(s.tell("call 5"), "done 5");
+    let (out, _, _) = ctl(&["ps"]);
+    let rows: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with(&pid)).collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert!(rows[0].ends_with("serve\\nwith a newline"), "one row, the newline shown: {out}");
+    assert!(!out.lines().any(|l| l.starts_with("with a newline")), "{out}");
+    s.quit();
+    std::fs::remove_dir_all(&xdg).unwrap();
+}
+
+/// Defect: `uprobe ctl PID list | head -1` panicked on the broken pipe.
+#[test]
+fn uprobe_ctl_into_a_closed_pipe_stops_quietly() {
+    let s = Served::start();
+    assert_eq!(s.req("add libc.so.6:str*")["ok"], true);
+    let line = format!(
+        "{} ctl --socket {} list | head -1",
+        env!("CARGO_BIN_EXE_uprobe"),
+        s.socket.display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &line]);
+    let (out, err, status) = run_command(cmd);
+    assert!(status.success());
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert_eq!(err, "", "nothing said on stderr");
     s.quit();
 }

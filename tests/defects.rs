@@ -277,3 +277,27 @@ fn return_probes_that_would_break_the_program_are_refused() {
         assert!(p["error"].as_str().unwrap().contains(why), "{spec}: {p}");
     }
 }
+
+/// A coroutine that suspends inside a return-probed function on one thread and returns on
+/// another: its return is found in the first thread's return stack.
+#[test]
+fn a_coroutine_returning_on_another_thread() {
+    let plain = run_plain("defects", &["coro"]);
+    assert_eq!(plain.stdout, "coro: 42\n");
+    let probed = run_probed("defects", &["coro"], "defects:co_f%return");
+    assert_same_behaviour(&plain, &probed);
+    assert_eq!(probed.hits("co_f"), 1);
+}
+
+/// Defect: when a return cannot be matched to any call (a stack switch libuprobe did not see),
+/// libuprobe stops the program rather than jump anywhere; its message was not a line of its own
+/// (no newline), and ran into the next output.
+#[test]
+fn a_return_nobody_called_stops_the_program_with_a_message_of_its_own() {
+    let probed = run_probed("defects", &["lostret"], "defects:grab%return");
+    assert_eq!(probed.signal(), Some(libc::SIGABRT), "{}", probed.stderr);
+    assert!(probed.stdout.starts_with("lostret: returning into it\n"), "{}", probed.stdout);
+    let line = probed.stderr.lines().find(|l| l.contains("returned on a stack")).unwrap();
+    assert!(line.starts_with("libuprobe: ") && line.ends_with("aborting"), "{:?}", probed.stderr);
+    assert!(probed.stderr.contains("aborting\n"), "{:?}", probed.stderr);
+}

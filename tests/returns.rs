@@ -183,3 +183,32 @@ fn the_socket_shows_latency_live() {
     assert!(child.wait().unwrap().success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Defect: a forked child reset only its hits: `missed` and the durations kept its parent's.
+#[test]
+fn a_forked_child_starts_with_no_missed_returns_and_no_durations() {
+    let dir = scratch("forkdeep");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = std::process::Command::new(fixture("ret"));
+    cmd.args(["forkdeep", "100"])
+        .env("LD_PRELOAD", lib())
+        .env("UPROBES", "ret:deep%return")
+        .env("UPROBES_FORMAT", "json")
+        .env("UPROBES_OUTPUT", dir.join("r-%p.jsonl"));
+    let (stdout, _, status) = run_command(cmd);
+    assert_eq!((stdout.as_str(), status.code()), ("ret forkdeep: 99\n", Some(0)));
+    let mut got = Vec::new();
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+        let v: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let p = &v["probes"][0];
+        got.push((p["hits"].as_u64(), p["missed"].as_u64(), p["latency"]["calls"].as_u64()));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    got.sort();
+    assert_eq!(
+        got,
+        [(Some(10), Some(0), Some(10)), (Some(64), Some(36), Some(64))],
+        "the child: its own 10 returns, none missed; the parent: 64 followed, 36 missed"
+    );
+}

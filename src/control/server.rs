@@ -3,7 +3,8 @@
 //! - a request line is at most [`MAX_LINE`] bytes; at most [`MAX_CLIENTS`] clients are served at
 //!   once; a client idle for [`IDLE`] is dropped;
 //! - an answer is produced only while the client's unread answers are under [`MAX_PENDING`]: a
-//!   client that sends requests and reads nothing is dropped, it cannot grow the program's memory;
+//!   client that sends requests and reads nothing cannot grow the program's memory, and is
+//!   dropped when it has read nothing for [`IDLE`];
 //! - clients are served in turn, one request each per round, so that a client that pipelines long
 //!   operations (`add libc.so.6:*`) cannot hold the others;
 //! - all I/O is non-blocking from one `poll`, so the program's own threads never wait on it.
@@ -30,6 +31,7 @@ struct Client {
     fd: i32,
     input: Vec<u8>,
     output: Vec<u8>,
+    /// When it last sent something, or read some of its answers.
     last: u64,
     closing: bool,
 }
@@ -179,9 +181,7 @@ fn read_input(c: &mut Client, now: u64) {
 /// Answer the client's next request, if it has one and reads its answers.
 fn answer_one(c: &mut Client) {
     if c.output.len() >= MAX_PENDING {
-        // It sends and does not read: no more answers; drop it.
-        c.closing = true;
-        c.input.clear();
+        // It does not read its answers: no more until it does (dropped when idle too long).
         return;
     }
     let Some(nl) = c.input.iter().position(|&b| b == b'\n') else { return };
@@ -198,7 +198,10 @@ fn answer_one(c: &mut Client) {
 fn flush(c: &mut Client) {
     while !c.output.is_empty() {
         match sock::send(c.fd, &c.output) {
-            Ok(n) => drop(c.output.drain(..n)),
+            Ok(n) => {
+                drop(c.output.drain(..n));
+                c.last = sys::monotonic_ns();
+            }
             Err(Errno(libc::EAGAIN)) => return,
             Err(Errno(libc::EINTR)) => {}
             Err(_) => {

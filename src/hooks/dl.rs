@@ -25,7 +25,13 @@ use crate::{objects, registry, report, runtime, sigsafe};
 /// held, before new objects are relocated.
 extern "C" fn on_link_map_change() {
     // The hook fires before a change (objects about to be mapped or unmapped) and after it:
-    // only then are the mappings complete.
+    // only then are the mappings complete. Before unmapping, a breakpoint write in flight in
+    // another thread finishes first.
+    if objects::loader::deleting() {
+        let _rt = crate::runtime::InRuntime::enter();
+        registry::wait_idle();
+        return;
+    }
     if !objects::loader::consistent() {
         return;
     }

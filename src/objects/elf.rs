@@ -57,25 +57,10 @@ pub struct Section {
     pub size: u64,
 }
 
-/// The file's bytes, mapped read-only.
-struct Bytes {
-    addr: usize,
-    len: usize,
-}
-
-impl Drop for Bytes {
-    fn drop(&mut self) {
-        if self.len != 0 {
-            // SAFETY: our own mapping of the file; nothing borrows it past the ElfFile.
-            unsafe { sys::munmap(self.addr, self.len) };
-        }
-    }
-}
-
-// SAFETY: a read-only mapping, never written.
-unsafe impl Send for Bytes {}
-// SAFETY: as above.
-unsafe impl Sync for Bytes {}
+/// The file's bytes, read into libuprobe's own memory (not mapped from the file: a mapping of
+/// the program's libc by libuprobe would show in /proc/self/maps, where a program looking for
+/// libc's first mapping could find it).
+type Bytes = Vec<u8>;
 
 /// An ELF file as libuprobe needs it.
 pub struct ElfFile {
@@ -118,16 +103,9 @@ fn open_mapped(path: &str, want: FileId, maps: &[MapEntry]) -> Result<(Fd, Strin
 impl ElfFile {
     /// Read the file mapped as `id` (named `path` in /proc/self/maps).
     pub fn open(path: &str, id: FileId, maps: &[MapEntry]) -> Result<ElfFile, ElfError> {
-        let (fd, opened) = open_mapped(path, id, maps)?;
-        let read_err = |errno| ElfError::Read { path: path.to_string(), errno };
-        let size = sys::fstat(fd.0).map_err(read_err)?.st_size as usize;
-        let bytes = if size == 0 {
-            Bytes { addr: 0, len: 0 }
-        } else {
-            Bytes { addr: sys::mmap_file(fd.0, size).map_err(read_err)?, len: size }
-        };
-        drop(fd);
-        let _ = opened;
+        let (fd, _opened) = open_mapped(path, id, maps)?;
+        let bytes =
+            fd.read_to_end().map_err(|errno| ElfError::Read { path: path.to_string(), errno })?;
         Self::parse(path, bytes)
     }
 
@@ -135,22 +113,11 @@ impl ElfFile {
     pub fn open_path(path: &str) -> Result<ElfFile, ElfError> {
         let read_err = |errno| ElfError::Read { path: path.to_string(), errno };
         let fd = Fd::open(path, libc::O_RDONLY).map_err(read_err)?;
-        let size = sys::fstat(fd.0).map_err(read_err)?.st_size as usize;
-        let bytes = if size == 0 {
-            Bytes { addr: 0, len: 0 }
-        } else {
-            Bytes { addr: sys::mmap_file(fd.0, size).map_err(read_err)?, len: size }
-        };
-        Self::parse(path, bytes)
+        Self::parse(path, fd.read_to_end().map_err(read_err)?)
     }
 
     fn parse(path: &str, bytes: Bytes) -> Result<ElfFile, ElfError> {
-        let data: &[u8] = if bytes.len == 0 {
-            &[]
-        } else {
-            // SAFETY: a private read-only mapping of `len` bytes, alive as long as `bytes`.
-            unsafe { std::slice::from_raw_parts(bytes.addr as *const u8, bytes.len) }
-        };
+        let data: &[u8] = &bytes;
         let parse_err = |why: String| ElfError::Parse { path: path.to_string(), why };
         let elf = Elf::parse(data).map_err(|e| parse_err(e.to_string()))?;
         if !elf.is_64 || elf.header.e_machine != goblin::elf::header::EM_X86_64 {
@@ -209,11 +176,7 @@ impl ElfFile {
 
     /// The whole file.
     pub fn data(&self) -> &[u8] {
-        if self.bytes.len == 0 {
-            return &[];
-        }
-        // SAFETY: our private read-only mapping, alive as long as self.
-        unsafe { std::slice::from_raw_parts(self.bytes.addr as *const u8, self.bytes.len) }
+        &self.bytes
     }
 
     /// Up to `len` bytes of the file at offset `off`.

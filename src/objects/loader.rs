@@ -10,6 +10,19 @@ static R_DEBUG: AtomicUsize = AtomicUsize::new(0);
 
 /// `r_state` values.
 const RT_CONSISTENT: i32 = 0;
+const RT_DELETE: i32 = 2;
+
+fn state() -> Option<i32> {
+    let r = R_DEBUG.load(Ordering::Acquire);
+    // SAFETY: r_state, an int, follows r_brk (offset 24) in the loader's r_debug, which lives as
+    // long as the process; read volatile, as the loader changes it.
+    (r != 0).then(|| unsafe { core::ptr::read_volatile((r + 24) as *const i32) })
+}
+
+/// Is the loader about to unmap objects (dlclose)?
+pub fn deleting() -> bool {
+    state() == Some(RT_DELETE)
+}
 
 /// Find `_r_debug` (once, at setup). Returns its `r_brk`, the loader's hook address.
 pub fn find() -> Option<u64> {
@@ -27,13 +40,7 @@ pub fn find() -> Option<u64> {
 
 /// Is the loader between changes (every object fully mapped)? True when unknown.
 pub fn consistent() -> bool {
-    let r = R_DEBUG.load(Ordering::Acquire);
-    if r == 0 {
-        return true;
-    }
-    // SAFETY: r_state, an int, follows r_brk (offset 24) in the loader's r_debug, which lives as
-    // long as the process; read volatile, as the loader changes it.
-    unsafe { core::ptr::read_volatile((r + 24) as *const i32) == RT_CONSISTENT }
+    state().is_none_or(|s| s == RT_CONSISTENT)
 }
 
 /// Wait until no dlopen or dlclose is in progress in another thread (take and let go of the

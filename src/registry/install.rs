@@ -3,7 +3,7 @@
 
 use super::{Problem, Registry, SiteKey};
 use crate::error::ProbeError;
-use crate::objects::{LoadedObject, MapEntry};
+use crate::objects::{self, LoadedObject, MapEntry};
 use crate::patch::{self, TextWriter, INT3};
 use crate::sigsafe::plan::Resume;
 use crate::xol;
@@ -112,7 +112,29 @@ impl Registry {
         let mut problems = Vec::new();
         let mut undone = false;
         for (key, installs) in new_installs {
-            if let Err(error) = write_breakpoints(&mut writer, &installs) {
+            // While the loader adds or removes objects (another thread's dlopen or dlclose),
+            // nothing is written: its hook rescans when it is done. (It waits for the registry
+            // before it unmaps anything, so a write that started is done first.)
+            let written = if objects::loader::consistent() {
+                write_breakpoints(&mut writer, &installs)
+            } else {
+                Err(ProbeError::Patch { addr: 0, source: crate::sigsafe::sys::Errno(libc::EAGAIN) })
+            };
+            if let Err(error) = written {
+                // A mapping another thread unmapped meanwhile (a dlclose) is not a failure: the
+                // site waits for its file to be mapped again, as after any dlclose.
+                let vanished = matches!(
+                    &error,
+                    ProbeError::Patch { source, .. }
+                        if matches!(source.0, libc::EFAULT | libc::EIO | libc::EAGAIN)
+                );
+                if vanished {
+                    if let Some(site) = self.sites.get_mut(&key) {
+                        site.installs.retain(|i| !installs.iter().any(|n| n.addr == i.addr));
+                    }
+                    undone = true;
+                    continue;
+                }
                 if let Some(site) = self.sites.get_mut(&key) {
                     site.installs.retain(|i| !installs.iter().any(|n| n.addr == i.addr));
                     if site.installs.is_empty() {

@@ -155,6 +155,12 @@ pub fn try_rescan(in_loader: bool) -> Vec<Problem> {
     }
 }
 
+/// Wait until no registry work is in flight (the loader's hook, before it unmaps objects: a
+/// breakpoint write that started finishes before the memory goes).
+pub fn wait_idle() {
+    drop(REGISTRY.lock());
+}
+
 /// Is a rescan outside the loader wanted (an IFUNC probe waits for its object's relocation)?
 pub fn ifunc_pending() -> bool {
     REGISTRY.try_lock().is_some_and(|g| g.as_ref().is_some_and(|r| r.ifunc_pending))

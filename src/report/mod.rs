@@ -27,6 +27,7 @@ static OUTPUT_FAILED: AtomicBool = AtomicBool::new(false);
 pub fn keep_stderr() {
     if let Ok(fd) = sys::dup_cloexec_at_least(2, 900).or_else(|_| sys::dup_cloexec_at_least(2, 3)) {
         STDERR.store(fd, Ordering::Relaxed);
+        sys::MESSAGE_FD.store(fd, Ordering::Relaxed);
     }
 }
 

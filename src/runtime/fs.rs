@@ -28,7 +28,8 @@ impl Fd {
 
     /// Everything from the current position to the end.
     pub fn read_to_end(&self) -> Result<Vec<u8>, Errno> {
-        let mut out = Vec::new();
+        let size = sys::fstat(self.0).map(|st| st.st_size.max(0) as usize).unwrap_or(0);
+        let mut out = Vec::with_capacity(size);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match sys::read(self.0, &mut buf) {

@@ -188,7 +188,7 @@ unsafe extern "C" fn on_return(regs: *mut SavedRegs) -> u64 {
     // SAFETY: the trampoline passes its save area, valid for the call.
     let regs = unsafe { &mut *regs };
     let slot = regs as *mut SavedRegs as u64 + core::mem::offset_of!(SavedRegs, slot) as u64;
-    let Some(b) = thread::tls_block() else { return lost_return() };
+    let Some(b) = thread::tls_block() else { return return_elsewhere(slot, regs) };
     let depth = (b.ret_depth.load(Ordering::Relaxed) as usize).min(RET_STACK);
     // Innermost first; frames above the match were abandoned (longjmp, exceptions). A function
     // that returned with `ret imm16` popped its arguments too: its slot is up to 65535 bytes
@@ -202,7 +202,9 @@ unsafe extern "C" fn on_return(regs: *mut SavedRegs) -> u64 {
             .max_by_key(|&i| slot_of(i))
     });
     let i = found.unwrap_or(0);
-    let Some(f) = found.and_then(|i| b.ret_frames.get(i)) else { return lost_return() };
+    let Some(f) = found.and_then(|i| b.ret_frames.get(i)) else {
+        return return_elsewhere(slot, regs);
+    };
     let (real, site, entry_ns, counter, flags) = (
         f.real.load(Ordering::Relaxed),
         f.site.load(Ordering::Relaxed),
@@ -235,11 +237,31 @@ unsafe extern "C" fn on_return(regs: *mut SavedRegs) -> u64 {
     real
 }
 
+/// A function returned on a thread other than the one it was called on: a coroutine (a
+/// `swapcontext` stack) that moved between threads. Its frame is in the other thread's block; it
+/// is taken from there (its slot, a stack address, names it in the whole process).
+fn return_elsewhere(slot: u64, regs: &SavedRegs) -> u64 {
+    let Some((real, site, counter)) = thread::take_frame_anywhere(slot) else {
+        return lost_return();
+    };
+    let counting = thread::counting();
+    counting.bump(counter);
+    if events::TRACING.load(Ordering::Relaxed) {
+        let guard = ReadGuard::enter();
+        if let Some(table) = guard.table() {
+            for c in table.return_consumers_at(site) {
+                events::record_return(counting.block(), c, regs.rax, 0, 0);
+            }
+        }
+    }
+    real
+}
+
 /// Nowhere to return to: the stack was switched under us (swapcontext, a coroutine library).
 /// Say so and stop, rather than jump somewhere arbitrary.
 fn lost_return() -> u64 {
     let _ = sys::write_all(
-        2,
+        sys::MESSAGE_FD.load(Ordering::Relaxed),
         b"\nlibuprobe: a return-probed function returned on a stack it was not called on \
           (a stack switch libuprobe did not see); aborting\n",
     );

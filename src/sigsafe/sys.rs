@@ -155,6 +155,10 @@ pub unsafe fn discard(addr: usize, len: usize) {
     let _ = unsafe { call(libc::SYS_madvise, [addr, len, libc::MADV_DONTNEED as usize, 0, 0, 0]) };
 }
 
+/// Where libuprobe's messages go when they must be said from the signal-safe core: the report's
+/// stderr (a duplicate of the program's, see `report::keep_stderr`).
+pub static MESSAGE_FD: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(2);
+
 /// `write(2)` until done or failed.
 pub fn write_all(fd: i32, mut buf: &[u8]) -> Result<(), Errno> {
     while !buf.is_empty() {

@@ -346,6 +346,25 @@ pub fn sum_into(out: &mut [u64]) {
     }
 }
 
+/// The pending return whose slot is `slot`, in any thread's block: (real return address, site,
+/// return counter). The frame is marked gone (slot 0) in its block, whose thread will drop it.
+pub fn take_frame_anywhere(slot: u64) -> Option<(u64, u64, u32)> {
+    for b in blocks().filter(|b| b.owner.load(Ordering::Acquire) != 0) {
+        let depth = (b.ret_depth.load(Ordering::Acquire) as usize).min(RET_STACK);
+        for f in b.ret_frames.iter().take(depth) {
+            if f.slot.compare_exchange(slot, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                let real = f.real.load(Ordering::Relaxed);
+                return Some((
+                    real,
+                    f.site.load(Ordering::Relaxed),
+                    f.counter.load(Ordering::Relaxed),
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Fold the blocks of threads that are gone into [`GLOBAL`] and free them. `limit`: counters in
 /// use. Not for the trap path (it is merely slow, not unsafe).
 pub fn reclaim(limit: usize) {
