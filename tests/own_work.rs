@@ -94,7 +94,7 @@ fn setup_does_not_run_into_the_probes_it_places() {
     let mut specs = Vec::new();
     while d.can_decode() {
         specs.push(format!("libc.so.6:malloc+{:#x}", d.ip()));
-        d.decode();
+        let _ = d.decode();
     }
     assert!(specs.len() > 50, "{}", specs.len());
     let plain = run_plain("counts", &[]);
