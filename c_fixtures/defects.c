@@ -372,6 +372,26 @@ int main(int argc, char **argv) {
   if (!strcmp(m, "hold")) return mode_hold(a);
   if (!strcmp(m, "churn")) return mode_churn(a);
   if (!strcmp(m, "spawn")) return mode_spawn(a, argc > 3 ? argv[3] : "/bin/true");
+  if (!strcmp(m, "zlib")) {
+    void *h = dlopen("libz.so.1", RTLD_NOW);
+    unsigned long (*crc)(unsigned long, const unsigned char *, size_t) =
+        h ? (unsigned long (*)(unsigned long, const unsigned char *, size_t))dlsym(h, "crc32_z") : NULL;
+    if (!crc) {
+      printf("zlib: %s\n", dlerror());
+      return 1;
+    }
+    unsigned char buf[4096];
+    for (int i = 0; i < (int)sizeof buf; i++) buf[i] = (unsigned char)(i * 31);
+    unsigned long c = 0;
+    for (int i = 0; i < atoi(a); i++) c = crc(c, buf, sizeof buf - (size_t)i);
+    printf("zlib: %#lx\n", c);
+    return 0;
+  }
+  if (!strcmp(m, "rtldnext")) {
+    void *p = dlsym(RTLD_NEXT, "malloc");
+    printf("rtldnext: %s\n", p ? "found malloc" : dlerror());
+    return 0;
+  }
   if (!strcmp(m, "coro")) return mode_coro();
   if (!strcmp(m, "lostret")) return mode_lostret();
   if (!strcmp(m, "ret16")) {

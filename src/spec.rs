@@ -120,7 +120,10 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
             let mut args = Vec::new();
             for a in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
                 args.push(parse_arg_type(a).ok_or_else(|| {
-                    err(&format!("unknown argument type `{a}` (str, int, i32, u32, long, i64, u64, x64, ptr)"))
+                    err(&format!(
+                        "unknown argument type `{}` (str, int, i32, u32, long, i64, u64, x64, ptr)",
+                        shorten(a)
+                    ))
                 })?);
             }
             if args.len() > 6 {
@@ -325,6 +328,93 @@ mod tests {
         ];
         for (p, n, want) in cases {
             assert_eq!(glob_match(p, n), want, "{p} vs {n}");
+        }
+    }
+
+    /// A deterministic generator for the fuzz tests (xorshift64*).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Arbitrary text: bytes of every kind, the grammar's own characters often, any length.
+    fn arbitrary(rng: &mut Rng) -> String {
+        const PIECES: &[&str] = &[
+            ":",
+            "+",
+            "%return",
+            "(",
+            ")",
+            ",",
+            ";",
+            " ",
+            "[",
+            "]",
+            "*",
+            "?",
+            "!",
+            "-",
+            "0x",
+            "@",
+            "@@",
+            "str",
+            "int",
+            "libc.so.6",
+            "malloc",
+            "\u{0}",
+            "\n",
+            "é",
+            "\u{10ffff}",
+        ];
+        let len = match rng.below(10) {
+            0 => rng.below(100_000),
+            1..=3 => 0,
+            _ => rng.below(40),
+        };
+        let mut s = String::new();
+        while s.len() < len as usize {
+            if rng.below(3) == 0 {
+                s.push_str(PIECES[rng.below(PIECES.len() as u64) as usize]);
+            } else if let Some(c) = char::from_u32(rng.below(0x11_0000) as u32) {
+                s.push(c);
+            }
+        }
+        s
+    }
+
+    /// No input may panic the parser (fixed seed, bounded run).
+    #[test]
+    fn fuzz_the_parser() {
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        for _ in 0..20_000 {
+            let text = arbitrary(&mut rng);
+            for piece in split_specs(&text) {
+                if let Ok(spec) = parse(piece) {
+                    assert!(!spec.object.is_empty());
+                    let _ = spec.symbol_text();
+                    if let Target::Symbol { pattern, .. } = &spec.target {
+                        let _ = glob_match(pattern, "malloc");
+                    }
+                }
+                if let Err(e) = parse(piece) {
+                    let m = e.to_string();
+                    assert!(
+                        m.chars().count() < 600,
+                        "a message stays readable: {}",
+                        &m[..m.floor_char_boundary(300)]
+                    );
+                }
+            }
         }
     }
 }

@@ -481,3 +481,68 @@ fn uprobe_ctl_into_a_closed_pipe_stops_quietly() {
     assert_eq!(err, "", "nothing said on stderr");
     s.quit();
 }
+
+/// The socket fuzzed (fixed seed, bounded run): arbitrary lines, the protocol's own words in any
+/// order, specs of every shape. The program runs on, and a well-formed request is answered.
+#[test]
+fn the_socket_fuzzed() {
+    let mut s = Served::start();
+    let mut seed: u64 = 0x5eed_50c0_0000_0001;
+    let mut next = move || {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    const WORDS: &[&str] = &[
+        "add",
+        "remove",
+        "list",
+        "stats",
+        "reset",
+        "help",
+        "serve:target",
+        "libc.so.6:str*",
+        "%return",
+        "(str,int)",
+        "0x",
+        "+",
+        ":",
+        "*",
+        "1",
+        "999999999999",
+        "\u{0}",
+        "é",
+    ];
+    let mut c = UnixStream::connect(&s.socket).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = BufReader::new(c.try_clone().unwrap());
+    for _ in 0..3_000 {
+        let mut line = Vec::new();
+        for _ in 0..(next() % 6) {
+            if next() % 3 == 0 {
+                line.extend((0..next() % 20).map(|_| next() as u8));
+            } else {
+                line.extend_from_slice(WORDS[(next() % WORDS.len() as u64) as usize].as_bytes());
+            }
+            line.push(b' ');
+        }
+        line.retain(|&b| b != b'\n');
+        line.push(b'\n');
+        if c.write_all(&line).is_err() {
+            c = UnixStream::connect(&s.socket).unwrap();
+            reader = BufReader::new(c.try_clone().unwrap());
+            continue;
+        }
+        let mut answer = String::new();
+        if reader.read_line(&mut answer).unwrap_or(0) == 0 {
+            c = UnixStream::connect(&s.socket).unwrap();
+            reader = BufReader::new(c.try_clone().unwrap());
+            continue;
+        }
+        assert!(serde_json::from_str::<Value>(&answer).is_ok(), "{}", short(&answer));
+    }
+    assert_eq!(s.tell("call 10"), "done 10", "the program runs on");
+    assert_eq!(s.req("help")["ok"], true);
+    s.quit();
+}

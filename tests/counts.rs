@@ -96,6 +96,9 @@ fn bad_specs_fail_clearly_and_the_program_runs_on() {
     let b = boundaries(&leaf);
     assert!(b[1] > 1, "leaf's first instruction is longer than a byte");
     let inside = "counts:leaf+1".to_string();
+    // %return on an address inside a function (not its entry) is refused, as bpftrace does.
+    let (leaf_vaddr, _) = function("leaf");
+    let inside_ret = format!("counts:{:#x}%return", leaf_vaddr + b[1]);
     let nearest = format!("+{:#x} and +{:#x}", b[0], b[1]);
     let cases: Vec<(&str, &str, String)> = vec![
         ("nolib.so:foo", "pending", String::new()),
@@ -110,6 +113,7 @@ fn bad_specs_fail_clearly_and_the_program_runs_on() {
         ("counts:leaf+0x10000", "failed", "past the end of `leaf`".into()),
         ("counts:refused_fn", "failed", "cannot probe `ud2`".into()),
         ("counts:0x10", "failed", "not in an executable segment".into()),
+        (&inside_ret, "failed", "a return probe goes on a function's entry".into()),
     ];
     for (spec, state, message) in &cases {
         let probed = run_probed("counts", &[], spec);
@@ -145,6 +149,8 @@ fn text_report_to_stderr_by_default_and_pid_in_output_path() {
     let (stdout, stderr, status) = run_command(cmd);
     assert_eq!(status.code(), Some(7));
     assert_eq!(stdout, run_plain("counts", &[]).stdout);
+    let head = stderr.lines().find(|l| l.starts_with("libuprobe: pid ")).expect("summary head");
+    assert!(head.contains("(counts, argv[0] \""), "the summary names the program: {head}");
     let header = stderr.lines().find(|l| l.contains("HITS")).expect("table header");
     assert!(
         header.contains("ID") && header.contains("STATE") && header.contains("SPEC"),

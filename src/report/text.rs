@@ -42,7 +42,7 @@ fn latency(p: &ProbeInfo, out: &mut String) {
     );
     let widest = l.histogram.iter().map(|h| h.2).max().unwrap_or(1).max(1);
     for &(lo, hi, n) in &l.histogram {
-        let bar = "@".repeat(((n * 40).div_ceil(widest)) as usize);
+        let bar = "@".repeat((n as u128 * 40).div_ceil(widest as u128) as usize);
         *out += &format!("  [{:>10}, {:>10}] {n:>10} |{bar:<40}|\n", human_ns(lo), human_ns(hi));
     }
 }
@@ -95,4 +95,67 @@ pub fn summary(
         out += "libuprobe: no object named by the specs was ever loaded\n";
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ProbeError;
+    use crate::registry::{LatencyInfo, ProbeInfo, ProbeState};
+
+    fn probe(
+        spec: String,
+        symbol: String,
+        state: ProbeState,
+        error: Option<ProbeError>,
+    ) -> ProbeInfo {
+        ProbeInfo {
+            id: 1,
+            spec,
+            object: "o".repeat(70_000),
+            symbol,
+            offset: Some(u64::MAX),
+            state,
+            error,
+            hits: u64::MAX,
+            ret: true,
+            missed: u64::MAX,
+            latency: Some(LatencyInfo {
+                calls: u64::MAX,
+                total_ns: u64::MAX,
+                mean_ns: u64::MAX,
+                min_ns: 0,
+                max_ns: u64::MAX,
+                p50_ns: 1,
+                p99_ns: u64::MAX,
+                histogram: vec![(0, 0, u64::MAX), (1, 1, 1), (u64::MAX / 2, u64::MAX, 7)],
+            }),
+            path: Some("trap"),
+            path_reason: Some("x".repeat(70_000)),
+        }
+    }
+
+    /// The report never panics, whatever the probes hold (a spec of 65,536 characters made the
+    /// text table's width overflow).
+    #[test]
+    fn the_report_takes_anything() {
+        let long = "s".repeat(70_000);
+        let weird = "\u{0}\n\u{10ffff}é%return:(".repeat(5_000);
+        let error = Some(ProbeError::Spec(crate::spec::SpecError {
+            spec: long.clone(),
+            why: weird.clone(),
+        }));
+        let probes: Vec<ProbeInfo> = [
+            probe(long.clone(), weird.clone(), ProbeState::Failed, error),
+            probe(weird.clone(), long.clone(), ProbeState::Active, None),
+            probe(String::new(), String::new(), ProbeState::Pending, None),
+            probe(long.clone(), long.clone(), ProbeState::Lost, None),
+        ]
+        .into();
+        let program = (weird.clone(), long.clone());
+        let text = summary(1, &program, &probes, Some((u64::MAX, u64::MAX)), true);
+        assert!(text.lines().all(|l| l.len() < 250_000));
+        let json = crate::report::json::summary(1, &program, &probes, Some((0, 0)));
+        assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok());
+    }
 }

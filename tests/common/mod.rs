@@ -97,14 +97,14 @@ impl Outcome {
     /// The one probe whose symbol is `symbol`.
     pub fn probe(&self, symbol: &str) -> &Value {
         let found: Vec<_> = self.probes().iter().filter(|p| p["symbol"] == symbol).collect();
-        assert_eq!(found.len(), 1, "probes with symbol {symbol}: {found:#?}");
+        assert_eq!(found.len(), 1, "probes with symbol {symbol}: {}", short(&found));
         found[0]
     }
 
     /// The one probe registered from exactly `spec`.
     pub fn probe_by_spec(&self, spec: &str) -> &Value {
         let found: Vec<_> = self.probes().iter().filter(|p| p["spec"] == spec).collect();
-        assert_eq!(found.len(), 1, "probes with spec {spec}: {found:#?}");
+        assert_eq!(found.len(), 1, "probes with spec {spec}: {}", short(&found));
         found[0]
     }
 
@@ -124,6 +124,16 @@ impl Outcome {
     pub fn signal(&self) -> Option<i32> {
         self.status.signal()
     }
+}
+
+/// At most 2,000 characters of what `v` prints as (a failing assertion must stay readable).
+pub fn short(v: &impl std::fmt::Debug) -> String {
+    let s = format!("{v:?}");
+    if s.len() <= 2000 {
+        return s;
+    }
+    let cut: String = s.chars().take(2000).collect();
+    format!("{cut}... ({} characters)", s.len())
 }
 
 /// Run `cmd` to completion (or the watchdog), without core dumps.
