@@ -10,8 +10,8 @@
 //! | [`spec`] | the spec grammar |
 //! | [`error`] | why a probe could not be set up, typed |
 //! | [`objects`] | mapped objects and their ELF files |
-//! | [`xol`] | decoding, out-of-line slots, relocation |
-//! | [`patch`] | the only code that writes the program's text |
+//! | [`patch`] | the only code that writes the program's text (and libuprobe's code areas) |
+//! | [`xol`] | decoding, out-of-line slots, relocation, the jump path's bodies and stubs |
 //! | [`resolve`] | spec + mapped objects -> sites, and what is refused |
 //! | [`registry`] | the probe tree: sites, installs, counters, the published table |
 //! | [`consumers`] | the event stream's drain and formatting |
@@ -59,6 +59,10 @@ fn setup() -> Result<(), String> {
         sigsafe::sys::FAULT_RECOVERY.store(true, std::sync::atomic::Ordering::Release);
     }
     let maps = objects::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
+    if let Some(own) = objects::maps::find(&maps, trap::restorer() as u64) {
+        trap::OWN_TEXT[0].store(own.start, Ordering::Relaxed);
+        trap::OWN_TEXT[1].store(own.end, Ordering::Relaxed);
+    }
     registry::with_registry(|r| r.ensure_mask_fix(&maps));
     if let Err(e) = hooks::dl::install_link_map_hook() {
         report::problem(

@@ -130,7 +130,9 @@ fn add_count_remove_and_the_original_bytes_are_back() {
 
     let addr = u64::from_str_radix(s.tell("addr").trim_start_matches("addr 0x"), 16).unwrap();
     let pid = s.child.id();
-    assert_eq!(read_mem(pid, addr, 1), [0xcc], "the breakpoint is in place");
+    let head = if p["path"] == "jump" { 0xe9 } else { 0xcc };
+    assert_eq!(p["path"], expected_path(), "{p}");
+    assert_eq!(read_mem(pid, addr, 1), [head], "the patch is in place");
 
     assert_eq!(s.tell("call 1000"), "done 1000");
     assert_eq!(s.hits(id), 1000);

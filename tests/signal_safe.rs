@@ -12,6 +12,8 @@ const ROOTS: &[&str] = &[
     "uprobe::sigsafe::trap::on_fault",
     "uprobe::sigsafe::ret::on_return",
     "uprobe_return_trampoline",
+    "uprobe::sigsafe::jump::on_jump_hit",
+    "uprobe_jump_full",
 ];
 
 /// Names no reachable function may have: panics, formatting, and their helpers.

@@ -25,14 +25,13 @@ use crate::{objects, registry, report, runtime, sigsafe};
 /// held, before new objects are relocated.
 extern "C" fn on_link_map_change() {
     // The hook fires before a change (objects about to be mapped or unmapped) and after it:
-    // only then are the mappings complete. Before unmapping, a breakpoint write in flight in
-    // another thread finishes first.
-    if objects::loader::deleting() {
+    // only then are the mappings complete. Before mapping or unmapping anything, registry work
+    // in flight in another thread (reading code, writing patches) finishes first; so the
+    // registry, while it holds its lock, sees the loader between changes or in the middle of
+    // one that began before it took the lock (`loader::consistent` tells).
+    if !objects::loader::consistent() {
         let _rt = crate::runtime::InRuntime::enter();
         registry::wait_idle();
-        return;
-    }
-    if !objects::loader::consistent() {
         return;
     }
     let problems = registry::try_rescan(true);
@@ -56,17 +55,13 @@ fn objects_changed() {
 pub fn install_link_map_hook() -> Result<(), ProbeError> {
     sigsafe::trap::LINK_MAP_CALLBACK
         .store(on_link_map_change as *const () as usize, Ordering::Release);
-    // struct r_debug { int r_version; struct link_map *r_map; ElfW(Addr) r_brk; ... }
-    // SAFETY: dlsym with a NUL-terminated name; `_r_debug` is ld.so's exported r_debug.
-    let r_debug = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_r_debug".as_ptr()) } as *const u64;
-    if r_debug.is_null() {
-        return Err(ProbeError::Runtime { why: "the loader exports no _r_debug".into() });
-    }
-    // SAFETY: r_brk is the third 8-byte field of r_debug.
-    let r_brk = unsafe { *r_debug.add(2) };
-    if r_brk == 0 {
-        return Err(ProbeError::Runtime { why: "the loader's r_brk is not set".into() });
-    }
+    // `loader::find` also remembers where r_debug is, so that `loader::consistent` can read its
+    // state.
+    let Some(r_brk) = objects::loader::find() else {
+        return Err(ProbeError::Runtime {
+            why: "the loader exports no _r_debug, or its r_brk is not set".into(),
+        });
+    };
     registry::with_registry(|r| r.install_link_map_hook(r_brk)).unwrap_or(Ok(()))
 }
 

@@ -10,18 +10,12 @@ static R_DEBUG: AtomicUsize = AtomicUsize::new(0);
 
 /// `r_state` values.
 const RT_CONSISTENT: i32 = 0;
-const RT_DELETE: i32 = 2;
 
 fn state() -> Option<i32> {
     let r = R_DEBUG.load(Ordering::Acquire);
     // SAFETY: r_state, an int, follows r_brk (offset 24) in the loader's r_debug, which lives as
     // long as the process; read volatile, as the loader changes it.
     (r != 0).then(|| unsafe { core::ptr::read_volatile((r + 24) as *const i32) })
-}
-
-/// Is the loader about to unmap objects (dlclose)?
-pub fn deleting() -> bool {
-    state() == Some(RT_DELETE)
 }
 
 /// Find `_r_debug` (once, at setup). Returns its `r_brk`, the loader's hook address.

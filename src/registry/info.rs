@@ -53,6 +53,8 @@ pub struct ProbeInfo {
     /// the jump path is on, why no jump.
     pub path: Option<&'static str>,
     pub path_reason: Option<String>,
+    /// For `jump`: 1 when the instruction is 5 bytes or longer, 2 for a punned jump.
+    pub class: Option<u8>,
 }
 
 /// Durations of a return probe's calls, in nanoseconds.

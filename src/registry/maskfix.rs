@@ -148,7 +148,7 @@ impl Registry {
                 n += 1;
                 continue;
             }
-            match self.plan_site(key, maps) {
+            match self.plan_site(key, maps, NO_COUNTER, true) {
                 Ok(installs) => {
                     self.sites.insert(
                         key,
@@ -196,7 +196,7 @@ impl Registry {
             self.publish();
             return Ok(());
         }
-        let install = self.plan_install(key, m, r_brk, &maps)?;
+        let install = self.plan_install(key, m, r_brk, &maps, NO_COUNTER, false)?;
         if !trap::can_hijack(install.resume) {
             return Err(ProbeError::Runtime {
                 why: "the loader's r_brk starts with an instruction the hook cannot resume".into(),

@@ -32,9 +32,11 @@ use crate::resolve::{NotYet, Resolver, SiteKey};
 use crate::runtime::{config, lock::Mutex, owner, InRuntime};
 use crate::sigsafe::consumer::{ArgType, Consumer, Latency};
 use crate::sigsafe::plan::Resume;
+use crate::sigsafe::table::NO_COUNTER;
 use crate::sigsafe::{sys, thread, trap};
 use crate::spec::{self, Spec};
 use crate::xol::area::Areas;
+use crate::xol::jump::Jumps;
 use crate::xol::slot::Slots;
 
 /// A probe as the user registered it: resolved to a site, still waiting for its object (`pending`
@@ -94,6 +96,15 @@ pub struct Registry {
     resolver: Resolver,
     areas: Areas,
     slots: Slots,
+    jumps: Jumps,
+    /// The bytes every install depends on, by address: its end (exclusive) and its site. A
+    /// jump's are its five bytes (a punned jump's last ones belong to the next instructions,
+    /// which must not change); a trap's, its first byte.
+    occupied: BTreeMap<u64, (u64, SiteKey)>,
+    /// Jumps to turn back into traps before the next writes (a new site lies in their bytes).
+    demote: Vec<u64>,
+    /// Why an install is a trap, by address (`path_reason`).
+    trap_reasons: install::TrapReasons,
     /// Counter indexes by (site, is the return counter): kept when a site goes, so that it gets
     /// the same counter back (and its probes' baselines stay right).
     counters: HashMap<(SiteKey, bool), u32>,
@@ -294,23 +305,28 @@ impl Registry {
         let mut new_installs = Vec::new();
         let mut reused_counters = false;
         for r in resolved {
-            let planned = if self.sites.contains_key(&r.key) {
-                Ok(Vec::new())
-            } else {
-                self.plan_site(r.key, maps)
-            };
-            let installs = match planned {
-                Ok(i) => i,
-                Err(e) => {
-                    failed.push((r.path, r.symbol, e));
-                    continue;
-                }
-            };
             let counter = match self.counter_for(r.key, spec.ret) {
                 Ok((c, reused)) => {
                     reused_counters |= reused;
                     c
                 }
+                Err(e) => {
+                    failed.push((r.path, r.symbol, e));
+                    continue;
+                }
+            };
+            let existing = self.sites.get(&r.key);
+            let planned = match existing {
+                Some(_) => Ok(Vec::new()),
+                None => {
+                    let entry = if spec.ret { NO_COUNTER } else { counter };
+                    self.plan_site(r.key, maps, entry, true)
+                }
+            };
+            let installs = match planned {
+                Ok(i) => i,
+                // Its object is going away or still being mapped: the site waits for it.
+                Err(e) if install::vanished(&e) => Vec::new(),
                 Err(e) => {
                     failed.push((r.path, r.symbol, e));
                     continue;
@@ -341,8 +357,8 @@ impl Registry {
                 installs: Vec::new(),
                 link_map_hook: false,
                 mask_fix: None,
-                counter: crate::sigsafe::table::NO_COUNTER,
-                ret_counter: crate::sigsafe::table::NO_COUNTER,
+                counter: NO_COUNTER,
+                ret_counter: NO_COUNTER,
             });
             if spec.ret {
                 site.ret_counter = counter;
@@ -428,10 +444,21 @@ impl Registry {
             maps.iter().any(|m| m.file == Some(key.file) && m.addr_of(key.offset) == Some(addr))
         };
         let mut changed = false;
+        let mut gone = Vec::new();
         for (key, site) in self.sites.iter_mut() {
             let before = site.installs.len();
-            site.installs.retain(|i| still_mapped(key, i.addr));
+            site.installs.retain(|i| {
+                let keep = still_mapped(key, i.addr);
+                if !keep {
+                    gone.push(i.addr);
+                }
+                keep
+            });
             changed |= site.installs.len() != before;
+        }
+        for a in gone {
+            self.occupied.remove(&a);
+            self.trap_reasons.remove(&a);
         }
         let before = self.tombstones.len();
         self.tombstones.retain(|&addr, _| maps.iter().any(|m| m.start <= addr && addr < m.end));
@@ -450,7 +477,11 @@ impl Registry {
                 if known.contains(&addr) {
                     continue;
                 }
-                match self.plan_install(key, m, addr, &maps) {
+                let (counter, jump_ok) = self
+                    .sites
+                    .get(&key)
+                    .map_or((NO_COUNTER, false), |s| (s.counter, !s.link_map_hook));
+                match self.plan_install(key, m, addr, &maps, counter, jump_ok) {
                     Ok(i) => {
                         self.tombstones.remove(&i.addr);
                         if let Some(s) = self.sites.get_mut(&key) {
@@ -458,6 +489,7 @@ impl Registry {
                         }
                         new_installs.push((key, vec![i]));
                     }
+                    Err(error) if install::vanished(&error) => {}
                     Err(error) => problems
                         .push(Problem { spec: format!("{}+{:#x}", m.path, key.offset), error }),
                 }
@@ -499,9 +531,11 @@ impl Registry {
                 site.consumers.retain(|(cid, _)| *cid != id);
                 if !site.wanted() {
                     if let Some(site) = self.sites.remove(&key) {
-                        install::restore(&site.installs);
+                        install::restore(&mut crate::patch::TextWriter::new(), &site.installs);
                         for i in &site.installs {
                             self.tombstones.insert(i.addr, i.resume);
+                            self.occupied.remove(&i.addr);
+                            self.trap_reasons.remove(&i.addr);
                         }
                     }
                 }
@@ -542,8 +576,19 @@ impl Registry {
                     ret: c.ret || p.pending.as_ref().is_some_and(|s| s.ret),
                     missed: c.missed.load(Ordering::Relaxed),
                     latency: c.latency.as_deref().map(LatencyInfo::of),
-                    path: installed.then_some("trap"),
-                    path_reason: None,
+                    path: site.filter(|_| installed).map(|s| {
+                        if s.installs.iter().all(|i| i.jump.is_some()) {
+                            "jump"
+                        } else {
+                            "trap"
+                        }
+                    }),
+                    path_reason: site.and_then(|s| {
+                        s.installs.iter().find_map(|i| self.trap_reasons.get(&i.addr).cloned())
+                    }),
+                    class: site.filter(|_| installed).and_then(|s| {
+                        s.installs.iter().map(|i| i.jump.map(|j| j.class)).min().flatten()
+                    }),
                 }
             })
             .collect()

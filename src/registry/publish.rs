@@ -1,12 +1,19 @@
 //! Giving hits a new table: built from the current sites and tombstones, swapped in atomically,
 //! the old one freed once no hit can still be reading it.
 
-use super::Registry;
+use std::sync::atomic::Ordering;
+
+use super::{Registry, Site};
+use crate::patch::TextWriter;
+use crate::sigsafe::events::TRACING;
 use crate::sigsafe::table::{self, Table, TableEntry, LINK_MAP_HOOK, MASK_FIX, NO_COUNTER, TIMED};
 
 impl Registry {
-    /// Build and publish the table. Called only with the registry lock held (one writer).
-    pub(super) fn publish(&self) {
+    /// Build and publish the table, then point every jump at the body entry its consumers need.
+    /// Called only with the registry lock held (one writer).
+    pub(super) fn publish(&mut self) {
+        // Code planned since the last write (bodies for a site's new counter) goes in first.
+        let _ = self.areas.flush(&mut TextWriter::new());
         let mut t = Table::default();
         for site in self.sites.values() {
             let first = t.consumers.len() as u32;
@@ -54,11 +61,32 @@ impl Registry {
         t.entries.sort_by_key(|e| (e.addr, !e.live()));
         t.entries.dedup_by_key(|e| e.addr);
         t.slots = self.slots.maps();
+        t.slots.extend(self.jumps.slots());
+        t.slots.sort_by_key(|m| m.start);
+        t.code = self.areas.code_ranges();
         // SAFETY: a fresh box, handed over.
         let old = unsafe { table::replace(Box::into_raw(Box::new(t))) };
         if !old.is_null() {
             // SAFETY: `old` came from Box::into_raw in an earlier publish, and no reader holds it.
             drop(unsafe { Box::from_raw(old) });
         }
+        // After the table: a hit that takes the full entry finds its consumers there.
+        for site in self.sites.values() {
+            for i in &site.installs {
+                if let Some(j) = &i.jump {
+                    j.point_to(if count_only(site) { j.body.count } else { j.body.full });
+                }
+            }
+        }
     }
+}
+
+/// Is every hit on `site` only counted (so that its jump body counts it by itself)?
+fn count_only(site: &Site) -> bool {
+    site.counter != NO_COUNTER
+        && !site.consumers.is_empty()
+        && !site.link_map_hook
+        && site.mask_fix.is_none()
+        && !site.consumers.iter().any(|(_, c)| c.ret)
+        && !TRACING.load(Ordering::Relaxed)
 }

@@ -132,6 +132,7 @@ mod tests {
             }),
             path: Some("trap"),
             path_reason: Some("x".repeat(70_000)),
+            class: None,
         }
     }
 

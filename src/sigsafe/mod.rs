@@ -25,6 +25,8 @@
 //! | [`events`] | event rings and recording |
 //! | [`ret`] | return probes: the return stack and the return trampoline |
 //! | [`chain`] | the program's own dispositions of the signals libuprobe handles |
+//! | [`hit`] | what a hit does, however it arrived: count, events, return hijack |
+//! | [`jump`] | the jump path's shared entry: registers saved, then the hit |
 //! | [`trap`] | the SIGTRAP and fault handlers |
 
 #![deny(
@@ -41,6 +43,8 @@ pub mod chain;
 pub mod consumer;
 pub mod emulate;
 pub mod events;
+pub mod hit;
+pub mod jump;
 pub mod plan;
 pub mod ret;
 pub mod sys;

@@ -514,6 +514,54 @@ pub fn read_u64_safely(addr: u64) -> Option<u64> {
     }
 }
 
+/// Copy `buf.len()` bytes of this process's memory at `addr` into `buf`; false if any is not
+/// readable. Aligned 8-byte loads (never across a page), so no byte outside whole readable words
+/// is touched.
+pub fn read_bytes_safely(addr: u64, buf: &mut [u8]) -> bool {
+    let mut word = addr & !7;
+    let end = addr.wrapping_add(buf.len() as u64);
+    while word < end {
+        let Some(v) = read_u64_safely(word) else { return false };
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            let a = word + i as u64;
+            if a >= addr && a < end {
+                if let Some(slot) = buf.get_mut((a - addr) as usize) {
+                    *slot = *b;
+                }
+            }
+        }
+        word += 8;
+    }
+    true
+}
+
+/// `membarrier` commands.
+pub const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: i32 = 1 << 5;
+pub const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: i32 = 1 << 6;
+
+/// Execute a serializing instruction on this CPU: `iretq` to the next instruction, as the kernel's
+/// `sync_core` does (`cpuid` would do too, but traps to the hypervisor in a VM).
+pub fn serialize_self() {
+    // SAFETY: builds an interrupt-return frame for the current context (ss, rsp, rflags, cs, rip)
+    // and returns through it to the label right after: every register and the flags unchanged.
+    unsafe {
+        core::arch::asm!(
+            "mov {tmp}, ss",
+            "push {tmp}",
+            "lea {tmp}, [rsp + 8]",
+            "push {tmp}",
+            "pushfq",
+            "mov {tmp}, cs",
+            "push {tmp}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "iretq",
+            "2:",
+            tmp = out(reg) _,
+        );
+    }
+}
+
 /// Does thread `tid` of process `pid` still exist? (`tgkill` with signal 0.)
 pub fn thread_alive(pid: i32, tid: i32) -> bool {
     // SAFETY: signal 0 only checks existence.

@@ -68,6 +68,8 @@ pub struct Table {
     pub consumers: Vec<Arc<Consumer>>,
     /// Out-of-line copies, sorted by `start`.
     pub slots: Vec<SlotMap>,
+    /// Memory libuprobe wrote code into (XOL slots, jump bodies and stubs): [start, end), sorted.
+    pub code: Vec<(u64, u64)>,
 }
 
 impl Table {
@@ -97,6 +99,12 @@ impl Table {
         let s = self.slots.get(i)?;
         let end = s.start.wrapping_add(s.len as u64).wrapping_add(s.tail as u64);
         (rip < end).then_some(s)
+    }
+
+    /// Is `rip` in memory libuprobe wrote code into?
+    pub fn in_code(&self, rip: u64) -> bool {
+        let i = self.code.partition_point(|&(start, _)| start <= rip);
+        i.checked_sub(1).and_then(|i| self.code.get(i)).is_some_and(|&(_, end)| rip < end)
     }
 
     /// Is there an entry in `[lo, hi)`?

@@ -21,7 +21,7 @@ pub const RET_STACK: usize = 64;
 /// Hit counters per block: one per probed site (two for a site with return probes).
 pub const MAX_COUNTERS: usize = 32768;
 /// Bytes of a block before its counters (page-aligned, so counters can be discarded by page).
-const HEADER: usize = 8192;
+pub const HEADER: usize = 8192;
 /// Bytes of one block.
 pub const BLOCK_SIZE: usize = HEADER + MAX_COUNTERS * 8;
 const CHUNK_BLOCKS: usize = 64;

@@ -4,15 +4,14 @@
 
 use core::arch::global_asm;
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use super::chain;
 use super::emulate::{self, Gregs, RIP, RSP};
-use super::events;
+use super::hit::{count, in_runtime};
 use super::plan::Resume;
-use super::ret;
 use super::sys;
-use super::table::{ReadGuard, SlotMap, TableEntry, LINK_MAP_HOOK, MASK_FIX, TIMED};
+use super::table::{ReadGuard, SlotMap, LINK_MAP_HOOK, MASK_FIX};
 use super::thread::{self, Counting};
 
 /// `si_code` of a SIGTRAP raised by `int3`.
@@ -101,12 +100,6 @@ pub fn can_hijack(r: Resume) -> bool {
     matches!(r, Resume::Xol { .. } | Resume::Emulate(super::plan::Emu::Ret { pop: 0 }))
 }
 
-/// Is this thread running libuprobe code (or is it a runtime thread)?
-fn in_runtime() -> bool {
-    let t = thread::tls();
-    t.depth.load(Ordering::Relaxed) != 0 || thread::on_runtime_stack()
-}
-
 enum Outcome {
     /// Ours, and the context is set to resume.
     Done,
@@ -126,7 +119,13 @@ unsafe extern "C" fn on_sigtrap(sig: i32, info: *mut libc::siginfo_t, ctx: *mut 
     match handle_breakpoint(code, &mut uc.uc_mcontext.gregs) {
         Outcome::Done => {}
         Outcome::NotOurs => {
-            // A single-step trap in an out-of-line copy is shown where the instruction lives.
+            // A single step (or watchpoint) in libuprobe's own code: the program never sees its
+            // instructions; only the step that completes a displaced instruction is shown, where
+            // the instruction lives.
+            let rip = emulate::get(&uc.uc_mcontext.gregs, RIP);
+            if code != SI_KERNEL && in_own_code(rip) && !after_displaced(rip) {
+                return;
+            }
             translate(&mut uc.uc_mcontext.gregs, info);
             // SAFETY: the kernel's pointers, passed on.
             unsafe { chain::deliver(sig, info, ctx, false) };
@@ -158,6 +157,25 @@ unsafe extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, ctx: *mut c_
     translate(&mut uc.uc_mcontext.gregs, info);
     // SAFETY: the kernel's pointers, passed on.
     unsafe { chain::deliver(sig, info, ctx, true) };
+}
+
+/// libuprobe's own text (the mapping holding its handlers), set at setup.
+pub static OWN_TEXT: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Is `rip` in code of libuprobe's: its own text, or code it wrote (slots, bodies, stubs)?
+fn in_own_code(rip: u64) -> bool {
+    let [lo, hi] = &OWN_TEXT;
+    if lo.load(Ordering::Relaxed) <= rip && rip < hi.load(Ordering::Relaxed) {
+        return true;
+    }
+    let guard = ReadGuard::enter();
+    guard.table().is_some_and(|t| t.in_code(rip))
+}
+
+/// Is `rip` right after a displaced instruction ran out of line (where a step is the program's)?
+fn after_displaced(rip: u64) -> bool {
+    let guard = ReadGuard::enter();
+    guard.table().and_then(|t| t.slot_at(rip)).is_some_and(|m| rip >= m.start + m.len as u64)
 }
 
 /// If the context is inside an out-of-line copy, move it to where the program believes it is: the
@@ -248,35 +266,6 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
     }
     count(&counting, &entry, table, site, args, Some(rsp0));
     Outcome::Done
-}
-
-/// Count a hit and give its consumers what they want; `rsp0`: the stack pointer at the hit, to
-/// hijack the return of a return-probed function (None: the instruction did not run).
-#[inline(always)]
-fn count(
-    counting: &Counting,
-    entry: &TableEntry,
-    table: &super::table::Table,
-    site: u64,
-    args: [u64; 6],
-    rsp0: Option<u64>,
-) {
-    if matches!(counting, Counting::No) {
-        return;
-    }
-    counting.bump(entry.counter);
-    let consumers = table.consumers_of(entry);
-    let tracing = events::TRACING.load(Ordering::Relaxed);
-    if tracing {
-        for c in consumers {
-            events::record_entry(counting.block(), c, args);
-        }
-    }
-    if let (true, Some(rsp0)) = (consumers.iter().any(|c| c.ret), rsp0) {
-        let timed = entry.flags & TIMED != 0;
-        let h = ret::Hijack { site, counter: entry.ret_counter, timed, slow: timed || tracing };
-        ret::hijack(counting.block(), rsp0, &h, consumers);
-    }
 }
 
 /// Bit 7 of a table entry's `mask_reg`: the system call is `rt_sigprocmask`, whose `how` (rdi)

@@ -1,10 +1,20 @@
-//! Executable memory libuprobe writes its own code into (XOL slots, and the jump path's
-//! trampolines), within reach of the code it serves. Areas are never unmapped, and a piece is
-//! never handed out twice: a thread preempted inside libuprobe's code always finds the bytes it
-//! started.
+//! Memory libuprobe writes its own code and data into, within reach of the code it serves:
+//!
+//! - code areas (read + execute): XOL slots, jump bodies, the stubs of long jumps;
+//! - data areas (read + write): the pointer each jump stub goes through, so that a site's body is
+//!   chosen by one atomic store, never by rewriting live code;
+//! - stub pages (read + execute) at addresses fixed by the program's own bytes: the targets of
+//!   punned jumps (see `xol::jump`).
+//!
+//! Nothing here is ever unmapped, and no byte is handed out twice: a thread preempted inside
+//! libuprobe's code always finds the bytes it started. Code is written through `/proc/self/mem`
+//! (see `patch`), batched, so that the pages stay read + execute and are never writable.
+
+use std::collections::BTreeMap;
 
 use super::decode::XolError;
 use crate::objects::MapEntry;
+use crate::patch::TextWriter;
 use crate::sigsafe::sys;
 
 struct Area {
@@ -13,20 +23,44 @@ struct Area {
     used: u64,
 }
 
+impl Area {
+    fn take(&mut self, near: u64, size: u64, align: u64) -> Option<u64> {
+        let at = (self.base + self.used).next_multiple_of(align);
+        (self.base.abs_diff(near) < MAX_DISTANCE && at + size <= self.base + self.len).then(|| {
+            self.used = at + size - self.base;
+            at
+        })
+    }
+}
+
+/// A page of stubs at fixed addresses.
+struct StubPage {
+    /// Which bytes are taken, one bit a byte.
+    bits: [u64; 64],
+    /// Offset of the byte after the highest stub.
+    next: u64,
+}
+
 /// Every area. Owned by the registry (under its lock).
 #[derive(Default)]
 pub struct Areas {
-    areas: Vec<Area>,
+    code: Vec<Area>,
+    data: Vec<Area>,
+    /// Stub pages by page address: which of their bytes are taken (one bit a byte).
+    stubs: BTreeMap<u64, StubPage>,
+    /// Code written since the last [`Areas::flush`], by address.
+    pending: BTreeMap<u64, Vec<u8>>,
 }
 
-/// Size of one area.
+/// Size of one code or data area.
 const AREA_SIZE: u64 = 256 * 1024;
 /// How far from the code it serves an area may be: well inside rel32 (±2 GiB), so that the code's
 /// own RIP-relative targets (within its object) stay within reach of a copy too.
 pub const MAX_DISTANCE: u64 = 1 << 30;
+const PAGE: u64 = sys::PAGE as u64;
 
 impl Areas {
-    /// `size` bytes, aligned to `align`, within [`MAX_DISTANCE`] of `near`.
+    /// `size` bytes of code memory, aligned to `align`, within [`MAX_DISTANCE`] of `near`.
     pub fn alloc_near(
         &mut self,
         near: u64,
@@ -34,71 +68,231 @@ impl Areas {
         align: u64,
         maps: &[MapEntry],
     ) -> Result<u64, XolError> {
-        let fits = |a: &Area| {
-            let at = (a.base + a.used).next_multiple_of(align);
-            a.base.abs_diff(near) < MAX_DISTANCE && at + size <= a.base + a.len
-        };
-        if let Some(a) = self.areas.iter_mut().find(|a| fits(a)) {
-            let at = (a.base + a.used).next_multiple_of(align);
-            a.used = at + size - a.base;
+        if let Some(at) = self.code.iter_mut().find_map(|a| a.take(near, size, align)) {
             return Ok(at);
         }
-        let base = map_near(near, AREA_SIZE, maps)?;
-        self.areas.push(Area { base, len: AREA_SIZE, used: size });
+        let base = map_near(near, AREA_SIZE, maps, self, libc::PROT_READ | libc::PROT_EXEC)?;
+        self.code.push(Area { base, len: AREA_SIZE, used: size });
         Ok(base)
     }
 
-    /// Write `code` at `at`, inside one of our areas. Other threads may be running code of ours on
-    /// the same pages, so PROT_EXEC stays on throughout.
-    pub fn write(&self, at: u64, code: &[u8]) -> Result<(), sys::Errno> {
-        let end = at + code.len() as u64;
-        debug_assert!(self.areas.iter().any(|a| a.base <= at && end <= a.base + a.len));
-        let page = sys::PAGE as u64;
-        let (lo, hi) = (at & !(page - 1), (end + page - 1) & !(page - 1));
-        let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-        // SAFETY: [lo, hi) lies inside one of our areas, which nothing else uses; the bytes
-        // written were never handed out before, so no thread runs them.
-        unsafe {
-            sys::mprotect(lo as usize, (hi - lo) as usize, rwx)?;
-            core::ptr::copy_nonoverlapping(code.as_ptr(), at as *mut u8, code.len());
-            sys::mprotect(lo as usize, (hi - lo) as usize, libc::PROT_READ | libc::PROT_EXEC)
+    /// An aligned 8-byte word of read-write memory within [`MAX_DISTANCE`] of `near`.
+    pub fn alloc_data_near(&mut self, near: u64, maps: &[MapEntry]) -> Result<u64, XolError> {
+        if let Some(at) = self.data.iter_mut().find_map(|a| a.take(near, 8, 8)) {
+            return Ok(at);
+        }
+        let base = map_near(near, AREA_SIZE, maps, self, libc::PROT_READ | libc::PROT_WRITE)?;
+        self.data.push(Area { base, len: AREA_SIZE, used: 8 });
+        Ok(base)
+    }
+
+    /// Write `code` at `at` (memory handed out by this `Areas`, never run yet) at the next
+    /// [`Areas::flush`].
+    pub fn stage(&mut self, at: u64, code: &[u8]) {
+        self.pending.insert(at, code.to_vec());
+    }
+
+    /// Write the staged code, one write per contiguous run.
+    pub fn flush(&mut self, w: &mut TextWriter) -> Result<(), sys::Errno> {
+        let pending = std::mem::take(&mut self.pending);
+        let mut run: Option<(u64, Vec<u8>)> = None;
+        for (at, code) in pending {
+            match &mut run {
+                Some((start, bytes)) if *start + bytes.len() as u64 == at => {
+                    bytes.extend_from_slice(&code)
+                }
+                _ => {
+                    if let Some((start, bytes)) = run.take() {
+                        w.write(start, &bytes)?;
+                    }
+                    run = Some((at, code));
+                }
+            }
+        }
+        if let Some((start, bytes)) = run {
+            w.write(start, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The code staged and not yet written (for tests).
+    #[cfg(test)]
+    pub fn staged(&self) -> Vec<(u64, Vec<u8>)> {
+        self.pending.iter().map(|(a, c)| (*a, c.clone())).collect()
+    }
+
+    /// Bytes of code and data memory mapped so far (stub pages included).
+    pub fn mapped_bytes(&self) -> u64 {
+        let areas: u64 = self.code.iter().chain(&self.data).map(|a| a.len).sum();
+        areas + self.stubs.len() as u64 * PAGE
+    }
+
+    /// Every range of code memory (areas and stub pages), sorted.
+    pub fn code_ranges(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.code.iter().map(|a| (a.base, a.base + a.len)).collect();
+        v.extend(self.stubs.keys().map(|&p| (p, p + PAGE)));
+        v.sort_unstable();
+        v
+    }
+
+    /// Is `addr` inside memory of ours?
+    pub fn contains(&self, addr: u64) -> bool {
+        self.code.iter().chain(&self.data).any(|a| a.base <= addr && addr < a.base + a.len)
+            || self.stubs.contains_key(&(addr & !(PAGE - 1)))
+    }
+
+    /// `len` bytes for a stub starting in `[lo, hi)` (at `lo` exactly when `hi == lo + 1`): in a
+    /// stub page of ours where the bytes are free, or in a new stub page mapped where nothing is
+    /// (and away from where the heap and the stack grow). The bytes are taken.
+    pub fn stub_in(&mut self, lo: u64, hi: u64, len: u64, maps: &[MapEntry]) -> Option<u64> {
+        if lo < 0x10000 || hi > USER_END - PAGE || hi <= lo {
+            return None;
+        }
+        // In a page of ours first: any free byte of a small window; the page's next unused byte
+        // otherwise (stubs that may go anywhere in a wide window fill pages in order).
+        let first_page = lo & !(PAGE - 1);
+        let pages: Vec<u64> = self.stubs.range(first_page..hi).map(|(p, _)| *p).collect();
+        for page in pages {
+            let (from, to) = (lo.max(page), hi.min(page + PAGE));
+            let found = if hi - lo <= PAGE {
+                (from..to).find(|&at| self.stub_free(at, len))
+            } else {
+                let next = page + self.stubs.get(&page).map_or(PAGE, |p| p.next);
+                (from <= next && next < to && self.stub_free(next, len)).then_some(next)
+            };
+            if let Some(at) = found {
+                self.take_stub(at, len);
+                return Some(at);
+            }
+        }
+        // Then new pages, in the first free gap that holds the window's start.
+        let zones = growth_zones(maps);
+        for (glo, ghi) in free_gaps(maps, self) {
+            let at = lo.max(glo);
+            let page = at & !(PAGE - 1);
+            if at >= hi || at + len > ghi || page < glo {
+                continue;
+            }
+            let last = (at + len - 1) & !(PAGE - 1);
+            if in_zones(&zones, page, last + PAGE) {
+                continue;
+            }
+            if self.map_stub_pages(page, (last - page) / PAGE + 1) && self.stub_free(at, len) {
+                self.take_stub(at, len);
+                return Some(at);
+            }
+        }
+        None
+    }
+
+    fn stub_free(&self, at: u64, len: u64) -> bool {
+        (at..at + len).all(|a| {
+            self.stubs.get(&(a & !(PAGE - 1))).is_some_and(|p| {
+                let i = (a & (PAGE - 1)) as usize;
+                p.bits[i / 64] & (1 << (i % 64)) == 0
+            })
+        })
+    }
+
+    fn take_stub(&mut self, at: u64, len: u64) {
+        for a in at..at + len {
+            if let Some(p) = self.stubs.get_mut(&(a & !(PAGE - 1))) {
+                let i = (a & (PAGE - 1)) as usize;
+                p.bits[i / 64] |= 1 << (i % 64);
+                p.next = p.next.max(i as u64 + 1);
+            }
         }
     }
 
-    /// Bytes of code memory mapped so far.
-    pub fn mapped_bytes(&self) -> u64 {
-        self.areas.iter().map(|a| a.len).sum()
-    }
-
-    /// Is `addr` inside one of our areas?
-    pub fn contains(&self, addr: u64) -> bool {
-        self.areas.iter().any(|a| a.base <= addr && addr < a.base + a.len)
+    fn map_stub_pages(&mut self, page: u64, n: u64) -> bool {
+        for k in 0..n {
+            let p = page + k * PAGE;
+            if self.stubs.contains_key(&p) {
+                continue;
+            }
+            let prot = libc::PROT_READ | libc::PROT_EXEC;
+            if sys::mmap_anon(p as usize, PAGE as usize, prot, 0).is_err() {
+                return false;
+            }
+            self.stubs.insert(p, StubPage { bits: [0; 64], next: 0 });
+        }
+        true
     }
 }
 
-/// Map `len` bytes of executable memory in the nearest free gap to `near`.
-pub fn map_near(near: u64, len: u64, maps: &[MapEntry]) -> Result<u64, XolError> {
+/// The end of the user address space (47-bit).
+const USER_END: u64 = 0x7fff_ffff_f000;
+
+/// Where the program's heap (brk) and main stack grow: no area of ours goes there, so that both
+/// grow as they would without libuprobe.
+pub fn growth_zones(maps: &[MapEntry]) -> [(u64, u64); 2] {
+    const HEAP_ROOM: u64 = 256 << 20;
+    let heap = match maps.iter().find(|m| m.path == "[heap]") {
+        Some(h) => (h.start, h.start + HEAP_ROOM),
+        None => {
+            // No heap yet: it will start up to 32 MiB after the executable's last mapping.
+            let exe = maps.first().and_then(|m| m.file);
+            let end = maps.iter().take_while(|m| m.file == exe || m.file.is_none()).last();
+            end.map_or((0, 0), |m| (m.end, m.end + HEAP_ROOM + (32 << 20)))
+        }
+    };
+    let stack = maps
+        .iter()
+        .find(|m| m.path == "[stack]")
+        .map_or((0, 0), |s| (s.start.saturating_sub(256 << 20), s.end));
+    [heap, stack]
+}
+
+fn in_zones(zones: &[(u64, u64)], lo: u64, hi: u64) -> bool {
+    zones.iter().any(|&(zl, zh)| lo < zh && zl < hi)
+}
+
+/// The free ranges of the address space: not in `maps`, not ours (`maps` may have been read before
+/// areas of ours were mapped), in address order.
+fn free_gaps(maps: &[MapEntry], ours: &Areas) -> Vec<(u64, u64)> {
+    let mut taken: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
+    taken.extend(ours.code.iter().chain(&ours.data).map(|a| (a.base, a.base + a.len)));
+    taken.extend(ours.stubs.keys().map(|&p| (p, p + PAGE)));
+    taken.sort_unstable();
     let mut gaps = Vec::new();
     let mut prev_end = 0x10000u64;
-    for m in maps {
-        if m.start > prev_end {
-            gaps.push((prev_end, m.start));
+    for (start, end) in taken {
+        if start > prev_end {
+            gaps.push((prev_end, start));
         }
-        prev_end = prev_end.max(m.end);
+        prev_end = prev_end.max(end);
     }
-    gaps.push((prev_end, 0x7fff_ffff_0000));
+    gaps.push((prev_end, USER_END));
+    gaps
+}
+
+/// Map `len` bytes in the nearest free gap to `near`.
+fn map_near(
+    near: u64,
+    len: u64,
+    maps: &[MapEntry],
+    ours: &Areas,
+    prot: i32,
+) -> Result<u64, XolError> {
     // Candidates: the end of each gap's lower side and the start of its upper side, closest first.
+    let zones = growth_zones(maps);
     let mut candidates: Vec<u64> = Vec::new();
-    for (lo, hi) in gaps {
+    for (lo, hi) in free_gaps(maps, ours) {
         if hi <= lo || hi - lo < len {
             continue;
         }
         candidates.push(lo);
         candidates.push(hi - len);
+        for &(zl, zh) in &zones {
+            candidates.extend(
+                [zh, zl.saturating_sub(len)].into_iter().filter(|&c| lo <= c && c + len <= hi),
+            );
+        }
     }
-    candidates.retain(|c| c.abs_diff(near) < MAX_DISTANCE && *c + len <= 0x7fff_ffff_0000);
+    candidates.retain(|&c| {
+        c.abs_diff(near) < MAX_DISTANCE && c + len <= USER_END && !in_zones(&zones, c, c + len)
+    });
     candidates.sort_by_key(|c| c.abs_diff(near));
-    let prot = libc::PROT_READ | libc::PROT_EXEC;
     let mut last = sys::Errno(libc::ENOMEM);
     for c in candidates {
         match sys::mmap_anon(c as usize, len as usize, prot, 0) {

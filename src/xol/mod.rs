@@ -14,6 +14,8 @@
 
 pub mod area;
 pub mod decode;
+pub mod jump;
+pub mod reloc;
 pub mod slot;
 
 pub use decode::{decode, Decoded, XolError};

@@ -66,7 +66,7 @@ impl Slots {
         let slot = areas.alloc_near(site, SLOT_SIZE as u64, 16, maps)?;
         let code = slot_code(d, site, slot)?;
         let len = relocated_len(d, slot)?;
-        areas.write(slot, &code).map_err(|errno| XolError::NoArea { near: site, errno })?;
+        areas.stage(slot, &code);
         let m = SlotMap {
             start: slot,
             len: len as u32,

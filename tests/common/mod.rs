@@ -39,6 +39,15 @@ pub fn lib() -> &'static Path {
     })
 }
 
+/// The path a plain probe takes in this run: `jump`, unless the suite runs with
+/// `UPROBES_PATH=trap` (the README's test command runs it both ways).
+pub fn expected_path() -> &'static str {
+    match std::env::var("UPROBES_PATH").as_deref() {
+        Ok("trap") => "trap",
+        _ => "jump",
+    }
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("UPROBE_FIXTURES")).join(name)
 }

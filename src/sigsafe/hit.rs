@@ -1,0 +1,44 @@
+//! What a hit does, whichever way it arrived (a trap or a jump): count it, record the events its
+//! consumers want, hijack the return of a return-probed function.
+
+use core::sync::atomic::Ordering;
+
+use super::events;
+use super::ret;
+use super::table::{Table, TableEntry, TIMED};
+use super::thread::{self, Counting};
+
+/// Is this thread running libuprobe code (or is it a runtime thread)?
+pub fn in_runtime() -> bool {
+    let t = thread::tls();
+    t.depth.load(Ordering::Relaxed) != 0 || thread::on_runtime_stack()
+}
+
+/// Count a hit and give its consumers what they want; `rsp0`: the stack pointer at the hit, to
+/// hijack the return of a return-probed function (None: the instruction did not run).
+#[inline(always)]
+pub fn count(
+    counting: &Counting,
+    entry: &TableEntry,
+    table: &Table,
+    site: u64,
+    args: [u64; 6],
+    rsp0: Option<u64>,
+) {
+    if matches!(counting, Counting::No) {
+        return;
+    }
+    counting.bump(entry.counter);
+    let consumers = table.consumers_of(entry);
+    let tracing = events::TRACING.load(Ordering::Relaxed);
+    if tracing {
+        for c in consumers {
+            events::record_entry(counting.block(), c, args);
+        }
+    }
+    if let (true, Some(rsp0)) = (consumers.iter().any(|c| c.ret), rsp0) {
+        let timed = entry.flags & TIMED != 0;
+        let h = ret::Hijack { site, counter: entry.ret_counter, timed, slow: timed || tracing };
+        ret::hijack(counting.block(), rsp0, &h, consumers);
+    }
+}
