@@ -131,6 +131,8 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
     let config = config::get();
     if config.output.is_none() {
         report::keep_stderr();
+    } else {
+        report::reserve_descriptors();
     }
     for p in problems {
         report::problem(p.variable, &p.message);

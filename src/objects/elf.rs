@@ -59,8 +59,144 @@ pub struct Section {
 
 /// The file's bytes, read into libuprobe's own memory (not mapped from the file: a mapping of
 /// the program's libc by libuprobe would show in /proc/self/maps, where a program looking for
-/// libc's first mapping could find it).
-type Bytes = Vec<u8>;
+/// libc's first mapping could find it), and read when first needed: the headers and symbol tables
+/// at once, code by 64 KiB chunks as sites are decoded (a probe on `malloc` reads a few pages of
+/// libc's code, not 2 MiB).
+struct Bytes {
+    /// An anonymous mapping the size of the file: zero where not read yet.
+    base: usize,
+    len: usize,
+    /// The open file (numbered 900 or above, close-on-exec), reopened if the program closed it.
+    fd: core::sync::atomic::AtomicI32,
+    id: FileId,
+    opened: String,
+    loaded: Vec<core::sync::atomic::AtomicBool>,
+    lock: crate::runtime::lock::Mutex<()>,
+}
+
+const CHUNK: usize = 64 * 1024;
+
+// SAFETY: the mapping is written only under `lock`, in chunks no reader has been given yet.
+unsafe impl Sync for Bytes {}
+// SAFETY: as above; the mapping belongs to this value.
+unsafe impl Send for Bytes {}
+
+impl Bytes {
+    fn new(fd: Fd, id: FileId, opened: String) -> Result<Bytes, Errno> {
+        let len = sys::fstat(fd.0)?.st_size.max(0) as usize;
+        let base = if len == 0 {
+            0
+        } else {
+            sys::mmap_anon(
+                0,
+                len.next_multiple_of(sys::PAGE),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_NORESERVE,
+            )?
+        };
+        let high = sys::dup_cloexec_at_least(fd.0, 900).unwrap_or(-1);
+        let fd = if high >= 0 { high } else { core::mem::replace(&mut { fd }.0, -1) };
+        let chunks = len.div_ceil(CHUNK);
+        Ok(Bytes {
+            base,
+            len,
+            fd: core::sync::atomic::AtomicI32::new(fd),
+            id,
+            opened,
+            loaded: (0..chunks).map(|_| core::sync::atomic::AtomicBool::new(false)).collect(),
+            lock: crate::runtime::lock::Mutex::new(()),
+        })
+    }
+
+    /// `[off, off + len)` of the file (cut at its end), read now if it was not yet.
+    fn get(&self, off: usize, len: usize) -> Result<&[u8], Errno> {
+        let start = off.min(self.len);
+        let end = off.saturating_add(len).min(self.len);
+        if end > start {
+            for c in start / CHUNK..=(end - 1) / CHUNK {
+                self.load(c)?;
+            }
+        }
+        // SAFETY: [start, end) lies in our mapping, and every chunk of it is loaded: written
+        // once, never again.
+        Ok(unsafe { core::slice::from_raw_parts((self.base + start) as *const u8, end - start) })
+    }
+
+    /// The whole file as it is now: zero where not read.
+    ///
+    /// # Safety
+    /// No chunk may be loaded while the view is alive.
+    unsafe fn unread_view(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: our mapping of `len` bytes; the caller keeps loads away.
+        unsafe { core::slice::from_raw_parts(self.base as *const u8, self.len) }
+    }
+
+    fn load(&self, c: usize) -> Result<(), Errno> {
+        use core::sync::atomic::Ordering;
+        let Some(flag) = self.loaded.get(c) else { return Ok(()) };
+        if flag.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _g = self.lock.lock();
+        if flag.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(self.len));
+        // SAFETY: the chunk lies in our mapping and no reader has been given any of it.
+        let buf = unsafe { core::slice::from_raw_parts_mut((self.base + lo) as *mut u8, hi - lo) };
+        if self.read_at(buf, lo).is_err() {
+            // The program may have closed our descriptor: open the file again (the same one).
+            self.reopen()?;
+            self.read_at(buf, lo)?;
+        }
+        flag.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: usize) -> Result<(), Errno> {
+        let fd = self.fd.load(core::sync::atomic::Ordering::Relaxed);
+        if file_id(fd)? != self.id {
+            return Err(Errno(libc::EBADF));
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            match sys::pread(fd, &mut buf[done..], (off + done) as u64) {
+                Ok(0) => return Err(Errno(libc::EIO)),
+                Ok(n) => done += n,
+                Err(Errno(libc::EINTR)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn reopen(&self) -> Result<(), Errno> {
+        let fd = Fd::open(&self.opened, libc::O_RDONLY | libc::O_CLOEXEC)?;
+        if file_id(fd.0)? != self.id {
+            return Err(Errno(libc::ESTALE));
+        }
+        let high = sys::dup_cloexec_at_least(fd.0, 900)?;
+        // The old number is not ours any more (the program closed it, maybe reused it).
+        self.fd.store(high, core::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for Bytes {
+    fn drop(&mut self) {
+        if self.base != 0 {
+            // SAFETY: our own mapping; nothing borrows from it once the file is dropped.
+            unsafe { sys::munmap(self.base, self.len.next_multiple_of(sys::PAGE)) };
+        }
+        let fd = self.fd.load(core::sync::atomic::Ordering::Relaxed);
+        if fd >= 0 && file_id(fd).ok() == Some(self.id) {
+            sys::close(fd);
+        }
+    }
+}
 
 /// An ELF file as libuprobe needs it.
 pub struct ElfFile {
@@ -71,6 +207,51 @@ pub struct ElfFile {
     pub segments: Vec<Segment>,
     pub exec_sections: Vec<Section>,
     bytes: Bytes,
+}
+
+/// Read what the ELF parser needs, and nothing of the code: the headers, and every chunk that is
+/// not entirely inside a section of program bits (code, read-only data) or of zeros. Without
+/// section headers, everything.
+fn load_metadata(b: &Bytes) -> Result<(), Errno> {
+    let u = |d: &[u8], at: usize, n: usize| -> u64 {
+        d.get(at..at + n).map_or(0, |s| s.iter().rev().fold(0, |v, &x| (v << 8) | x as u64))
+    };
+    let head = b.get(0, 64)?;
+    let (phoff, shoff) = (u(head, 0x20, 8) as usize, u(head, 0x28, 8) as usize);
+    let (phentsize, phnum) = (u(head, 0x36, 2) as usize, u(head, 0x38, 2) as usize);
+    let (shentsize, shnum) = (u(head, 0x3a, 2) as usize, u(head, 0x3c, 2) as usize);
+    b.get(phoff, phentsize * phnum)?;
+    let shdrs = b.get(shoff, shentsize * shnum)?;
+    if shnum == 0 || shentsize < 0x28 || shdrs.len() < shentsize * shnum {
+        b.get(0, b.len)?;
+        return Ok(());
+    }
+    // Chunks wholly inside PROGBITS or NOBITS sections need not be read.
+    let mut skip = vec![false; b.loaded.len()];
+    let mut need = vec![false; b.loaded.len()];
+    for i in 0..shnum {
+        let sh = &shdrs[i * shentsize..];
+        let (ty, off, size) = (u(sh, 4, 4), u(sh, 0x18, 8) as usize, u(sh, 0x20, 8) as usize);
+        if size == 0 || off >= b.len {
+            continue;
+        }
+        let (first, last) = (off / CHUNK, (off + size - 1).min(b.len - 1) / CHUNK);
+        let bulk = ty == 1 || ty == 8; // SHT_PROGBITS, SHT_NOBITS
+        for c in first..=last {
+            let whole = c * CHUNK >= off && (c + 1) * CHUNK <= off + size;
+            if bulk && whole {
+                skip[c] = true;
+            } else if !bulk {
+                need[c] = true;
+            }
+        }
+    }
+    for c in 0..b.loaded.len() {
+        if need[c] || !skip[c] {
+            b.load(c)?;
+        }
+    }
+    Ok(())
 }
 
 /// The (dev, inode) of an open file, in /proc/self/maps' encoding.
@@ -103,21 +284,24 @@ fn open_mapped(path: &str, want: FileId, maps: &[MapEntry]) -> Result<(Fd, Strin
 impl ElfFile {
     /// Read the file mapped as `id` (named `path` in /proc/self/maps).
     pub fn open(path: &str, id: FileId, maps: &[MapEntry]) -> Result<ElfFile, ElfError> {
-        let (fd, _opened) = open_mapped(path, id, maps)?;
-        let bytes =
-            fd.read_to_end().map_err(|errno| ElfError::Read { path: path.to_string(), errno })?;
-        Self::parse(path, bytes)
+        let (fd, opened) = open_mapped(path, id, maps)?;
+        let read_err = |errno| ElfError::Read { path: path.to_string(), errno };
+        Self::parse(path, Bytes::new(fd, id, opened).map_err(read_err)?)
     }
 
     /// Read an ELF file by path (no identity check: for files that are not mapped).
     pub fn open_path(path: &str) -> Result<ElfFile, ElfError> {
         let read_err = |errno| ElfError::Read { path: path.to_string(), errno };
         let fd = Fd::open(path, libc::O_RDONLY).map_err(read_err)?;
-        Self::parse(path, fd.read_to_end().map_err(read_err)?)
+        let id = file_id(fd.0).map_err(read_err)?;
+        Self::parse(path, Bytes::new(fd, id, path.to_string()).map_err(read_err)?)
     }
 
     fn parse(path: &str, bytes: Bytes) -> Result<ElfFile, ElfError> {
-        let data: &[u8] = &bytes;
+        let read_err = |errno| ElfError::Read { path: path.to_string(), errno };
+        load_metadata(&bytes).map_err(read_err)?;
+        // SAFETY: nothing else holds `bytes` yet, and nothing loads into it while `data` lives.
+        let data: &[u8] = unsafe { bytes.unread_view() };
         let parse_err = |why: String| ElfError::Parse { path: path.to_string(), why };
         let elf = Elf::parse(data).map_err(|e| parse_err(e.to_string()))?;
         if !elf.is_64 || elf.header.e_machine != goblin::elf::header::EM_X86_64 {
@@ -174,16 +358,11 @@ impl ElfFile {
         Ok(ElfFile { path: path.to_string(), soname, funcs, segments, exec_sections, bytes })
     }
 
-    /// The whole file.
-    pub fn data(&self) -> &[u8] {
-        &self.bytes
-    }
-
-    /// Up to `len` bytes of the file at offset `off`.
-    pub fn bytes_at(&self, off: u64, len: usize) -> &[u8] {
-        let data = self.data();
-        let start = (off as usize).min(data.len());
-        &data[start..(start + len).min(data.len())]
+    /// Up to `len` bytes of the file at offset `off` (fewer at its end).
+    pub fn bytes_at(&self, off: u64, len: usize) -> Result<&[u8], ElfError> {
+        self.bytes
+            .get(off as usize, len)
+            .map_err(|errno| ElfError::Read { path: self.path.clone(), errno })
     }
 
     /// File offset of virtual address `vaddr` in an executable segment.

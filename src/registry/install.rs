@@ -127,7 +127,7 @@ impl Registry {
         };
         let elf = self.resolver.elf(&obj, maps)?;
         let mut bytes = [0x90u8; 16];
-        let from_file = elf.bytes_at(key.offset, 16);
+        let from_file = elf.bytes_at(key.offset, 16)?;
         bytes[..from_file.len()].copy_from_slice(from_file);
         let avail = ((m.end - addr) as usize).min(16);
         let d = xol::decode(&bytes[..avail.max(1)], addr)

@@ -50,10 +50,7 @@ const CALLS: &[(u32, i32, i32, bool)] = &[
 /// neither branch nor write rax, by `syscall`. Returns (file offset of the syscall, fix).
 pub fn find_sites(code: &[u8], base: u64) -> Vec<(u64, MaskFix)> {
     let mut out = Vec::new();
-    let mut at = 0;
-    while let Some(i) = code.get(at..).and_then(|c| c.windows(2).position(|w| w == [0x0f, 0x05])) {
-        let sc = at + i;
-        at = sc + 1;
+    for sc in memchr::memmem::find_iter(code, &[0x0f, 0x05]) {
         // glibc's signal restorer, __restore_rt: `mov rax, 15; syscall` (rt_sigreturn).
         if sc >= 7 && code[sc - 7..sc] == [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00] {
             out.push((
@@ -124,16 +121,20 @@ impl Registry {
         }) else {
             return;
         };
-        let elf = match self.resolver.elf(&libc, maps) {
-            Ok(e) => e,
-            Err(e) => {
-                self.mask_fix = State::Failed(e.to_string());
-                return;
-            }
-        };
+        // Scanned in memory, where libc's code is already (the file's bytes, as `plan_install`
+        // checks for each site found): reading 1.4 MiB of the file would cost more than the rest
+        // of the setup.
         let mut found = Vec::new();
-        for s in elf.segments.iter().filter(|s| s.exec) {
-            found.extend(find_sites(elf.bytes_at(s.offset, s.filesz as usize), s.offset));
+        for m in maps.iter().filter(|m| m.file == Some(libc.id) && m.is_exec()) {
+            if m.prot & libc::PROT_READ == 0 {
+                continue;
+            }
+            // SAFETY: a readable mapping of libc, which is never unmapped (and the loader waits
+            // for the registry before it unmaps anything).
+            let code = unsafe {
+                core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize)
+            };
+            found.extend(find_sites(code, m.offset));
         }
         if found.is_empty() {
             self.mask_fix = State::Failed("no system call with a signal set found in libc".into());

@@ -31,6 +31,18 @@ pub fn keep_stderr() {
     }
 }
 
+/// Grow the descriptor table to hold the report's high descriptors now, while the process has one
+/// thread: growing it later, with other threads, waits for an RCU grace period (milliseconds, at
+/// exit, in every process).
+pub fn reserve_descriptors() {
+    for fd in 0..3 {
+        if let Ok(high) = sys::dup_cloexec_at_least(fd, 900) {
+            sys::close(high);
+            return;
+        }
+    }
+}
+
 /// The report file, open: its descriptor (close-on-exec, numbered 900 or above, like the stderr
 /// duplicate), its identity, and the pid it was opened for (`%p`).
 struct OutFile {

@@ -25,7 +25,7 @@ pub fn check(
         return Err(ProbeError::PastEnd { symbol: name.to_string(), offset, size });
     }
     let len = if size != 0 { size } else { offset + 16 };
-    let code = elf.bytes_at(start, len as usize);
+    let code = elf.bytes_at(start, len as usize)?;
     let not = |detail: String| ProbeError::NotBoundary { symbol: name.to_string(), offset, detail };
     match sweep(code, offset) {
         Sweep::Found => Ok(()),
@@ -54,8 +54,8 @@ pub fn check_outside_symbols(elf: &ElfFile, vaddr: u64, path: &str) -> Result<()
         .max()
         .unwrap_or(section.vaddr);
     let off = section.offset + (from - section.vaddr);
-    let len = (section.vaddr + section.size - from) as usize;
-    let code = elf.bytes_at(off, len);
+    let len = (section.vaddr + section.size - from).min(vaddr - from + 16) as usize;
+    let code = elf.bytes_at(off, len)?;
     match sweep(code, vaddr - from) {
         Sweep::Found => Ok(()),
         Sweep::Between(prev, at) => Err(unproven(format!(

@@ -92,6 +92,27 @@ unsafe impl GlobalAlloc for Allocator {
         at as *mut u8
     }
 
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if class_of(&layout).is_none() && layout.align() <= sys::PAGE {
+            // A fresh mapping is zero already; populated at once (one system call instead of a
+            // fault a page: a file read into it touches every page anyway).
+            return sys::mmap_anon(
+                0,
+                pages(layout.size()),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_POPULATE,
+            )
+            .map_or(null_mut(), |p| p as *mut u8);
+        }
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { self.alloc(layout) };
+        if !p.is_null() {
+            // SAFETY: `p` is valid for `layout.size()` bytes.
+            unsafe { core::ptr::write_bytes(p, 0, layout.size()) };
+        }
+        p
+    }
+
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         match class_of(&layout) {
             Some(c) => {

@@ -29,12 +29,19 @@ impl Fd {
     /// Everything from the current position to the end.
     pub fn read_to_end(&self) -> Result<Vec<u8>, Errno> {
         let size = sys::fstat(self.0).map(|st| st.st_size.max(0) as usize).unwrap_or(0);
-        let mut out = Vec::with_capacity(size);
-        let mut buf = vec![0u8; 64 * 1024];
+        // Straight into the buffer (one copy), growing it when the file is longer than it said.
+        let mut out = vec![0u8; size.max(4096)];
+        let mut len = 0;
         loop {
-            match sys::read(self.0, &mut buf) {
-                Ok(0) => return Ok(out),
-                Ok(n) => out.extend_from_slice(&buf[..n]),
+            if len == out.len() {
+                out.resize(len * 2, 0);
+            }
+            match sys::read(self.0, &mut out[len..]) {
+                Ok(0) => {
+                    out.truncate(len);
+                    return Ok(out);
+                }
+                Ok(n) => len += n,
                 Err(Errno(libc::EINTR)) => {}
                 Err(e) => return Err(e),
             }

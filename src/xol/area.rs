@@ -230,10 +230,18 @@ pub fn growth_zones(maps: &[MapEntry]) -> [(u64, u64); 2] {
     let heap = match maps.iter().find(|m| m.path == "[heap]") {
         Some(h) => (h.start, h.start + HEAP_ROOM),
         None => {
-            // No heap yet: it will start up to 32 MiB after the executable's last mapping.
+            // No heap yet: it will start up to 32 MiB after the executable's last mapping (its
+            // bss, an anonymous mapping right after its file's).
             let exe = maps.first().and_then(|m| m.file);
-            let end = maps.iter().take_while(|m| m.file == exe || m.file.is_none()).last();
-            end.map_or((0, 0), |m| (m.end, m.end + HEAP_ROOM + (32 << 20)))
+            let mut end = maps.iter().filter(|m| m.file == exe).map(|m| m.end).max().unwrap_or(0);
+            if let Some(bss) = maps.iter().find(|m| m.start == end && m.file.is_none()) {
+                end = bss.end;
+            }
+            if end == 0 {
+                (0, 0)
+            } else {
+                (end, end + HEAP_ROOM + (32 << 20))
+            }
         }
     };
     let stack = maps
@@ -301,4 +309,63 @@ fn map_near(
         }
     }
     Err(XolError::NoArea { near, errno: last })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(start: u64, end: u64, file: Option<u64>, path: &str) -> MapEntry {
+        MapEntry {
+            start,
+            end,
+            prot: libc::PROT_READ,
+            offset: 0,
+            shared: false,
+            file: file.map(|ino| crate::objects::FileId { dev: 1, ino }),
+            path: path.into(),
+        }
+    }
+
+    /// Before the program's first malloc there is no [heap]: the zone is after the executable
+    /// (and its bss), not after whatever anonymous mapping comes next (that was the libraries'
+    /// neighbourhood, where punned jumps need their stubs).
+    #[test]
+    fn the_heap_zone_follows_the_executable() {
+        let maps = [
+            entry(0x5000_0000, 0x5000_2000, Some(1), "/bin/x"),
+            entry(0x5000_2000, 0x5000_3000, None, ""),
+            entry(0x7f00_0000_0000, 0x7f00_0010_0000, None, ""),
+            entry(0x7f00_0010_0000, 0x7f00_0020_0000, Some(2), "/lib/libc.so.6"),
+            entry(0x7ffd_0000_0000, 0x7ffd_0002_1000, None, "[stack]"),
+        ];
+        let [heap, stack] = growth_zones(&maps);
+        assert_eq!(heap.0, 0x5000_3000);
+        assert!(heap.1 < 0x7f00_0000_0000);
+        assert!(stack.0 < 0x7ffd_0000_0000 && stack.1 == 0x7ffd_0002_1000);
+        let with_heap = [entry(0x5000_4000, 0x5000_8000, None, "[heap]")];
+        assert_eq!(growth_zones(&with_heap)[0].0, 0x5000_4000);
+    }
+
+    #[test]
+    fn stubs_go_where_nothing_is() {
+        let maps = crate::objects::read_maps().unwrap();
+        // A free page: one past the end of the lowest gap above 4 GiB that is 1 MiB long.
+        let gaps = free_gaps(&maps, &Areas::default());
+        let &(glo, _) = gaps.iter().find(|&&(lo, hi)| lo > 1 << 32 && hi - lo > 1 << 20).unwrap();
+        let mut areas = Areas::default();
+        let exact = glo + 0x1234;
+        assert_eq!(areas.stub_in(exact, exact + 1, 6, &maps), Some(exact));
+        // The same bytes are taken now; the next ones are free, on the same page.
+        assert_eq!(areas.stub_in(exact, exact + 1, 6, &maps), None);
+        assert_eq!(areas.stub_in(exact + 6, exact + 7, 6, &maps), Some(exact + 6));
+        // A window: the first free place in it.
+        let w = glo + 0x8000;
+        assert_eq!(areas.stub_in(w, w + 256, 6, &maps), Some(w));
+        assert_eq!(areas.stub_in(w, w + 256, 6, &maps), Some(w + 6));
+        // A window starting in a mapping goes past it.
+        let m = maps.iter().find(|m| m.start > 1 << 32).unwrap();
+        let got = areas.stub_in(m.start, m.start + (64 << 20), 6, &maps).unwrap();
+        assert!(got >= m.end, "{got:#x} inside {:#x}..{:#x}", m.start, m.end);
+    }
 }
