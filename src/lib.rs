@@ -160,19 +160,43 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
             return;
         }
     }
-    // The runtime threads start before the probes are written, so that starting them never runs
-    // into the program's probes.
-    if let Err(e) = control::start(false) {
-        report::problem("control socket", &e);
+    // On the jump path the probes are written before the runtime's threads start: with one
+    // thread, every site gets its final bytes at once (no int3 first, no cross-core
+    // serialization); starting the threads then runs into the program's probes as libuprobe's own
+    // work, not counted, and at the cost of a jump. With traps only, the threads start first, so
+    // that starting them never takes a trap.
+    let threads_first = config.path == config::PathMode::Trap;
+    if threads_first {
+        if let Err(e) = control::start(false) {
+            report::problem("control socket", &e);
+        }
     }
+    let mut tracing = false;
     if !specs.is_empty() {
         if config.trace {
-            if let Err(e) = consumers::events::enable(report::emit_events, config.format) {
+            match consumers::events::enable(report::emit_events, config.format) {
+                Ok(()) => tracing = true,
+                Err(e) => report::problem("UPROBES_TRACE", &e),
+            }
+        }
+        if tracing && threads_first {
+            tracing = false;
+            if let Err(e) = consumers::events::start_drain() {
                 report::problem("UPROBES_TRACE", &e);
             }
         }
         let problems = registry::with_registry(|r| r.register_many(&specs).1).unwrap_or_default();
         report::problems(&problems);
+    }
+    if tracing {
+        if let Err(e) = consumers::events::start_drain() {
+            report::problem("UPROBES_TRACE", &e);
+        }
+    }
+    if !threads_first {
+        if let Err(e) = control::start(false) {
+            report::problem("control socket", &e);
+        }
     }
 }
 

@@ -41,7 +41,8 @@ struct Meta {
     by_probe: Option<HashMap<u32, ProbeMeta>>,
 }
 
-/// Map the rings and start the drain thread; events go to `sink`, formatted as `format`.
+/// Map the rings and turn recording on; events go to `sink`, formatted as `format`, once
+/// [`start_drain`] started the thread that writes them.
 pub fn enable(sink: Sink, format: Format) -> Result<(), String> {
     let _ = SINK.set((sink, format));
     rec::PID.store(sys::getpid(), Ordering::Relaxed);
@@ -52,10 +53,14 @@ pub fn enable(sink: Sink, format: Format) -> Result<(), String> {
         // Zeroed memory is RINGS free, empty rings.
         rec::RING_POOL.store(pool as *mut Ring, Ordering::Release);
     }
-    DRAINING.store(true, Ordering::Release);
-    threads::spawn("uprobe-events", drain_thread).map_err(|e| e.to_string())?;
     rec::TRACING.store(true, Ordering::Release);
     Ok(())
+}
+
+/// Start the thread that writes the recorded events (after [`enable`]).
+pub fn start_drain() -> Result<(), String> {
+    DRAINING.store(true, Ordering::Release);
+    threads::spawn("uprobe-events", drain_thread).map_err(|e| e.to_string())
 }
 
 fn drain_thread() {

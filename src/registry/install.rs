@@ -250,13 +250,22 @@ impl Registry {
         // is written: its hook rescans when it is done. (It waits for the registry before it
         // unmaps anything, so a write that started is done first.)
         let consistent = objects::loader::consistent();
-        let mut writes: Vec<(u64, &[u8])> = Vec::new();
-        let int3 = [INT3];
-        for (_, installs) in &new_installs {
+        // With one thread (the constructor, before the runtime's threads start), no other CPU
+        // can be running the sites: each gets its final bytes at once.
+        let alone = consistent && single_threaded();
+        // (address, bytes, how many): int3, or with one thread a jump's final bytes.
+        let mut patches: Vec<(u64, [u8; JMP_LEN], usize)> = Vec::new();
+        for (key, installs) in &new_installs {
             for i in installs {
-                writes.push((i.addr, &int3));
+                let jump =
+                    if alone { self.find_install(*key, i.addr).and_then(|f| f.jump) } else { None };
+                patches.push(match jump {
+                    Some(j) => (i.addr, j.bytes, j.len as usize),
+                    None => (i.addr, [INT3; JMP_LEN], 1),
+                });
             }
         }
+        let writes: Vec<(u64, &[u8])> = patches.iter().map(|(a, b, n)| (*a, &b[..*n])).collect();
         let results = if consistent {
             writer.write_many(&writes)
         } else {
@@ -274,8 +283,11 @@ impl Registry {
             .flat_map(|(k, is)| is.iter().map(move |i| (*k, i.addr)))
             .filter(|(_, a)| !failed.contains_key(a))
             .filter_map(|(k, a)| self.find_install(k, a))
-            .filter(|i| i.jump.is_some())
+            .filter(|i| i.jump.is_some() && !alone)
             .collect();
+        if alone {
+            crate::sigsafe::sys::serialize_self();
+        }
         for (addr, e) in write_jumps(&mut writer, &jumps) {
             failed.insert(addr, e);
         }
@@ -403,6 +415,14 @@ impl Registry {
         }
         self.trap_reasons.insert(addr, why);
     }
+}
+
+/// Is this thread the process's only one (`/proc/self/stat`, field 20)?
+fn single_threaded() -> bool {
+    let Ok(stat) = crate::runtime::fs::read_string("/proc/self/stat") else { return false };
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return false };
+    rest.split_whitespace().nth(17) == Some("1")
 }
 
 /// The original bytes of a jump's tail (bytes 1 to its length).

@@ -659,7 +659,8 @@ impl Registry {
     }
 
     fn probe_mut(&mut self, id: ProbeId) -> &mut Probe {
-        let i = self.probes.iter().position(|p| p.id == id).unwrap_or(self.probes.len() - 1);
+        // Probes are kept in id order (ids only grow; removal keeps the order).
+        let i = self.probes.binary_search_by_key(&id, |p| p.id).unwrap_or(self.probes.len() - 1);
         &mut self.probes[i]
     }
 }

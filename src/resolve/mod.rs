@@ -142,6 +142,8 @@ impl Resolver {
                     by_addr.entry(f.vaddr).or_default().push(f);
                 }
                 let mut out: Vec<Result<Resolved, Failure>> = Vec::new();
+                // Two symbols may resolve to one site (an IFUNC and its implementation).
+                let mut keys = std::collections::HashSet::new();
                 for (vaddr, mut names) in by_addr {
                     names.sort_by_key(|f| {
                         (
@@ -165,7 +167,7 @@ impl Resolver {
                         return Err(NotYet::Ifunc);
                     }
                     match self.resolve_function(obj, &elf, f, *offset, maps) {
-                        Ok(r) if out.iter().any(|o| o.as_ref().is_ok_and(|o| o.key == r.key)) => {}
+                        Ok(r) if !keys.insert(r.key) => {}
                         Ok(r) => out.push(Ok(r)),
                         Err(e) => out.push(Err(fail(f.name.clone(), e))),
                     }

@@ -13,10 +13,9 @@
 //! skipped by the body before it pushes anything.
 
 use core::arch::global_asm;
-use core::sync::atomic::Ordering;
 
 use super::emulate::{self, Gregs, RIP, RSP};
-use super::hit::{count, in_runtime};
+use super::hit::count;
 use super::table::{ReadGuard, MASK_FIX};
 use super::thread::{self, Counting};
 use super::trap;
@@ -167,11 +166,10 @@ unsafe extern "C" fn on_jump_hit(g: *mut Gregs) {
     }
     // A vfork or posix_spawn child borrowing this thread, and libuprobe's own code, find
     // `counting()` says No: their hits are not the program's.
+    // (A hit of libuprobe's own code here costs a few nanoseconds, not a trap: it is not one of
+    // `trap::RUNTIME_TRAPS`.)
     let counting = thread::counting();
     if matches!(counting, Counting::No) {
-        if in_runtime() {
-            trap::RUNTIME_TRAPS.fetch_add(1, Ordering::Relaxed);
-        }
         return;
     }
     count(&counting, &entry, table, site, emulate::args(g), Some(emulate::get(g, RSP)));

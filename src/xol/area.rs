@@ -21,6 +21,9 @@ struct Area {
     base: u64,
     len: u64,
     used: u64,
+    /// Mapped read-write and never run yet: written directly, made read + execute at the next
+    /// flush (a code area is never writable and executable at once).
+    fresh: bool,
 }
 
 impl Area {
@@ -48,8 +51,65 @@ pub struct Areas {
     data: Vec<Area>,
     /// Stub pages by page address: which of their bytes are taken (one bit a byte).
     stubs: BTreeMap<u64, StubPage>,
+    /// Where stub pages are mapped: 2 MiB regions (most stubs of one object fall in a few, one
+    /// mapping each), or single pages where a region does not fit.
+    regions: Vec<Area>,
     /// Code written since the last [`Areas::flush`], by address.
     pending: BTreeMap<u64, Vec<u8>>,
+    /// What is mapped, for finding free room: the registry's snapshot of the mappings, and what
+    /// libuprobe mapped since.
+    taken: Taken,
+}
+
+/// The taken ranges of the address space, sorted: a snapshot of the mappings (recomputed when
+/// the registry passes a new one) plus libuprobe's own mappings made since.
+#[derive(Default)]
+struct Taken {
+    /// Identity of the snapshot (its address, length and ends).
+    key: (usize, usize, u64, u64),
+    ranges: Vec<(u64, u64)>,
+    zones: [(u64, u64); 2],
+}
+
+impl Taken {
+    fn refresh(&mut self, maps: &[MapEntry], ours: impl Iterator<Item = (u64, u64)>) {
+        let ends = (maps.first().map_or(0, |m| m.start), maps.last().map_or(0, |m| m.end));
+        let key = (maps.as_ptr() as usize, maps.len(), ends.0, ends.1);
+        if key == self.key && !self.ranges.is_empty() {
+            return;
+        }
+        self.key = key;
+        self.ranges = maps.iter().map(|m| (m.start, m.end)).chain(ours).collect();
+        self.ranges.sort_unstable();
+        self.zones = growth_zones(maps);
+    }
+
+    fn add(&mut self, start: u64, end: u64) {
+        let i = self.ranges.partition_point(|r| r.0 < start);
+        self.ranges.insert(i, (start, end));
+    }
+
+    /// The free ranges that meet `[lo, hi)`, in address order.
+    fn gaps(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
+        // The first taken range ending after `lo`; the gap before it starts at the end of the
+        // ranges before (they are sorted by start and do not overlap, but tolerate it).
+        let mut i = self.ranges.partition_point(|r| r.1 <= lo);
+        let mut prev_end =
+            self.ranges[..i].iter().map(|r| r.1).max().unwrap_or(0x10000).max(0x10000);
+        let mut out = Vec::new();
+        while prev_end < hi {
+            let next_start = self.ranges.get(i).map_or(USER_END, |r| r.0);
+            if next_start > prev_end {
+                out.push((prev_end, next_start.min(USER_END)));
+            }
+            match self.ranges.get(i) {
+                Some(r) => prev_end = prev_end.max(r.1),
+                None => break,
+            }
+            i += 1;
+        }
+        out
+    }
 }
 
 /// Size of one code or data area.
@@ -71,8 +131,8 @@ impl Areas {
         if let Some(at) = self.code.iter_mut().find_map(|a| a.take(near, size, align)) {
             return Ok(at);
         }
-        let base = map_near(near, AREA_SIZE, maps, self, libc::PROT_READ | libc::PROT_EXEC)?;
-        self.code.push(Area { base, len: AREA_SIZE, used: size });
+        let base = self.map_near(near, AREA_SIZE, maps, libc::PROT_READ | libc::PROT_WRITE)?;
+        self.code.push(Area { base, len: AREA_SIZE, used: size, fresh: true });
         Ok(base)
     }
 
@@ -81,8 +141,8 @@ impl Areas {
         if let Some(at) = self.data.iter_mut().find_map(|a| a.take(near, 8, 8)) {
             return Ok(at);
         }
-        let base = map_near(near, AREA_SIZE, maps, self, libc::PROT_READ | libc::PROT_WRITE)?;
-        self.data.push(Area { base, len: AREA_SIZE, used: 8 });
+        let base = self.map_near(near, AREA_SIZE, maps, libc::PROT_READ | libc::PROT_WRITE)?;
+        self.data.push(Area { base, len: AREA_SIZE, used: 8, fresh: false });
         Ok(base)
     }
 
@@ -92,24 +152,43 @@ impl Areas {
         self.pending.insert(at, code.to_vec());
     }
 
-    /// Write the staged code, one write per contiguous run.
+    /// Write the staged code: into fresh memory directly (which then becomes read + execute), into
+    /// memory that may be running through `/proc/self/mem`, one write per contiguous run.
     pub fn flush(&mut self, w: &mut TextWriter) -> Result<(), sys::Errno> {
         let pending = std::mem::take(&mut self.pending);
         let mut run: Option<(u64, Vec<u8>)> = None;
+        let mut live = Vec::new();
         for (at, code) in pending {
+            let end = at + code.len() as u64;
+            let fresh = self
+                .code
+                .iter()
+                .chain(&self.regions)
+                .any(|a| a.fresh && a.base <= at && end <= a.base + a.len);
+            if fresh {
+                // SAFETY: a fresh area is ours, mapped read-write, and no thread runs it yet.
+                unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), at as *mut u8, code.len()) };
+                continue;
+            }
             match &mut run {
                 Some((start, bytes)) if *start + bytes.len() as u64 == at => {
                     bytes.extend_from_slice(&code)
                 }
                 _ => {
-                    if let Some((start, bytes)) = run.take() {
-                        w.write(start, &bytes)?;
-                    }
+                    live.extend(run.take());
                     run = Some((at, code));
                 }
             }
         }
-        if let Some((start, bytes)) = run {
+        live.extend(run);
+        for a in self.code.iter_mut().chain(self.regions.iter_mut()).filter(|a| a.fresh) {
+            let rx = libc::PROT_READ | libc::PROT_EXEC;
+            // SAFETY: our own area; nothing runs it yet, and nothing writes it through this
+            // mapping from now on.
+            unsafe { sys::mprotect(a.base as usize, a.len as usize, rx)? };
+            a.fresh = false;
+        }
+        for (start, bytes) in live {
             w.write(start, &bytes)?;
         }
         Ok(())
@@ -123,22 +202,24 @@ impl Areas {
 
     /// Bytes of code and data memory mapped so far (stub pages included).
     pub fn mapped_bytes(&self) -> u64 {
-        let areas: u64 = self.code.iter().chain(&self.data).map(|a| a.len).sum();
-        areas + self.stubs.len() as u64 * PAGE
+        self.code.iter().chain(&self.data).chain(&self.regions).map(|a| a.len).sum()
     }
 
     /// Every range of code memory (areas and stub pages), sorted.
     pub fn code_ranges(&self) -> Vec<(u64, u64)> {
-        let mut v: Vec<(u64, u64)> = self.code.iter().map(|a| (a.base, a.base + a.len)).collect();
-        v.extend(self.stubs.keys().map(|&p| (p, p + PAGE)));
+        let mut v: Vec<(u64, u64)> =
+            self.code.iter().chain(&self.regions).map(|a| (a.base, a.base + a.len)).collect();
         v.sort_unstable();
         v
     }
 
     /// Is `addr` inside memory of ours?
     pub fn contains(&self, addr: u64) -> bool {
-        self.code.iter().chain(&self.data).any(|a| a.base <= addr && addr < a.base + a.len)
-            || self.stubs.contains_key(&(addr & !(PAGE - 1)))
+        self.code
+            .iter()
+            .chain(&self.data)
+            .chain(&self.regions)
+            .any(|a| a.base <= addr && addr < a.base + a.len)
     }
 
     /// `len` bytes for a stub starting in `[lo, hi)` (at `lo` exactly when `hi == lo + 1`): in a
@@ -151,23 +232,36 @@ impl Areas {
         // In a page of ours first: any free byte of a small window; the page's next unused byte
         // otherwise (stubs that may go anywhere in a wide window fill pages in order).
         let first_page = lo & !(PAGE - 1);
-        let pages: Vec<u64> = self.stubs.range(first_page..hi).map(|(p, _)| *p).collect();
-        for page in pages {
+        let found = self.stubs.range(first_page..hi).find_map(|(&page, p)| {
             let (from, to) = (lo.max(page), hi.min(page + PAGE));
-            let found = if hi - lo <= PAGE {
+            if hi - lo <= PAGE {
                 (from..to).find(|&at| self.stub_free(at, len))
             } else {
-                let next = page + self.stubs.get(&page).map_or(PAGE, |p| p.next);
+                let next = page + p.next;
                 (from <= next && next < to && self.stub_free(next, len)).then_some(next)
-            };
-            if let Some(at) = found {
+            }
+        });
+        if let Some(at) = found {
+            self.take_stub(at, len);
+            return Some(at);
+        }
+        // Then a page of one of our stub regions where no stub is yet.
+        let in_region = self.regions.iter().find_map(|r| {
+            let at = lo.max(r.base);
+            let last = at + len - 1;
+            (at < hi && last < r.base + r.len).then_some(at)
+        });
+        if let Some(at) = in_region {
+            let (page, last) = (at & !(PAGE - 1), (at + len - 1) & !(PAGE - 1));
+            if self.map_stub_pages(page, (last - page) / PAGE + 1) && self.stub_free(at, len) {
                 self.take_stub(at, len);
                 return Some(at);
             }
         }
         // Then new pages, in the first free gap that holds the window's start.
-        let zones = growth_zones(maps);
-        for (glo, ghi) in free_gaps(maps, self) {
+        self.refresh_taken(maps);
+        let zones = self.taken.zones;
+        for (glo, ghi) in self.taken.gaps(lo, hi) {
             let at = lo.max(glo);
             let page = at & !(PAGE - 1);
             if at >= hi || at + len > ghi || page < glo {
@@ -204,19 +298,98 @@ impl Areas {
         }
     }
 
+    fn refresh_taken(&mut self, maps: &[MapEntry]) {
+        let ours = self
+            .code
+            .iter()
+            .chain(&self.data)
+            .chain(&self.regions)
+            .map(|a| (a.base, a.base + a.len));
+        self.taken.refresh(maps, ours);
+    }
+
+    /// Map `len` bytes in the nearest free room to `near` (within [`MAX_DISTANCE`], away from
+    /// where the heap and the stack grow).
+    fn map_near(
+        &mut self,
+        near: u64,
+        len: u64,
+        maps: &[MapEntry],
+        prot: i32,
+    ) -> Result<u64, XolError> {
+        self.refresh_taken(maps);
+        let zones = self.taken.zones;
+        // Candidates: both ends of each gap, and the zones' edges, closest first.
+        let mut candidates: Vec<u64> = Vec::new();
+        let (lo, hi) = (near.saturating_sub(MAX_DISTANCE), near.saturating_add(MAX_DISTANCE));
+        for (glo, ghi) in self.taken.gaps(lo, hi) {
+            if ghi <= glo || ghi - glo < len {
+                continue;
+            }
+            candidates.push(glo);
+            candidates.push(ghi - len);
+            for &(zl, zh) in &zones {
+                candidates.extend(
+                    [zh, zl.saturating_sub(len)]
+                        .into_iter()
+                        .filter(|&c| glo <= c && c + len <= ghi),
+                );
+            }
+        }
+        candidates.retain(|&c| {
+            c.abs_diff(near) < MAX_DISTANCE && c + len <= USER_END && !in_zones(&zones, c, c + len)
+        });
+        candidates.sort_by_key(|c| c.abs_diff(near));
+        let mut last = sys::Errno(libc::ENOMEM);
+        for c in candidates {
+            match sys::mmap_anon(c as usize, len as usize, prot, 0) {
+                Ok(a) => {
+                    self.taken.add(a as u64, a as u64 + len);
+                    return Ok(a as u64);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(XolError::NoArea { near, errno: last })
+    }
+
     fn map_stub_pages(&mut self, page: u64, n: u64) -> bool {
         for k in 0..n {
             let p = page + k * PAGE;
             if self.stubs.contains_key(&p) {
                 continue;
             }
-            let prot = libc::PROT_READ | libc::PROT_EXEC;
-            if sys::mmap_anon(p as usize, PAGE as usize, prot, 0).is_err() {
-                return false;
+            if !self.regions.iter().any(|r| r.base <= p && p < r.base + r.len) {
+                let Some(region) = self.map_stub_region(p) else { return false };
+                self.regions.push(region);
             }
             self.stubs.insert(p, StubPage { bits: [0; 64], next: 0 });
         }
         true
+    }
+
+    /// Map the 2 MiB region holding `page` for stubs, or the page alone if the region is not free.
+    fn map_stub_region(&mut self, page: u64) -> Option<Area> {
+        const REGION: u64 = 2 << 20;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let base = page & !(REGION - 1);
+        let zones = self.taken.zones;
+        let free = self
+            .taken
+            .gaps(base, base + REGION)
+            .iter()
+            .any(|&(lo, hi)| lo <= base && base + REGION <= hi)
+            && !in_zones(&zones, base, base + REGION)
+            && base >= 0x10000
+            && base + REGION <= USER_END;
+        let (at, len) = match free
+            .then(|| sys::mmap_anon(base as usize, REGION as usize, rw, libc::MAP_NORESERVE))
+        {
+            Some(Ok(_)) => (base, REGION),
+            _ => (sys::mmap_anon(page as usize, PAGE as usize, rw, 0).ok()? as u64, PAGE),
+        };
+        self.taken.add(at, at + len);
+        Some(Area { base: at, len, used: 0, fresh: true })
     }
 }
 
@@ -253,62 +426,6 @@ pub fn growth_zones(maps: &[MapEntry]) -> [(u64, u64); 2] {
 
 fn in_zones(zones: &[(u64, u64)], lo: u64, hi: u64) -> bool {
     zones.iter().any(|&(zl, zh)| lo < zh && zl < hi)
-}
-
-/// The free ranges of the address space: not in `maps`, not ours (`maps` may have been read before
-/// areas of ours were mapped), in address order.
-fn free_gaps(maps: &[MapEntry], ours: &Areas) -> Vec<(u64, u64)> {
-    let mut taken: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
-    taken.extend(ours.code.iter().chain(&ours.data).map(|a| (a.base, a.base + a.len)));
-    taken.extend(ours.stubs.keys().map(|&p| (p, p + PAGE)));
-    taken.sort_unstable();
-    let mut gaps = Vec::new();
-    let mut prev_end = 0x10000u64;
-    for (start, end) in taken {
-        if start > prev_end {
-            gaps.push((prev_end, start));
-        }
-        prev_end = prev_end.max(end);
-    }
-    gaps.push((prev_end, USER_END));
-    gaps
-}
-
-/// Map `len` bytes in the nearest free gap to `near`.
-fn map_near(
-    near: u64,
-    len: u64,
-    maps: &[MapEntry],
-    ours: &Areas,
-    prot: i32,
-) -> Result<u64, XolError> {
-    // Candidates: the end of each gap's lower side and the start of its upper side, closest first.
-    let zones = growth_zones(maps);
-    let mut candidates: Vec<u64> = Vec::new();
-    for (lo, hi) in free_gaps(maps, ours) {
-        if hi <= lo || hi - lo < len {
-            continue;
-        }
-        candidates.push(lo);
-        candidates.push(hi - len);
-        for &(zl, zh) in &zones {
-            candidates.extend(
-                [zh, zl.saturating_sub(len)].into_iter().filter(|&c| lo <= c && c + len <= hi),
-            );
-        }
-    }
-    candidates.retain(|&c| {
-        c.abs_diff(near) < MAX_DISTANCE && c + len <= USER_END && !in_zones(&zones, c, c + len)
-    });
-    candidates.sort_by_key(|c| c.abs_diff(near));
-    let mut last = sys::Errno(libc::ENOMEM);
-    for c in candidates {
-        match sys::mmap_anon(c as usize, len as usize, prot, 0) {
-            Ok(a) => return Ok(a as u64),
-            Err(e) => last = e,
-        }
-    }
-    Err(XolError::NoArea { near, errno: last })
 }
 
 #[cfg(test)]
@@ -351,9 +468,10 @@ mod tests {
     fn stubs_go_where_nothing_is() {
         let maps = crate::objects::read_maps().unwrap();
         // A free page: one past the end of the lowest gap above 4 GiB that is 1 MiB long.
-        let gaps = free_gaps(&maps, &Areas::default());
-        let &(glo, _) = gaps.iter().find(|&&(lo, hi)| lo > 1 << 32 && hi - lo > 1 << 20).unwrap();
         let mut areas = Areas::default();
+        areas.refresh_taken(&maps);
+        let gaps = areas.taken.gaps(0, USER_END);
+        let &(glo, _) = gaps.iter().find(|&&(lo, hi)| lo > 1 << 32 && hi - lo > 4 << 20).unwrap();
         let exact = glo + 0x1234;
         assert_eq!(areas.stub_in(exact, exact + 1, 6, &maps), Some(exact));
         // The same bytes are taken now; the next ones are free, on the same page.

@@ -165,7 +165,7 @@ fn write_body(
     let probe_at = site.wrapping_add(JMP_LEN as u64);
     let reloc_len = relocate(d, site, probe_at)?.code.len() as u64;
     let count_part = if counted { COUNT_PART } else { 0 };
-    let size = count_part + reloc_len + 5 + 30 + 7 + 8 + 8;
+    let size = (count_part + reloc_len + 5 + 30 + 7 + 8 + 8).next_multiple_of(16);
     let at = areas.alloc_near(site, size, 16, maps)?;
     let insn = at + count_part;
     let r = relocate(d, site, insn)?;
@@ -211,7 +211,11 @@ fn write_body(
     c.extend_from_slice(&jump::full_entry().to_le_bytes());
     let disp = (ptr_at - (call_at + 6)) as u32;
     c[call_at + 2..call_at + 6].copy_from_slice(&disp.to_le_bytes());
-    debug_assert!(c.len() as u64 <= size);
+    if c.len() as u64 > size {
+        return Err(XolError::Relocate { insn: d.text(), why: "body too long".into() });
+    }
+    // Up to the allocation's end: bodies allocated one after the other are written as one run.
+    c.resize(size as usize, 0xcc);
     areas.stage(at, &c);
     let slot = SlotMap {
         start: insn,
@@ -234,7 +238,7 @@ fn write_stub(
 ) -> Result<Stub, String> {
     let after = site.wrapping_add(JMP_LEN as u64);
     let (class, len, stub) = if d.len >= JMP_LEN {
-        let stub = areas.alloc_near(site, 8, 8, maps).map_err(|e| e.to_string())?;
+        let stub = areas.alloc_near(site, 16, 16, maps).map_err(|e| e.to_string())?;
         (1, JMP_LEN, stub)
     } else {
         // rel32's high bytes are the pinned bytes; the instruction's own bytes after the opcode
@@ -259,6 +263,9 @@ fn write_stub(
     let disp = i32::try_from(disp).map_err(|_| "stub pointer out of reach".to_string())?;
     let mut code = vec![0xff, 0x25];
     code.extend_from_slice(&disp.to_le_bytes());
+    if class == 1 {
+        code.resize(16, 0xcc); // the whole allocation, so that runs of code are written at once
+    }
     areas.stage(stub, &code);
     let rel = (stub.wrapping_sub(after) as i64) as i32;
     let mut jmp = [0u8; JMP_LEN];

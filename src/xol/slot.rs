@@ -66,7 +66,9 @@ impl Slots {
         let slot = areas.alloc_near(site, SLOT_SIZE as u64, 16, maps)?;
         let code = slot_code(d, site, slot)?;
         let len = relocated_len(d, slot)?;
-        areas.stage(slot, &code);
+        let mut padded = code.clone();
+        padded.resize(SLOT_SIZE, 0xcc); // the whole slot: consecutive slots are written at once
+        areas.stage(slot, &padded);
         let m = SlotMap {
             start: slot,
             len: len as u32,
