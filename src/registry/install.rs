@@ -22,7 +22,7 @@ use crate::patch::{self, Barrier, TextWriter, INT3};
 use crate::runtime::config::{self, PathMode};
 use crate::sigsafe::plan::Resume;
 use crate::sigsafe::sys::{self, Errno};
-use crate::xol::jump::{Jump, JMP_LEN};
+use crate::xol::jump::{Counters, Jump, JMP_LEN};
 use crate::xol::{self, Decoded};
 
 /// A site in one mapping.
@@ -87,13 +87,13 @@ impl Registry {
         &mut self,
         key: SiteKey,
         maps: &[MapEntry],
-        counter: u32,
+        counters: Counters,
         jump_ok: bool,
     ) -> Result<Vec<Install>, ProbeError> {
         let mut installs = Vec::new();
         for m in maps.iter().filter(|m| m.file == Some(key.file) && m.is_exec()) {
             if let Some(addr) = m.addr_of(key.offset) {
-                installs.push(self.plan_install(key, m, addr, maps, counter, jump_ok)?);
+                installs.push(self.plan_install(key, m, addr, maps, counters, jump_ok)?);
             }
         }
         if installs.is_empty() {
@@ -110,7 +110,7 @@ impl Registry {
         m: &MapEntry,
         addr: u64,
         maps: &[MapEntry],
-        counter: u32,
+        counters: Counters,
         jump_ok: bool,
     ) -> Result<Install, ProbeError> {
         if m.shared {
@@ -164,7 +164,7 @@ impl Registry {
                 self.trap_reasons.insert(addr, why);
                 None
             }
-            None => match self.jumps.plan(&mut self.areas, &d, addr, bytes, counter, maps) {
+            None => match self.jumps.plan(&mut self.areas, &d, addr, bytes, counters, maps) {
                 Ok(j) => Some(j),
                 Err(why) => {
                     self.trap_reasons.insert(addr, why);

@@ -22,6 +22,7 @@ use crate::error::ProbeError;
 use crate::objects::{self, MapEntry};
 use crate::sigsafe::table::NO_COUNTER;
 use crate::sigsafe::trap::{self, MASK_HOW_IN_RDI, MASK_IN_FRAME, NO_SIZE_REG};
+use crate::xol::jump::Counters;
 
 /// What became of the mask fixes in this process.
 #[derive(Default, Debug, Clone)]
@@ -149,7 +150,7 @@ impl Registry {
                 n += 1;
                 continue;
             }
-            match self.plan_site(key, maps, NO_COUNTER, true) {
+            match self.plan_site(key, maps, Counters::NONE, true) {
                 Ok(installs) => {
                     self.sites.insert(
                         key,
@@ -197,7 +198,7 @@ impl Registry {
             self.publish();
             return Ok(());
         }
-        let install = self.plan_install(key, m, r_brk, &maps, NO_COUNTER, false)?;
+        let install = self.plan_install(key, m, r_brk, &maps, Counters::NONE, false)?;
         if !trap::can_hijack(install.resume) {
             return Err(ProbeError::Runtime {
                 why: "the loader's r_brk starts with an instruction the hook cannot resume".into(),

@@ -36,7 +36,7 @@ use crate::sigsafe::table::NO_COUNTER;
 use crate::sigsafe::{sys, thread, trap};
 use crate::spec::{self, Spec};
 use crate::xol::area::Areas;
-use crate::xol::jump::Jumps;
+use crate::xol::jump::{Counters, Jumps};
 use crate::xol::slot::Slots;
 
 /// A probe as the user registered it: resolved to a site, still waiting for its object (`pending`
@@ -75,6 +75,10 @@ struct Site {
 }
 
 impl Site {
+    fn counters(&self) -> Counters {
+        Counters { hits: self.counter, returns: self.ret_counter }
+    }
+
     fn wanted(&self) -> bool {
         !self.consumers.is_empty() || self.link_map_hook || self.mask_fix.is_some()
     }
@@ -315,12 +319,15 @@ impl Registry {
                     continue;
                 }
             };
-            let existing = self.sites.get(&r.key);
-            let planned = match existing {
+            let planned = match self.sites.get(&r.key) {
                 Some(_) => Ok(Vec::new()),
                 None => {
-                    let entry = if spec.ret { NO_COUNTER } else { counter };
-                    self.plan_site(r.key, maps, entry, true)
+                    let counters = if spec.ret {
+                        Counters { hits: NO_COUNTER, returns: counter }
+                    } else {
+                        Counters { hits: counter, returns: NO_COUNTER }
+                    };
+                    self.plan_site(r.key, maps, counters, true)
                 }
             };
             let installs = match planned {
@@ -360,16 +367,23 @@ impl Registry {
                 counter: NO_COUNTER,
                 ret_counter: NO_COUNTER,
             });
+            let before = site.counters();
             if spec.ret {
                 site.ret_counter = counter;
             } else {
                 site.counter = counter;
             }
+            let changed = site.counters() != before;
             site.consumers.push((id, consumer));
+            site.installs.extend_from_slice(&installs);
             for i in &installs {
                 self.tombstones.remove(&i.addr);
             }
-            site.installs.extend_from_slice(&installs);
+            if changed && installs.is_empty() {
+                // An existing site gets a new counter (a return probe where there were entry
+                // probes, or the reverse): new bodies for its jumps.
+                self.rebody(r.key, maps);
+            }
             new_installs.push((r.key, installs));
             ids.push(id);
         }
@@ -477,11 +491,11 @@ impl Registry {
                 if known.contains(&addr) {
                     continue;
                 }
-                let (counter, jump_ok) = self
+                let (counters, jump_ok) = self
                     .sites
                     .get(&key)
-                    .map_or((NO_COUNTER, false), |s| (s.counter, !s.link_map_hook));
-                match self.plan_install(key, m, addr, &maps, counter, jump_ok) {
+                    .map_or((Counters::NONE, false), |s| (s.counters(), !s.link_map_hook));
+                match self.plan_install(key, m, addr, &maps, counters, jump_ok) {
                     Ok(i) => {
                         self.tombstones.remove(&i.addr);
                         if let Some(s) = self.sites.get_mut(&key) {
@@ -517,6 +531,29 @@ impl Registry {
             }
         }
         problems
+    }
+
+    /// The site `key` has new counters: its jumps go to bodies that count into them (the pointer
+    /// is set at the next publish; the old bodies stay, for threads still in them).
+    fn rebody(&mut self, key: SiteKey, maps: &[MapEntry]) {
+        let Some(site) = self.sites.get(&key) else { return };
+        let counters = site.counters();
+        let mut bodies = Vec::new();
+        for i in site.installs.iter().filter(|i| i.jump.is_some()) {
+            let Ok(d) = crate::xol::decode(&i.orig, i.addr) else { continue };
+            // On failure the old body stays: its full entry counts through the table, correctly.
+            if let Ok(b) = self.jumps.body(&mut self.areas, &d, i.addr, i.orig, counters, maps) {
+                bodies.push((i.addr, b));
+            }
+        }
+        if let Some(site) = self.sites.get_mut(&key) {
+            for (addr, b) in bodies {
+                let jump = site.installs.iter_mut().find(|i| i.addr == addr);
+                if let Some(j) = jump.and_then(|i| i.jump.as_mut()) {
+                    j.body = b;
+                }
+            }
+        }
     }
 
     /// Unregister probe `id`. When it was the last consumer of its site, the original bytes are

@@ -7,6 +7,7 @@ use super::{Registry, Site};
 use crate::patch::TextWriter;
 use crate::sigsafe::events::TRACING;
 use crate::sigsafe::table::{self, Table, TableEntry, LINK_MAP_HOOK, MASK_FIX, NO_COUNTER, TIMED};
+use crate::xol::jump::{Counters, Jump};
 
 impl Registry {
     /// Build and publish the table, then point every jump at the body entry its consumers need.
@@ -74,19 +75,30 @@ impl Registry {
         for site in self.sites.values() {
             for i in &site.installs {
                 if let Some(j) = &i.jump {
-                    j.point_to(if count_only(site) { j.body.count } else { j.body.full });
+                    j.point_to(entry_of(site, j));
                 }
             }
         }
     }
 }
 
-/// Is every hit on `site` only counted (so that its jump body counts it by itself)?
-fn count_only(site: &Site) -> bool {
-    site.counter != NO_COUNTER
-        && !site.consumers.is_empty()
+/// Which entry of its body a jump at `site` goes to: the one that does all its consumers want by
+/// itself (counting, pushing returns), or the full one.
+fn entry_of(site: &Site, j: &Jump) -> u64 {
+    let b = &j.body;
+    let plain = !site.consumers.is_empty()
         && !site.link_map_hook
         && site.mask_fix.is_none()
-        && !site.consumers.iter().any(|(_, c)| c.ret)
         && !TRACING.load(Ordering::Relaxed)
+        && b.counters == Counters { hits: site.counter, returns: site.ret_counter };
+    if !plain {
+        return b.full;
+    }
+    let ret = site.consumers.iter().any(|(_, c)| c.ret);
+    let timed = site.consumers.iter().any(|(_, c)| c.latency.is_some());
+    match (ret, timed) {
+        (false, _) => b.count,
+        (true, false) => b.ret,
+        (true, true) => b.full,
+    }
 }

@@ -94,9 +94,13 @@ pub struct SavedRegs {
     pub slot: u64,
 }
 
-// The return trampoline. Entered by the `ret` of a hijacked function (rsp = slot + 8): saves what
-// the C ABI lets a callee clobber (and the flags, and every xmm register), calls `on_return`, which
-// answers the real return address, writes it into the slot, restores and returns there.
+// The return trampoline. Entered by the `ret` of a hijacked function (rsp = slot + 8).
+//
+// The plain return (the thread's innermost frame is this one, it only counts, no events) is
+// handled here: count into the thread's counter, pop the frame, return to the real address, with
+// the flags saved by lahf/seto. Anything else takes the full way: save what the C ABI lets a
+// callee clobber (and the flags, and every xmm register), call `on_return`, which answers the real
+// return address, write it into the slot, restore and return there.
 global_asm!(
     ".pushsection .text.uprobe_return_trampoline,\"ax\",@progbits",
     ".globl uprobe_return_trampoline",
@@ -104,7 +108,56 @@ global_asm!(
     ".type uprobe_return_trampoline, @function",
     ".p2align 4",
     "uprobe_return_trampoline:",
+    "    push rax", // where the real return address goes (the hijacked slot)
     "    push rax",
+    "    seto al",
+    "    lahf",
+    "    push rax",
+    "    push rcx",
+    "    push rdx",
+    "    push rsi", // the slot is at rsp + 40
+    "    mov rsi, qword ptr [rip + uprobe_tls@GOTTPOFF]",
+    "    mov rax, qword ptr fs:[rsi + 8]", // the thread's block
+    "    test rax, rax",
+    "    jz 8f",
+    "    mov ecx, dword ptr [rax + {depth}]",
+    "    test ecx, ecx",
+    "    jz 8f",
+    "    lea rdx, [rcx + rcx * 4]",
+    "    lea rdx, [rax + rdx * 8 + {frames} - 40]", // the innermost frame
+    "    lea rcx, [rsp + 40]",
+    "    cmp qword ptr [rdx], rcx",
+    "    jne 8f",
+    "    cmp dword ptr [rdx + 36], 0", // flags: durations or events
+    "    jne 8f",
+    "    cmp byte ptr [rip + {tracing}], 0",
+    "    jne 8f",
+    "    mov rsi, qword ptr fs:[rsi]", // active: null in libuprobe's own code
+    "    test rsi, rsi",
+    "    jz 8f",
+    "    mov ecx, dword ptr [rdx + 32]", // the return counter
+    "    cmp ecx, {max_counters}",
+    "    jae 8f",
+    "    inc qword ptr [rsi + rcx * 8 + {header}]",
+    "    mov rcx, qword ptr [rdx + 8]",
+    "    mov qword ptr [rsp + 40], rcx",
+    "    dec dword ptr [rax + {depth}]",
+    "    pop rsi",
+    "    pop rdx",
+    "    pop rcx",
+    "    pop rax",
+    "    add al, 0x7f",
+    "    sahf",
+    "    pop rax",
+    "    ret",
+    "8:",
+    "    pop rsi",
+    "    pop rdx",
+    "    pop rcx",
+    "    pop rax",
+    "    add al, 0x7f",
+    "    sahf",
+    "    pop rax",
     "    pushfq",
     "    push rax",
     "    push rcx",
@@ -171,7 +224,18 @@ global_asm!(
     ".size uprobe_return_trampoline, . - uprobe_return_trampoline",
     ".popsection",
     on_return = sym on_return,
+    depth = const core::mem::offset_of!(Block, ret_depth),
+    frames = const core::mem::offset_of!(Block, ret_frames),
+    tracing = sym events::TRACING,
+    max_counters = const thread::MAX_COUNTERS,
+    header = const thread::HEADER,
 );
+
+const _: () = assert!(core::mem::size_of::<thread::RetFrame>() == 40);
+const _: () = assert!(core::mem::offset_of!(thread::RetFrame, real) == 8);
+const _: () = assert!(core::mem::offset_of!(thread::RetFrame, counter) == 32);
+const _: () = assert!(core::mem::offset_of!(thread::RetFrame, flags) == 36);
+const _: () = assert!(core::mem::offset_of!(thread::Tls, block) == 8);
 
 extern "C" {
     fn uprobe_return_trampoline();

@@ -202,7 +202,9 @@ impl Areas {
 
     /// Bytes of code and data memory mapped so far (stub pages included).
     pub fn mapped_bytes(&self) -> u64 {
-        self.code.iter().chain(&self.data).chain(&self.regions).map(|a| a.len).sum()
+        // Stub regions are reserved, not used: only their stub pages count.
+        let areas: u64 = self.code.iter().chain(&self.data).map(|a| a.len).sum();
+        areas + self.stubs.len() as u64 * PAGE
     }
 
     /// Every range of code memory (areas and stub pages), sorted.

@@ -39,14 +39,12 @@ use super::decode::{Decoded, XolError};
 use super::reloc::relocate;
 use crate::objects::MapEntry;
 use crate::sigsafe::table::SlotMap;
-use crate::sigsafe::{jump, thread};
+use crate::sigsafe::{jump, ret, thread};
 
 /// Length of `jmp rel32`.
 pub const JMP_LEN: usize = 5;
 /// Length of a stub: `jmp qword ptr [rip + disp32]`.
 const STUB_LEN: u64 = 6;
-/// The body's counting part, before the relocated instruction.
-const COUNT_PART: u64 = 45;
 /// Offset of a thread's counters in its block (see `sigsafe::thread`).
 const COUNTERS_AT: u64 = thread::HEADER as u64;
 
@@ -57,9 +55,13 @@ pub struct Body {
     pub count: u64,
     /// Where a hit that needs the Rust side enters.
     pub full: u64,
+    /// Where a hit of a site with return probes enters (the same as `full` when it has none).
+    pub ret: u64,
     /// The relocated instruction: where a trap at the site resumes, too.
     pub insn: u64,
     pub slot: SlotMap,
+    /// The counters this body counts into.
+    pub counters: Counters,
 }
 
 /// A site's jump.
@@ -98,7 +100,7 @@ struct Stub {
 /// Every body and stub written so far.
 #[derive(Default)]
 pub struct Jumps {
-    bodies: HashMap<(u64, [u8; 16], u32), Body>,
+    bodies: HashMap<(u64, [u8; 16], Counters), Body>,
     stubs: HashMap<(u64, [u8; 16]), Stub>,
 }
 
@@ -115,17 +117,10 @@ impl Jumps {
         d: &Decoded,
         site: u64,
         bytes: [u8; 16],
-        counter: u32,
+        counters: Counters,
         maps: &[MapEntry],
     ) -> Result<Jump, String> {
-        let body = match self.bodies.get(&(site, bytes, counter)) {
-            Some(b) => *b,
-            None => {
-                let b = write_body(areas, d, site, counter, maps).map_err(|e| e.to_string())?;
-                self.bodies.insert((site, bytes, counter), b);
-                b
-            }
-        };
+        let body = self.body(areas, d, site, bytes, counters, maps).map_err(|e| e.to_string())?;
         let stub = match self.stubs.get(&(site, bytes)) {
             Some(s) => *s,
             None => {
@@ -145,78 +140,67 @@ impl Jumps {
         Ok(jump)
     }
 
+    /// The body of `d` at `site` counting into `counters`: an old one, or one written now.
+    pub fn body(
+        &mut self,
+        areas: &mut Areas,
+        d: &Decoded,
+        site: u64,
+        bytes: [u8; 16],
+        counters: Counters,
+        maps: &[MapEntry],
+    ) -> Result<Body, XolError> {
+        if let Some(b) = self.bodies.get(&(site, bytes, counters)) {
+            return Ok(*b);
+        }
+        let b = write_body(areas, d, site, counters, maps)?;
+        self.bodies.insert((site, bytes, counters), b);
+        Ok(b)
+    }
+
     /// Every body's relocated instruction, for the fault translation.
     pub fn slots(&self) -> impl Iterator<Item = SlotMap> + '_ {
         self.bodies.values().map(|b| b.slot)
     }
 }
 
-/// Write the body of `d` at `site`.
+/// Counters of a body: the site's hit counter and return counter (or [`NO_COUNTER`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Counters {
+    pub hits: u32,
+    pub returns: u32,
+}
+
+impl Counters {
+    /// No counter at all (libuprobe's own sites).
+    pub const NONE: Counters = Counters { hits: NO_COUNTER, returns: NO_COUNTER };
+}
+
+/// Write the body of `d` at `site` (see the module documentation; the `ret` entry, for a site
+/// with return probes, also pushes the return on the thread's return stack and hijacks it, as
+/// `sigsafe::ret::hijack` does, leaving every case but the plain one to the full entry).
 fn write_body(
     areas: &mut Areas,
     d: &Decoded,
     site: u64,
-    counter: u32,
+    counters: Counters,
     maps: &[MapEntry],
 ) -> Result<Body, XolError> {
-    let counted = counter != NO_COUNTER;
-    // The relocated instruction's length depends on where it goes; measure it once somewhere in
-    // reach (its length does not change within rel32 reach).
-    let probe_at = site.wrapping_add(JMP_LEN as u64);
-    let reloc_len = relocate(d, site, probe_at)?.code.len() as u64;
-    let count_part = if counted { COUNT_PART } else { 0 };
-    let size = (count_part + reloc_len + 5 + 30 + 7 + 8 + 8).next_multiple_of(16);
+    // The relocated instruction's length does not depend on where it goes (within rel32 reach):
+    // assemble once to size the body, then again at its address.
+    let probe = relocate(d, site, site.wrapping_add(JMP_LEN as u64))?;
+    let sized = assemble_body(d, site, counters, 0x1000_0000, &probe.code)?;
+    let size = (sized.code.len() as u64).next_multiple_of(16);
     let at = areas.alloc_near(site, size, 16, maps)?;
-    let insn = at + count_part;
-    let r = relocate(d, site, insn)?;
-    let mut c = Vec::with_capacity(size as usize);
-    if counted {
-        let tls = i32::try_from(thread::tls_offset())
-            .map_err(|_| XolError::Relocate { insn: d.text(), why: "TLS out of reach".into() })?;
-        let counter_at = COUNTERS_AT + counter as u64 * 8;
-        c.extend_from_slice(&[0x48, 0x8d, 0x64, 0x24, 0x80]); // lea rsp, [rsp - 128]
-        c.extend_from_slice(&[0x50, 0x0f, 0x90, 0xc0, 0x9f, 0x50]); // push rax; seto al; lahf; push rax
-        c.extend_from_slice(&[0x64, 0x48, 0x8b, 0x04, 0x25]); // mov rax, fs:[tls]
-        c.extend_from_slice(&tls.to_le_bytes());
-        c.extend_from_slice(&[0x48, 0x85, 0xc0]); // test rax, rax
-        c.extend_from_slice(&[0x74, (20 + r.code.len()) as u8]); // jz slow
-        c.extend_from_slice(&[0x48, 0xff, 0x80]); // inc qword ptr [rax + disp32]
-        c.extend_from_slice(&(counter_at as u32).to_le_bytes());
-        c.extend_from_slice(&[0x58, 0x04, 0x7f, 0x9e, 0x58]); // pop rax; add al, 0x7f; sahf; pop rax
-        c.extend_from_slice(&[0x48, 0x8d, 0xa4, 0x24, 0x80, 0, 0, 0]); // lea rsp, [rsp + 128]
-        debug_assert_eq!(c.len() as u64, COUNT_PART);
-    }
-    c.extend_from_slice(&r.code);
-    if counted {
-        c.extend_from_slice(&[0x58, 0x04, 0x7f, 0x9e, 0x58]); // slow: restore, fall into common
-    }
-    let common = at + c.len() as u64;
-    c.push(0x50); // push rax
-    c.extend_from_slice(&[0x48, 0xb8]); // movabs rax, site
-    c.extend_from_slice(&site.to_le_bytes());
-    let call_at = c.len();
-    c.extend_from_slice(&[0xff, 0x15, 0, 0, 0, 0]); // call qword ptr [rip + full]
-    c.extend_from_slice(&[0x48, 0x8d, 0xa4, 0x24, 0x80, 0, 0, 0]); // lea rsp, [rsp + 128]
-    c.push(0xe9); // jmp insn
-    let back = insn.wrapping_sub(at + c.len() as u64 + 4) as i32;
-    c.extend_from_slice(&back.to_le_bytes());
-    let full = at + c.len() as u64;
-    c.extend_from_slice(&[0x48, 0x8d, 0x64, 0x24, 0x80]); // lea rsp, [rsp - 128]
-    c.push(0xeb); // jmp common
-    c.push(common.wrapping_sub(at + c.len() as u64 + 1) as u8);
-    while c.len() % 8 != 0 {
-        c.push(0xcc);
-    }
-    let ptr_at = c.len();
-    c.extend_from_slice(&jump::full_entry().to_le_bytes());
-    let disp = (ptr_at - (call_at + 6)) as u32;
-    c[call_at + 2..call_at + 6].copy_from_slice(&disp.to_le_bytes());
-    if c.len() as u64 > size {
-        return Err(XolError::Relocate { insn: d.text(), why: "body too long".into() });
+    let r = relocate(d, site, at + sized.insn_offset)?;
+    let mut b = assemble_body(d, site, counters, at, &r.code)?;
+    if b.code.len() as u64 > size || b.insn_offset != sized.insn_offset {
+        return Err(XolError::Relocate { insn: d.text(), why: "body size changed".into() });
     }
     // Up to the allocation's end: bodies allocated one after the other are written as one run.
-    c.resize(size as usize, 0xcc);
-    areas.stage(at, &c);
+    b.code.resize(size as usize, 0xcc);
+    areas.stage(at, &b.code);
+    let insn = at + b.insn_offset;
     let slot = SlotMap {
         start: insn,
         len: r.insn_len as u32,
@@ -225,8 +209,156 @@ fn write_body(
         tail: (r.code.len() - r.insn_len) as u32,
         syscall: r.syscall,
     };
-    Ok(Body { count: if counted { at } else { full }, full, insn, slot })
+    Ok(Body { count: at + b.count, full: at + b.full, ret: at + b.ret, insn, slot, counters })
 }
+
+struct Assembled {
+    code: Vec<u8>,
+    /// Offsets of the entries and of the relocated instruction.
+    count: u64,
+    full: u64,
+    ret: u64,
+    insn_offset: u64,
+}
+
+fn assemble_body(
+    d: &Decoded,
+    site: u64,
+    counters: Counters,
+    at: u64,
+    relocated: &[u8],
+) -> Result<Assembled, XolError> {
+    use iced_x86::code_asm::*;
+    use iced_x86::BlockEncoderOptions;
+    let err = |e: iced_x86::IcedError| XolError::Relocate { insn: d.text(), why: e.to_string() };
+    let tls = i32::try_from(thread::tls_offset())
+        .map_err(|_| XolError::Relocate { insn: d.text(), why: "TLS out of reach".into() })?;
+    // mov rax, qword ptr fs:[tls] (fixed encoding: absolute, not RIP-relative).
+    let mut load_block = vec![0x64, 0x48, 0x8b, 0x04, 0x25];
+    load_block.extend_from_slice(&tls.to_le_bytes());
+    let counter_at = |c: u32| (COUNTERS_AT + c as u64 * 8) as i32;
+    let mut a = CodeAssembler::new(64).map_err(err)?;
+    let mut count = a.create_label();
+    let mut insn = a.create_label();
+    let mut count_slow = a.create_label();
+    let mut common = a.create_label();
+    let mut full = a.create_label();
+    let mut ret = a.create_label();
+    let mut ret_push = a.create_label();
+    let mut ret_slow = a.create_label();
+    let mut full_ptr = a.create_label();
+    let save = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
+        a.lea(rsp, ptr(rsp - 128))?;
+        a.push(rax)?;
+        a.seto(al)?;
+        a.lahf()?;
+        a.push(rax)
+    };
+    let restore = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
+        a.pop(rax)?;
+        a.add(al, 0x7f)?;
+        a.sahf()?;
+        a.pop(rax)
+    };
+    (|| -> Result<(), iced_x86::IcedError> {
+        a.set_label(&mut count)?;
+        if counters.hits != NO_COUNTER {
+            save(&mut a)?;
+            a.db(&load_block)?;
+            a.test(rax, rax)?;
+            a.jz(count_slow)?;
+            a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
+            restore(&mut a)?;
+            a.lea(rsp, ptr(rsp + 128))?;
+        } else {
+            a.jmp(full)?;
+        }
+        a.set_label(&mut insn)?;
+        a.db(relocated)?;
+        a.set_label(&mut count_slow)?;
+        restore(&mut a)?;
+        a.set_label(&mut common)?;
+        a.push(rax)?;
+        a.mov(rax, site)?;
+        a.call(qword_ptr(full_ptr))?;
+        a.lea(rsp, ptr(rsp + 128))?;
+        a.jmp(insn)?;
+        a.set_label(&mut full)?;
+        a.lea(rsp, ptr(rsp - 128))?;
+        a.jmp(common)?;
+        a.set_label(&mut ret)?;
+        if counters.returns == NO_COUNTER {
+            a.jmp(full)?;
+        } else {
+            save(&mut a)?;
+            a.push(rcx)?;
+            a.push(rdx)?;
+            a.push(rsi)?;
+            a.db(&load_block)?;
+            a.test(rax, rax)?;
+            a.jz(ret_slow)?;
+            a.mov(ecx, dword_ptr(rax + RET_DEPTH_AT))?;
+            a.cmp(ecx, thread::RET_STACK as u32)?;
+            a.jae(ret_slow)?;
+            a.lea(rsi, ptr(rsp + 168))?; // the program's rsp: 5 pushes and the red zone
+            a.test(ecx, ecx)?;
+            a.jz(ret_push)?;
+            // A pending frame at or below this one (a longjmp abandoned it, or a tail call
+            // chains to it) is the full entry's to sort out.
+            a.lea(rdx, ptr(rcx + rcx * 4))?;
+            a.cmp(qword_ptr(rax + rdx * 8 + (FRAMES_AT - FRAME_SIZE)), rsi)?;
+            a.jbe(ret_slow)?;
+            a.set_label(&mut ret_push)?;
+            a.lea(rdx, ptr(rcx + rcx * 4))?;
+            a.lea(rdx, ptr(rax + rdx * 8 + FRAMES_AT))?;
+            a.mov(qword_ptr(rdx), rsi)?; // slot
+            a.mov(rcx, qword_ptr(rsi))?;
+            a.mov(qword_ptr(rdx + 8), rcx)?; // real return address
+            a.mov(rcx, site)?;
+            a.mov(qword_ptr(rdx + 16), rcx)?; // site
+            a.mov(qword_ptr(rdx + 24), 0)?; // entry_ns: no durations here
+            a.mov(qword_ptr(rdx + 32), counters.returns as i32)?; // counter, flags 0
+            if counters.hits != NO_COUNTER {
+                a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
+            }
+            a.inc(dword_ptr(rax + RET_DEPTH_AT))?;
+            a.mov(rcx, ret::trampoline())?;
+            a.mov(qword_ptr(rsi), rcx)?;
+            a.pop(rsi)?;
+            a.pop(rdx)?;
+            a.pop(rcx)?;
+            restore(&mut a)?;
+            a.lea(rsp, ptr(rsp + 128))?;
+            a.jmp(insn)?;
+            a.set_label(&mut ret_slow)?;
+            a.pop(rsi)?;
+            a.pop(rdx)?;
+            a.pop(rcx)?;
+            restore(&mut a)?;
+            a.jmp(common)?;
+        }
+        a.set_label(&mut full_ptr)?;
+        a.db(&jump::full_entry().to_le_bytes())
+    })()
+    .map_err(err)?;
+    let res =
+        a.assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).map_err(err)?;
+    let off = |l: &CodeLabel| res.label_ip(l).map(|ip| ip - at).map_err(err);
+    Ok(Assembled {
+        count: off(&count)?,
+        full: off(&full)?,
+        ret: off(&ret)?,
+        insn_offset: off(&insn)?,
+        code: res.inner.code_buffer,
+    })
+}
+
+/// Offsets in a thread's block (see `sigsafe::thread::Block`).
+const RET_DEPTH_AT: i32 = core::mem::offset_of!(thread::Block, ret_depth) as i32;
+const FRAMES_AT: i32 = core::mem::offset_of!(thread::Block, ret_frames) as i32;
+const FRAME_SIZE: i32 = core::mem::size_of::<thread::RetFrame>() as i32;
+const _: () = assert!(FRAME_SIZE == 40);
+const _: () = assert!(core::mem::offset_of!(thread::RetFrame, counter) == 32);
 
 /// Write the stub of `d` at `site` and allocate its pointer.
 fn write_stub(
@@ -305,15 +437,23 @@ mod tests {
         bytes[..2].copy_from_slice(&[0xeb, 0x07]);
         let d = decode(&bytes, site).unwrap();
         let mut areas = Areas::default();
-        let b = write_body(&mut areas, &d, site, 3, &maps).unwrap();
+        let counters = Counters { hits: 3, returns: 4 };
+        let b = write_body(&mut areas, &d, site, counters, &maps).unwrap();
         let (at, code) = areas.staged().into_iter().next().unwrap();
         let text = disasm(&code, at);
-        eprintln!("{}", text.join("\n"));
+        let line = |off: u64| {
+            text.iter().find(|l| l.starts_with(&format!("{off:x}: "))).cloned().unwrap_or_default()
+        };
         assert_eq!(b.count, at);
-        // The short jump to the slow path lands right after the relocated `jmp` (5 bytes).
-        let jz = text.iter().find(|l| l.starts_with("17: je short")).unwrap();
-        assert!(jz.ends_with(&format!("{:X}h", at + 0x32)), "{jz}");
-        assert!(text.iter().any(|l| l.starts_with("2d: jmp")), "{text:?}");
-        assert!(text.iter().any(|l| l.starts_with("32: pop rax")), "{text:?}");
+        assert!(line(0).starts_with("0: lea rsp,[rsp-80h]"), "{text:#?}");
+        // The counter of the thread's own block: HEADER + 3 * 8.
+        assert!(text.iter().any(|l| l.contains("inc qword ptr [rax+2018h]")), "{text:#?}");
+        // The relocated instruction is the `jmp`, where the trap path resumes too.
+        assert!(line(b.insn - at).contains(": jmp"), "{text:#?}");
+        assert!(line(b.full - at).contains("lea rsp,[rsp-80h]"), "{text:#?}");
+        assert!(line(b.ret - at).contains("lea rsp,[rsp-80h]"), "{text:#?}");
+        // The return entry stores the return counter in the frame.
+        assert!(text.iter().any(|l| l.contains("mov qword ptr [rdx+20h],4")), "{text:#?}");
+        assert_eq!(b.slot.start, b.insn);
     }
 }
