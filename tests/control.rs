@@ -300,8 +300,8 @@ fn uprobe_ctl_speaks_for_a_pid() {
     let (out, _, _) = ctl(&["list"]);
     let row = out.lines().nth(1).unwrap();
     assert_eq!(
-        row.split_whitespace().take(4).collect::<Vec<_>>(),
-        ["1", "42", "active", "serve:target"]
+        row.split_whitespace().take(5).collect::<Vec<_>>(),
+        ["1", "42", "active", expected_path(), "serve:target"]
     );
     let (out, _, _) = ctl(&["--json", "stats"]);
     let v: Value = serde_json::from_str(out.trim()).unwrap();

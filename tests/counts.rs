@@ -153,12 +153,12 @@ fn text_report_to_stderr_by_default_and_pid_in_output_path() {
     assert!(head.contains("(counts, argv[0] \""), "the summary names the program: {head}");
     let header = stderr.lines().find(|l| l.contains("HITS")).expect("table header");
     assert!(
-        header.contains("ID") && header.contains("STATE") && header.contains("SPEC"),
+        header.contains("ID") && header.contains("STATE") && header.contains("PATH"),
         "{header}"
     );
     let row = stderr.lines().find(|l| l.contains("counts:leaf")).expect("row for counts:leaf");
     let cols: Vec<_> = row.split_whitespace().collect();
-    assert_eq!(cols[..5], ["1", "1000", "active", "counts:leaf", "leaf"], "{row}");
+    assert_eq!(cols[..6], ["1", "1000", "active", expected_path(), "counts:leaf", "leaf"], "{row}");
     assert!(stderr.contains("nolib:x") && stderr.contains("pending"), "{stderr}");
 
     // A program that closes stderr on its way out (as gnulib's close_stdout does) still gets its

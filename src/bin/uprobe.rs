@@ -242,8 +242,8 @@ fn print_probes(probes: &[Value]) {
     let spec_w = probes.iter().map(|p| str_of(&p["spec"]).len()).max().unwrap_or(4).max(4);
     let sym_w = probes.iter().map(|p| str_of(&p["symbol"]).len()).max().unwrap_or(6).max(6);
     println!(
-        "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  WHERE",
-        "ID", "HITS", "STATE", "SPEC", "SYMBOL"
+        "{:>5}  {:>12}  {:<7}  {:<4}  {:<spec_w$}  {:<sym_w$}  WHERE",
+        "ID", "HITS", "STATE", "PATH", "SPEC", "SYMBOL"
     );
     for p in probes {
         let place = match (p["error"].as_str(), p["offset"].as_u64()) {
@@ -252,13 +252,17 @@ fn print_probes(probes: &[Value]) {
             (None, None) => str_of(&p["object"]),
         };
         println!(
-            "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  {place}",
+            "{:>5}  {:>12}  {:<7}  {:<4}  {:<spec_w$}  {:<sym_w$}  {place}",
             str_of(&p["id"]),
             str_of(&p["hits"]),
             str_of(&p["state"]),
+            str_of(&p["path"]),
             str_of(&p["spec"]),
             str_of(&p["symbol"])
         );
+        if let Some(why) = p["path_reason"].as_str() {
+            println!("{:>5}  trap: {why}", "");
+        }
     }
 }
 
@@ -303,13 +307,14 @@ fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
                 println!("removed probe(s) {}", ids.join(", "));
             }
             Some(CtlOp::Stats { reset }) => {
-                println!("{:>5}  {:>12}  {:<7}  SPEC", "ID", "HITS", "STATE");
+                println!("{:>5}  {:>12}  {:<7}  {:<4}  SPEC", "ID", "HITS", "STATE", "PATH");
                 for p in probes {
                     println!(
-                        "{:>5}  {:>12}  {:<7}  {}",
+                        "{:>5}  {:>12}  {:<7}  {:<4}  {}",
                         str_of(&p["id"]),
                         str_of(&p["hits"]),
                         str_of(&p["state"]),
+                        str_of(&p["path"]),
                         str_of(&p["spec"])
                     );
                 }

@@ -120,7 +120,7 @@ fn stats(reset: bool) -> Value {
                 "hits": p.hits,
             });
             let full = render::probe(p);
-            for k in ["path", "path_reason", "missed", "latency"] {
+            for k in ["path", "class", "path_reason", "missed", "latency"] {
                 if !full[k].is_null() {
                     v[k] = full[k].clone();
                 }

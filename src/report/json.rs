@@ -32,7 +32,10 @@ pub fn probe(p: &ProbeInfo) -> Value {
     }
     if let Some(path) = p.path {
         v["path"] = json!(path);
-        if let Some(why) = &p.path_reason {
+        if let Some(class) = p.class {
+            v["class"] = json!(class);
+        }
+        if let (Some(why), "trap") = (&p.path_reason, path) {
             v["path_reason"] = json!(why);
         }
     }

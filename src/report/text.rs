@@ -47,6 +47,23 @@ fn latency(p: &ProbeInfo, out: &mut String) {
     }
 }
 
+/// Why probes are on the trap path, grouped by the reason's first words (the JSON report has
+/// each one's whole reason).
+fn trap_reasons(probes: &[ProbeInfo], out: &mut String) {
+    let mut groups: Vec<(String, usize)> = Vec::new();
+    for p in probes.iter().filter(|p| p.path == Some("trap")) {
+        let why = p.path_reason.as_deref().unwrap_or("unknown");
+        let head = why.split(':').next().unwrap_or(why).trim().to_string();
+        match groups.iter_mut().find(|g| g.0 == head) {
+            Some(g) => g.1 += 1,
+            None => groups.push((head, 1)),
+        }
+    }
+    for (why, n) in groups {
+        *out += &format!("libuprobe: {n} probe(s) on the trap path: {}\n", cell(&why));
+    }
+}
+
 /// The summary table.
 pub fn summary(
     pid: i32,
@@ -63,8 +80,8 @@ pub fn summary(
     let spec_w = specs.iter().map(|s| s.chars().count()).max().unwrap_or(4).max(4);
     let sym_w = symbols.iter().map(|s| s.chars().count()).max().unwrap_or(6).max(6);
     out += &format!(
-        "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  WHERE\n",
-        "ID", "HITS", "STATE", "SPEC", "SYMBOL"
+        "{:>5}  {:>12}  {:<7}  {:<4}  {:<spec_w$}  {:<sym_w$}  WHERE\n",
+        "ID", "HITS", "STATE", "PATH", "SPEC", "SYMBOL"
     );
     for ((p, spec), symbol) in probes.iter().zip(&specs).zip(&symbols) {
         let place = match (p.state, p.offset) {
@@ -77,14 +94,16 @@ pub fn summary(
             (_, None) => p.object.clone(),
         };
         out += &format!(
-            "{:>5}  {:>12}  {:<7}  {:<spec_w$}  {:<sym_w$}  {place}\n",
+            "{:>5}  {:>12}  {:<7}  {:<4}  {:<spec_w$}  {:<sym_w$}  {place}\n",
             p.id,
             p.hits,
             p.state.as_str(),
+            p.path.unwrap_or("-"),
             spec,
             symbol
         );
     }
+    trap_reasons(probes, &mut out);
     for p in probes.iter().filter(|p| p.ret) {
         latency(p, &mut out);
     }
