@@ -50,6 +50,7 @@ const FIXTURES: &[Fixture] = &[
         flags: &["-pthread", "-ldl", "-rdynamic"],
     },
     Fixture { out: "faults", sources: &["faults.S", "faults_main.c"], flags: &[] },
+    Fixture { out: "jumps", sources: &["jumps.S", "jumps_main.c"], flags: &["-pthread"] },
 ];
 
 fn main() {

@@ -6,6 +6,55 @@
 
         .intel_syntax noprefix
 
+/* The whole vector state the CPU has, loaded before each case and saved after it (zoo_vec_level,
+ * set by zoo_main.c: 0 xmm0-15, 1 ymm0-15, 2 zmm0-31 and k1-k7): what runs a probe must leave
+ * every bit of it, upper halves included. */
+        .macro LOAD_VEC
+        cmp byte ptr [rip + zoo_vec_level], 1
+        jb .Lload_xmm\@
+        je .Lload_ymm\@
+        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        vmovdqu64 zmm\n, [rip + zoo_vec_in + \n * 64]
+        .endr
+        .irp n, 1,2,3,4,5,6,7
+        kmovq k\n, [rip + zoo_k_in + \n * 8]
+        .endr
+        jmp .Lloaded\@
+.Lload_ymm\@:
+        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+        vmovdqu ymm\n, [rip + zoo_vec_in + \n * 64]
+        .endr
+        jmp .Lloaded\@
+.Lload_xmm\@:
+        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+        movdqu xmm\n, [rip + zoo_vec_in + \n * 64]
+        .endr
+.Lloaded\@:
+        .endm
+
+        .macro SAVE_VEC
+        cmp byte ptr [rip + zoo_vec_level], 1
+        jb .Lsave_xmm\@
+        je .Lsave_ymm\@
+        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        vmovdqu64 [rip + zoo_vec_out + \n * 64], zmm\n
+        .endr
+        .irp n, 1,2,3,4,5,6,7
+        kmovq [rip + zoo_k_out + \n * 8], k\n
+        .endr
+        jmp .Lsaved\@
+.Lsave_ymm\@:
+        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+        vmovdqu [rip + zoo_vec_out + \n * 64], ymm\n
+        .endr
+        jmp .Lsaved\@
+.Lsave_xmm\@:
+        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+        movdqu [rip + zoo_vec_out + \n * 64], xmm\n
+        .endr
+.Lsaved\@:
+        .endm
+
 /* struct regs: rax rbx rcx rdx rsi rdi rbp r8..r15 at 0..112, flags at 120, rsp at 128 */
         .macro LOAD_ALL
         push rbx
@@ -15,6 +64,7 @@
         push r14
         push r15
         mov [rip + zoo_saved_rsp], rsp
+        LOAD_VEC
         movdqu xmm0, [rip + zoo_xmm_in]
         movdqu xmm1, [rip + zoo_xmm_in + 16]
         push qword ptr [rip + zoo_in + 120]
@@ -58,6 +108,7 @@
         mov rsp, [rip + zoo_saved_rsp]
         pushfq
         pop qword ptr [rip + zoo_out + 120]
+        SAVE_VEC
         pop r15
         pop r14
         pop r13
@@ -331,5 +382,12 @@ zoo_saved_rsp:  .quad 0
         .p2align 4
 zoo_xmm_in:     .zero 32
 zoo_xmm_out:    .zero 32
+        .globl zoo_vec_in, zoo_vec_out, zoo_k_in, zoo_k_out, zoo_vec_level
+        .p2align 6
+zoo_vec_in:     .zero 2048
+zoo_vec_out:    .zero 2048
+zoo_k_in:       .zero 64
+zoo_k_out:      .zero 64
+zoo_vec_level:  .byte 0
 
         .section .note.GNU-stack,"",@progbits

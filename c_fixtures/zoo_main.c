@@ -9,6 +9,8 @@ struct regs { uint64_t r[15]; uint64_t flags; uint64_t rsp; };
 extern struct regs zoo_in, zoo_out;
 extern uint64_t zoo_saved_rsp;
 extern unsigned char zoo_data[], zoo_mem[64], zoo_xmm_in[32], zoo_xmm_out[32];
+extern unsigned char zoo_vec_in[2048], zoo_vec_out[2048], zoo_k_in[64], zoo_k_out[64];
+extern unsigned char zoo_vec_level;
 extern char zoo_text_start[], zoo_text_end[], __executable_start[], end[];
 
 enum { RAX, RBX, RCX, RDX, RSI, RDI, RBP, R8, R9, R10, R11, R12, R13, R14, R15 };
@@ -32,6 +34,18 @@ static void reset(void) {
   zoo_in.flags = 0x202;
   for (int i = 0; i < 64; i++) zoo_mem[i] = (unsigned char)(i * 7);
   for (int i = 0; i < 32; i++) zoo_xmm_in[i] = (unsigned char)(0xa0 + i);
+  for (int i = 0; i < 2048; i++) zoo_vec_in[i] = (unsigned char)(i * 13 + 5);
+  for (int i = 0; i < 64; i++) zoo_k_in[i] = (unsigned char)(i * 29 + 3);
+  memset(zoo_vec_out, 0, sizeof zoo_vec_out);
+  memset(zoo_k_out, 0, sizeof zoo_k_out);
+}
+
+/* FNV-1a of the saved vector state (and mask registers): one number a line. */
+static uint64_t vec_hash(void) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (int i = 0; i < 2048; i++) h = (h ^ zoo_vec_out[i]) * 0x100000001b3ull;
+  for (int i = 0; i < 64; i++) h = (h ^ zoo_k_out[i]) * 0x100000001b3ull;
+  return h;
 }
 
 static void print_value(const char *name, uint64_t v) {
@@ -55,7 +69,7 @@ static void run(const char *name, void (*fn)(void), int variant) {
   printf(" flags=%lx rsp%+ld xmm=", (unsigned long)zoo_out.flags,
          (long)(zoo_out.rsp - zoo_saved_rsp));
   for (int i = 0; i < 32; i++) printf("%02x", zoo_xmm_out[i]);
-  printf(" mem=");
+  printf(" vec=%016llx mem=", (unsigned long long)vec_hash());
   for (int i = 0; i < 64; i++) printf("%02x", zoo_mem[i]);
   printf("\n");
 }
@@ -71,6 +85,10 @@ static uint64_t flag_combo(int k) {
 
 int main(void) {
   uint64_t first_qword, second_qword;
+  __builtin_cpu_init();
+  zoo_vec_level = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx") ? 1 : 0;
+  fprintf(stderr, "zoo: vector state %s\n",
+          zoo_vec_level == 2 ? "zmm0-31, k1-7" : zoo_vec_level == 1 ? "ymm0-15" : "xmm0-15");
 #define SIMPLE(n) reset(); run(#n, zoo_##n, 0);
   SIMPLE(riprel_load) SIMPLE(riprel_store) SIMPLE(riprel_lea) SIMPLE(riprel_cmp_imm)
   SIMPLE(riprel_sse) SIMPLE(riprel_sse_op) SIMPLE(call_rel32) SIMPLE(jmp_rel8) SIMPLE(jmp_rel32)

@@ -2,105 +2,14 @@
 //! clients, other users.
 
 mod common;
+use common::served::Served;
 use common::*;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// The `serve` fixture, started with libuprobe preloaded and no UPROBES.
-struct Served {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    socket: PathBuf,
-    report: PathBuf,
-}
-
-impl Served {
-    fn start() -> Served {
-        Served::start_program("serve", &[], &[])
-    }
-
-    /// A fixture that reads its orders on stdin, with libuprobe preloaded and its socket in a
-    /// scratch directory. A fixture that says "ready" first is waited for.
-    fn start_program(name: &str, args: &[&str], env: &[(&str, &str)]) -> Served {
-        let dir = scratch("ctl");
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("serve.sock");
-        let report = dir.join("report.jsonl");
-        let mut cmd = Command::new(fixture(name));
-        cmd.args(args)
-            .env("LD_PRELOAD", lib())
-            .env("UPROBES_SOCKET", &socket)
-            .env("UPROBES_OUTPUT", &report)
-            .env("UPROBES_FORMAT", "json")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        for (k, v) in env {
-            if *k == "ARG0" {
-                std::os::unix::process::CommandExt::arg0(&mut cmd, v);
-            } else {
-                cmd.env(k, v);
-            }
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        if name != "serve" {
-            let mut ready = String::new();
-            stdout.read_line(&mut ready).unwrap();
-            assert_eq!(ready, "ready\n");
-        }
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "no socket at {}", socket.display());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Served { child, stdin, stdout, socket, report }
-    }
-
-    /// One request on a fresh connection.
-    fn req(&self, line: &str) -> Value {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(format!("{line}\n").as_bytes()).unwrap();
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer).unwrap();
-        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{answer:?}: {e}"))
-    }
-
-    /// A line to the program; its one-line answer.
-    fn tell(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
-        let mut answer = String::new();
-        self.stdout.read_line(&mut answer).unwrap();
-        answer.trim().to_string()
-    }
-
-    fn hits(&self, id: u64) -> u64 {
-        let list = self.req("list");
-        let p = list["probes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["id"] == id)
-            .unwrap_or_else(|| panic!("{list}"));
-        p["hits"].as_u64().unwrap()
-    }
-
-    fn quit(mut self) -> Vec<Value> {
-        writeln!(self.stdin, "quit").unwrap();
-        assert!(self.child.wait().unwrap().success());
-        assert!(!self.socket.exists(), "the socket is removed at exit");
-        let text = std::fs::read_to_string(&self.report).unwrap_or_default();
-        let _ = std::fs::remove_dir_all(self.socket.parent().unwrap());
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-    }
-}
 
 /// The bytes of `target` in the serve fixture's file: (file offset, bytes).
 fn target_in_file() -> (u64, Vec<u8>) {

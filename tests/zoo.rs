@@ -71,6 +71,23 @@ fn every_instruction_class_runs_exactly_as_unprobed() {
     }
 }
 
+/// The same through the jump path's full entry (every hit records an event, so every hit saves
+/// and restores the registers around Rust code), and through the return side of a return probe:
+/// every register, the flags and the whole vector state (ymm/zmm upper halves, xmm16-31, the
+/// mask registers, where the CPU has them: zoo_main.c says which on stderr) come back intact.
+#[test]
+fn every_instruction_class_runs_exactly_as_unprobed_with_events() {
+    let plain = run_plain("zoo", &[]);
+    let probed = run_probed_env("zoo", &[], "zoo:zp_*", &[("UPROBES_TRACE", "1")]);
+    assert_same_behaviour(&plain, &probed);
+    assert!(probed.errors().is_empty(), "{:?}", probed.errors());
+    for (label, hits) in EXPECTED_HITS {
+        assert_eq!(probed.hits(label), *hits, "{label}");
+    }
+    let entries = probed.report.iter().filter(|v| v["type"] == "entry").count() as u64;
+    assert_eq!(entries, EXPECTED_HITS.iter().map(|(_, n)| n).sum::<u64>(), "an event a hit");
+}
+
 /// Each class alone too: a probe must not depend on its neighbours being probed.
 #[test]
 fn each_instruction_class_alone() {

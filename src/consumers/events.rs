@@ -118,6 +118,12 @@ fn drain(meta: &mut Meta) -> usize {
         r.tail.store(tail, Ordering::Release);
         if !sys::thread_alive(pid, owner) && r.head.load(Ordering::Acquire) == tail {
             LOST_FREED.fetch_add(r.lost.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+            // A thread that died while recording left a slot reserved and never written: the
+            // next owner starts after it.
+            let at = r.reserved.load(Ordering::Relaxed);
+            LOST_FREED.fetch_add(at.wrapping_sub(tail), Ordering::Relaxed);
+            r.head.store(at, Ordering::Relaxed);
+            r.tail.store(at, Ordering::Release);
             r.owner.store(0, Ordering::Release);
         }
     }
@@ -248,8 +254,11 @@ pub fn unlock_in_child() {
     for i in 0..RINGS {
         let Some(r) = rec::ring(i) else { break };
         r.owner.store(0, Ordering::Relaxed);
-        r.head.store(0, Ordering::Relaxed);
-        r.tail.store(0, Ordering::Relaxed);
+        // Indices go on from where they were: a slot's `ready` mark names its index, so the
+        // parent's marks can never pass for the child's events.
+        let at = r.reserved.load(Ordering::Relaxed);
+        r.head.store(at, Ordering::Relaxed);
+        r.tail.store(at, Ordering::Relaxed);
         r.lost.store(0, Ordering::Relaxed);
     }
     EVENTS_WRITTEN.store(0, Ordering::Relaxed);

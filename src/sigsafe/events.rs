@@ -37,7 +37,10 @@ pub struct Event {
     pub strs: [[u8; STR_MAX]; 2],
 }
 
-/// A single-producer (its thread), single-consumer (the drain thread) ring.
+/// A ring of one thread's events, read by the drain thread. The thread is the only producer, but
+/// it may record from a signal handler that interrupted it while it was recording: a slot is
+/// reserved by a compare-and-swap on `reserved`, marked in `ready` once written, and `head` (what
+/// the drain thread reads up to) only moves over slots that are ready, in order.
 #[repr(C)]
 pub struct Ring {
     /// The tid of the thread that records here; 0 when free.
@@ -45,6 +48,9 @@ pub struct Ring {
     pub head: AtomicU64,
     pub tail: AtomicU64,
     pub lost: AtomicU64,
+    pub reserved: AtomicU64,
+    /// For slot `i % RING_EVENTS`: `i + 1` once event `i` is written.
+    pub ready: [AtomicU64; RING_EVENTS],
     pub events: [core::cell::UnsafeCell<Event>; RING_EVENTS],
 }
 
@@ -92,23 +98,57 @@ fn my_ring(block: &Block) -> Option<&'static Ring> {
 }
 
 /// The next free event slot of this thread's ring, or None (counted as lost). The event becomes
-/// visible to the drain thread only when the caller stores `head + 1`.
+/// visible to the drain thread once the caller [`publish`]es it.
 #[inline(always)]
 fn reserve(block: Option<&Block>) -> Option<(&'static Ring, u64, &'static mut Event)> {
     let Some(ring) = block.and_then(my_ring) else {
         LOST_NO_RING.fetch_add(1, Ordering::Relaxed);
         return None;
     };
-    let head = ring.head.load(Ordering::Relaxed);
-    if head.wrapping_sub(ring.tail.load(Ordering::Acquire)) >= RING_EVENTS as u64 {
-        ring.lost.fetch_add(1, Ordering::Relaxed);
-        return None;
+    let mut at = ring.reserved.load(Ordering::Relaxed);
+    loop {
+        if at.wrapping_sub(ring.tail.load(Ordering::Acquire)) >= RING_EVENTS as u64 {
+            ring.lost.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        // A handler that interrupted this thread between the load and here took `at` itself.
+        match ring.reserved.compare_exchange(
+            at,
+            at.wrapping_add(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => break,
+            Err(now) => at = now,
+        }
     }
-    let slot = ring.events.get((head % RING_EVENTS as u64) as usize)?;
-    // SAFETY: the slot at `head` is not visible to the consumer until `head` is published, and
-    // only this thread produces into its ring.
+    let slot = ring.events.get((at % RING_EVENTS as u64) as usize)?;
+    // SAFETY: the slot at `at` is this reservation's alone, and the consumer reads it only once
+    // `head` moves past it.
     let e = unsafe { &mut *slot.get() };
-    Some((ring, head, e))
+    Some((ring, at, e))
+}
+
+/// Mark event `at` written, and move `head` over every written event in order.
+#[inline(always)]
+fn publish(ring: &Ring, at: u64) {
+    let ready = |i: u64| ring.ready.get((i % RING_EVENTS as u64) as usize);
+    if let Some(r) = ready(at) {
+        r.store(at.wrapping_add(1), Ordering::Release);
+    }
+    loop {
+        let head = ring.head.load(Ordering::Acquire);
+        if ready(head).is_none_or(|r| r.load(Ordering::Acquire) != head.wrapping_add(1)) {
+            return;
+        }
+        // Whoever fails here was overtaken by a nested handler, which moved `head` on.
+        let _ = ring.head.compare_exchange(
+            head,
+            head.wrapping_add(1),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
 }
 
 /// Record an entry event for consumer `c`; `args` are rdi, rsi, rdx, rcx, r8, r9.
@@ -137,7 +177,7 @@ pub fn record_entry(block: Option<&Block>, c: &Consumer, args: [u64; 6]) {
         }
         n += 1;
     }
-    ring.head.store(head.wrapping_add(1), Ordering::Release);
+    publish(ring, head);
 }
 
 /// Record a return event for consumer `c`.
@@ -150,7 +190,7 @@ pub fn record_return(block: Option<&Block>, c: &Consumer, retval: u64, duration:
     e.ts_ns = if now != 0 { now } else { sys::monotonic_ns() };
     e.regs = [retval, duration, 0, 0, 0, 0];
     e.str_len = [0, 0];
-    ring.head.store(head.wrapping_add(1), Ordering::Release);
+    publish(ring, head);
 }
 
 /// Byte by byte, for a string within `STR_MAX` of the end of its mapping. -1 if unreadable.

@@ -63,15 +63,23 @@ pub fn hijack(block: Option<&Block>, rsp: u64, h: &Hijack, consumers: &[Arc<Cons
     }
     b.ret_depth.store(depth as u32, Ordering::Relaxed);
     let Some(f) = b.ret_frames.get(depth) else { return missed() };
+    // On the jump path this runs in the thread's normal context, where a signal handler may run a
+    // return-probed function anywhere in here: the frame is taken first (depth + 1) with a slot
+    // above every stack, so that a nested hijack neither overwrites it nor takes it for
+    // abandoned; its real slot is written last.
+    f.slot.store(u64::MAX, Ordering::Relaxed);
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
+    b.ret_depth.store(depth as u32 + 1, Ordering::Relaxed);
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
     // A tail call from another return-probed function: `current` is the trampoline itself, and
     // that frame's return comes right after this one's (same slot, chained).
-    f.slot.store(rsp, Ordering::Relaxed);
     f.real.store(current, Ordering::Relaxed);
     f.site.store(h.site, Ordering::Relaxed);
     f.entry_ns.store(if h.timed { sys::monotonic_ns() } else { 0 }, Ordering::Relaxed);
     f.counter.store(h.counter, Ordering::Relaxed);
     f.flags.store(if h.slow { FRAME_SLOW } else { 0 }, Ordering::Relaxed);
-    b.ret_depth.store(depth as u32 + 1, Ordering::Relaxed);
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
+    f.slot.store(rsp, Ordering::Relaxed);
     // SAFETY: the same slot, which the function's `ret` will read.
     unsafe { core::ptr::write_volatile(rsp as *mut u64, tramp) };
 }

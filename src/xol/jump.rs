@@ -311,17 +311,21 @@ fn assemble_body(
             a.set_label(&mut ret_push)?;
             a.lea(rdx, ptr(rcx + rcx * 4))?;
             a.lea(rdx, ptr(rax + rdx * 8 + FRAMES_AT))?;
-            a.mov(qword_ptr(rdx), rsi)?; // slot
+            // A signal handler may run a return-probed function anywhere in here: the frame is
+            // taken (depth + 1) with a slot above every stack first, so that a nested hijack
+            // neither overwrites it nor takes it for abandoned; its slot is written last.
+            a.mov(qword_ptr(rdx), -1)?;
+            a.inc(dword_ptr(rax + RET_DEPTH_AT))?;
             a.mov(rcx, qword_ptr(rsi))?;
             a.mov(qword_ptr(rdx + 8), rcx)?; // real return address
             a.mov(rcx, site)?;
             a.mov(qword_ptr(rdx + 16), rcx)?; // site
             a.mov(qword_ptr(rdx + 24), 0)?; // entry_ns: no durations here
             a.mov(qword_ptr(rdx + 32), counters.returns as i32)?; // counter, flags 0
+            a.mov(qword_ptr(rdx), rsi)?; // slot
             if counters.hits != NO_COUNTER {
                 a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
             }
-            a.inc(dword_ptr(rax + RET_DEPTH_AT))?;
             a.mov(rcx, ret::trampoline())?;
             a.mov(qword_ptr(rsi), rcx)?;
             a.pop(rsi)?;

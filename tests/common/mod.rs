@@ -2,6 +2,8 @@
 //! JSON Lines report.
 #![allow(dead_code)]
 
+pub mod served;
+
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
