@@ -6,8 +6,10 @@
  *   spin T           T threads call j_hot until stdin says "quit"; "count" prints the calls so far
  *   stopper          one thread calls j_long in a loop; prints its tid and j_long's address;
  *                    "count" prints the calls so far, "quit" ends
- *   forks N          N rounds of fork, vfork and posix_spawn whose children call probed functions */
+ *   forks N          N rounds of fork, vfork and posix_spawn whose children call probed functions
+ *   load LIB         dlopen LIB, then exit */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
@@ -89,6 +91,7 @@ static void serve(void) {
 int main(int argc, char **argv) {
   const char *mode = argc > 1 ? argv[1] : "classes";
   long n = argc > 2 ? atol(argv[2]) : 10;
+  if (!strcmp(mode, "load") && argc < 3) return 2;
   if (!strcmp(mode, "classes")) {
     struct { const char *name; long (*f)(long); } fs[] = {
         {"j_long", j_long}, {"j_short", j_short}, {"j_endbr", j_endbr}, {"j_push", j_push},
@@ -163,6 +166,9 @@ int main(int argc, char **argv) {
       sum += WEXITSTATUS(st);
     }
     printf("forks %ld: %ld\n", n, sum);
+  } else if (!strcmp(mode, "load")) {
+    void *h = dlopen(argv[2], RTLD_NOW);
+    printf("load: %s\n", h ? "ok" : dlerror());
   } else {
     return 2;
   }

@@ -294,3 +294,50 @@ fn a_thread_stopped_at_a_site_while_it_is_patched() {
     let p = summary["probes"].as_array().unwrap().iter().find(|p| p["id"] == id).unwrap();
     assert_eq!(p["hits"].as_u64().unwrap(), total - before, "the stopped call and every one after");
 }
+
+/// The share of a library's functions whose entry gets a jump, by class, from the JSON summary
+/// of a run that probed all of them: (jump share, class 1 share, class 2 share, sites).
+fn coverage(o: &Outcome) -> (f64, f64, f64, usize) {
+    let active: Vec<&serde_json::Value> =
+        o.probes().iter().filter(|p| p["state"] == "active").collect();
+    let n = active.len().max(1) as f64;
+    let class = |c: u64| active.iter().filter(|p| p["class"] == c).count() as f64 / n;
+    let (c1, c2) = (class(1), class(2));
+    (c1 + c2, c1, c2, active.len())
+}
+
+/// The jump path's reach on real libraries: every function entry of libc, libsqlite3 and
+/// libpython, probed at once; the share that gets a jump, by class (printed; libc at least 90%).
+/// The rest are traps where a punned jump's stub has no room (its target falls in the library
+/// itself, or outside the address space).
+#[test]
+fn most_function_entries_of_real_libraries_get_a_jump() {
+    let env = [JUMP, ("UPROBES_SOCKET", "none")];
+    let mut rows = Vec::new();
+    let plain = run_plain("jumps", &["classes", "10"]);
+    let libc = run_probed_env("jumps", &["classes", "10"], "libc.so.6:*", &env);
+    assert_same_behaviour(&plain, &libc);
+    rows.push(("libc.so.6", coverage(&libc)));
+    let libs = [
+        "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0",
+        "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
+    ];
+    for lib in libs {
+        assert!(std::path::Path::new(lib).exists(), "{lib} (.ci/run installs it)");
+        let name = lib.rsplit('/').next().unwrap();
+        let o = run_probed_env("jumps", &["load", lib], &format!("{name}:*"), &env);
+        assert_eq!(o.stdout, "load: ok\n", "{}", o.stderr);
+        rows.push((name, coverage(&o)));
+    }
+    for (name, (share, c1, c2, n)) in &rows {
+        eprintln!(
+            "jump path: {name:<24} {n:>5} function entries: {:>5.1}% jump (class 1 {:>4.1}%, class 2 {:>4.1}%)",
+            share * 100.0,
+            c1 * 100.0,
+            c2 * 100.0
+        );
+        assert!(*n > 1000, "{name}: {n} sites");
+        assert!(*share >= 0.80, "{name}: {:.1}%", share * 100.0);
+    }
+    assert!(rows[0].1 .0 >= 0.90, "libc: {:.1}% of function entries", rows[0].1 .0 * 100.0);
+}

@@ -66,3 +66,32 @@ fn run_explains_a_missing_library_and_help_documents_run() {
         assert!(stdout.contains(flag), "{flag} in:\n{stdout}");
     }
 }
+
+/// `--trap-only` turns the jump path off (UPROBES_PATH=trap): same counts, every probe a trap,
+/// and why.
+#[test]
+fn run_trap_only_puts_every_probe_on_the_trap_path() {
+    for (flag, path) in [(None, "jump"), (Some("--trap-only"), "trap")] {
+        let out = scratch("trap-only.jsonl");
+        let mut cmd = uprobe();
+        cmd.env_remove("UPROBES_PATH")
+            .args(["run", "-p", "jumps:j_long", "--json", "-o"])
+            .arg(&out);
+        if let Some(f) = flag {
+            cmd.arg(f);
+        }
+        cmd.arg("--").arg(fixture("jumps")).args(["classes", "100"]);
+        let (stdout, stderr, status) = run_command(cmd);
+        assert_eq!(status.code(), Some(0), "{stderr}");
+        assert_eq!(stdout, run_plain("jumps", &["classes", "100"]).stdout);
+        let text = std::fs::read_to_string(&out).unwrap();
+        let summary: serde_json::Value =
+            serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let p = &summary["probes"][0];
+        assert_eq!((p["hits"].as_u64(), p["path"].as_str()), (Some(100), Some(path)), "{p}");
+        if path == "trap" {
+            assert_eq!(p["path_reason"], "UPROBES_PATH=trap");
+        }
+        std::fs::remove_file(out).unwrap();
+    }
+}

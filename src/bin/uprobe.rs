@@ -99,6 +99,10 @@ struct RunArgs {
     /// Do not instrument programs that PROGRAM starts with exec (sets UPROBES_FOLLOW=0).
     #[arg(long)]
     no_follow: bool,
+    /// Every probe an int3 trap, no jumps (sets UPROBES_PATH=trap): for comparison, or as an
+    /// escape hatch.
+    #[arg(long)]
+    trap_only: bool,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "PROGRAM [ARGS]...")]
     program: Vec<OsString>,
@@ -163,6 +167,9 @@ fn run(args: RunArgs) -> Result<std::convert::Infallible, String> {
     }
     if args.no_follow {
         cmd.env("UPROBES_FOLLOW", "0");
+    }
+    if args.trap_only {
+        cmd.env("UPROBES_PATH", "trap");
     }
     let err = cmd.exec();
     Err(format!("cannot run {}: {err}", args.program[0].to_string_lossy()))
