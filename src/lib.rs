@@ -126,6 +126,7 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
         return;
     }
     let _rt = InRuntime::enter();
+    let started = sigsafe::sys::monotonic_ns();
     owner::take();
     let problems = config::init(envp as *const *const c_char);
     let config = config::get();
@@ -198,6 +199,8 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
             report::problem("control socket", &e);
         }
     }
+    let setup = sigsafe::sys::monotonic_ns().saturating_sub(started);
+    report::SETUP_NS.store(setup, Ordering::Relaxed);
 }
 
 /// At exit, after every other exit handler and destructor: the summary.

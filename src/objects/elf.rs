@@ -145,6 +145,14 @@ impl Bytes {
             return Ok(());
         }
         let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(self.len));
+        // The chunk's pages at once (one call, instead of a fault a page when the file's bytes
+        // are copied in). Over our own reservation, which nothing else uses.
+        let _ = sys::map_fixed_anon(
+            self.base + lo,
+            (hi - lo).next_multiple_of(sys::PAGE),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_POPULATE,
+        );
         // SAFETY: the chunk lies in our mapping and no reader has been given any of it.
         let buf = unsafe { core::slice::from_raw_parts_mut((self.base + lo) as *mut u8, hi - lo) };
         if self.read_at(buf, lo).is_err() {

@@ -70,6 +70,7 @@ pub fn summary(
     let mut v = json!({
         "type": "summary", "pid": pid, "comm": program.0, "argv0": program.1, "probes": list,
         "runtime_traps": runtime_traps,
+        "setup_ns": super::SETUP_NS.load(std::sync::atomic::Ordering::Relaxed),
     });
     if let Some((events, lost)) = trace {
         v["events"] = json!(events);

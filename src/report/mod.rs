@@ -22,6 +22,10 @@ static STDERR: AtomicI32 = AtomicI32::new(2);
 /// `UPROBES_OUTPUT` could not be written, and that was said.
 static OUTPUT_FAILED: AtomicBool = AtomicBool::new(false);
 
+/// How long the constructor took to set up the runtime and register `UPROBES` (the summary's
+/// `setup_ns`).
+pub static SETUP_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Keep the program's stderr for the report: a close-on-exec duplicate, numbered high so that it
 /// never takes a descriptor number the program expects `open` to return.
 pub fn keep_stderr() {

@@ -14,6 +14,10 @@ const CLASSES: [usize; 16] =
     [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096];
 /// Bytes mapped at once to refill a class.
 const REFILL: usize = 256 * 1024;
+const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+/// A large block is written right away: mapped with its pages (one system call, where touching
+/// them would take a page fault each).
+const POPULATE: i32 = libc::MAP_POPULATE;
 
 struct Heap {
     /// Free blocks of each class, linked through their first word.
@@ -70,7 +74,7 @@ unsafe impl GlobalAlloc for Allocator {
             if layout.align() > sys::PAGE {
                 return null_mut();
             }
-            return sys::mmap_anon(0, pages(layout.size()), libc::PROT_READ | libc::PROT_WRITE, 0)
+            return sys::mmap_anon(0, pages(layout.size()), RW, POPULATE)
                 .map_or(null_mut(), |p| p as *mut u8);
         };
         let size = CLASSES[c];
@@ -83,7 +87,7 @@ unsafe impl GlobalAlloc for Allocator {
         }
         let (mut at, mut end) = h.bump[c];
         if at + size > end {
-            match sys::mmap_anon(0, REFILL, libc::PROT_READ | libc::PROT_WRITE, 0) {
+            match sys::mmap_anon(0, REFILL, RW, 0) {
                 Ok(p) => (at, end) = (p, p + REFILL),
                 Err(_) => return null_mut(),
             }

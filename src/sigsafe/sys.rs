@@ -128,6 +128,14 @@ pub fn mmap_anon(hint: usize, len: usize, prot: i32, extra: i32) -> Result<usize
     Ok(ret)
 }
 
+/// Replace `[addr, addr + len)`, which must be a mapping of the caller's own, with fresh
+/// anonymous memory (MAP_FIXED). `extra` adds flags (MAP_POPULATE).
+pub fn map_fixed_anon(addr: usize, len: usize, prot: i32, extra: i32) -> Result<usize, Errno> {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | extra;
+    // SAFETY: the caller's contract: the range is a mapping of its own that nothing else uses.
+    unsafe { call(libc::SYS_mmap, [addr, len, prot as usize, flags as usize, usize::MAX, 0]) }
+}
+
 /// Map `len` bytes of file `fd` read-only and private.
 pub fn mmap_file(fd: i32, len: usize) -> Result<usize, Errno> {
     // SAFETY: a new private read-only mapping; nothing existing is replaced.

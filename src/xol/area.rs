@@ -61,13 +61,14 @@ pub struct Areas {
     taken: Taken,
 }
 
-/// The taken ranges of the address space, sorted: a snapshot of the mappings (recomputed when
-/// the registry passes a new one) plus libuprobe's own mappings made since.
+/// The taken ranges of the address space: a snapshot of the mappings (recomputed when the
+/// registry passes a new one) plus libuprobe's own mappings made since, by start.
 #[derive(Default)]
 struct Taken {
     /// Identity of the snapshot (its address, length and ends).
     key: (usize, usize, u64, u64),
-    ranges: Vec<(u64, u64)>,
+    /// start -> end (ranges may overlap, when the snapshot is stale).
+    ranges: BTreeMap<u64, u64>,
     zones: [(u64, u64); 2],
 }
 
@@ -79,34 +80,38 @@ impl Taken {
             return;
         }
         self.key = key;
-        self.ranges = maps.iter().map(|m| (m.start, m.end)).chain(ours).collect();
-        self.ranges.sort_unstable();
+        self.ranges.clear();
+        for (start, end) in maps.iter().map(|m| (m.start, m.end)).chain(ours) {
+            self.add(start, end);
+        }
         self.zones = growth_zones(maps);
     }
 
     fn add(&mut self, start: u64, end: u64) {
-        let i = self.ranges.partition_point(|r| r.0 < start);
-        self.ranges.insert(i, (start, end));
+        let e = self.ranges.entry(start).or_insert(end);
+        *e = (*e).max(end);
     }
 
     /// The free ranges that meet `[lo, hi)`, in address order.
     fn gaps(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
-        // The first taken range ending after `lo`; the gap before it starts at the end of the
-        // ranges before (they are sorted by start and do not overlap, but tolerate it).
-        let mut i = self.ranges.partition_point(|r| r.1 <= lo);
-        let mut prev_end =
-            self.ranges[..i].iter().map(|r| r.1).max().unwrap_or(0x10000).max(0x10000);
+        // Where the free space at `lo` starts: after every range that starts before `lo` and
+        // reaches past it (the ranges before `lo` are looked at from the nearest back).
+        let mut prev_end = 0x10000u64;
+        for (_, &end) in self.ranges.range(..=lo).rev().take(64) {
+            prev_end = prev_end.max(end);
+        }
         let mut out = Vec::new();
-        while prev_end < hi {
-            let next_start = self.ranges.get(i).map_or(USER_END, |r| r.0);
-            if next_start > prev_end {
-                out.push((prev_end, next_start.min(USER_END)));
+        for (&start, &end) in self.ranges.range(lo.saturating_add(1)..) {
+            if prev_end >= hi {
+                break;
             }
-            match self.ranges.get(i) {
-                Some(r) => prev_end = prev_end.max(r.1),
-                None => break,
+            if start > prev_end {
+                out.push((prev_end, start.min(USER_END)));
             }
-            i += 1;
+            prev_end = prev_end.max(end);
+        }
+        if prev_end < hi {
+            out.push((prev_end, USER_END));
         }
         out
     }
@@ -156,15 +161,23 @@ impl Areas {
     /// memory that may be running through `/proc/self/mem`, one write per contiguous run.
     pub fn flush(&mut self, w: &mut TextWriter) -> Result<(), sys::Errno> {
         let pending = std::mem::take(&mut self.pending);
+        let mut fresh_ranges: Vec<(u64, u64)> = self
+            .code
+            .iter()
+            .chain(&self.regions)
+            .filter(|a| a.fresh)
+            .map(|a| (a.base, a.base + a.len))
+            .collect();
+        fresh_ranges.sort_unstable();
         let mut run: Option<(u64, Vec<u8>)> = None;
         let mut live = Vec::new();
         for (at, code) in pending {
             let end = at + code.len() as u64;
-            let fresh = self
-                .code
-                .iter()
-                .chain(&self.regions)
-                .any(|a| a.fresh && a.base <= at && end <= a.base + a.len);
+            let i = fresh_ranges.partition_point(|r| r.0 <= at);
+            let fresh = i
+                .checked_sub(1)
+                .and_then(|i| fresh_ranges.get(i))
+                .is_some_and(|&(lo, hi)| lo <= at && end <= hi);
             if fresh {
                 // SAFETY: a fresh area is ours, mapped read-write, and no thread runs it yet.
                 unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), at as *mut u8, code.len()) };

@@ -101,6 +101,7 @@ struct Stub {
 #[derive(Default)]
 pub struct Jumps {
     bodies: HashMap<(u64, [u8; 16], Counters), Body>,
+    templates: HashMap<(bool, bool, usize), Template>,
     stubs: HashMap<(u64, [u8; 16]), Stub>,
 }
 
@@ -153,7 +154,7 @@ impl Jumps {
         if let Some(b) = self.bodies.get(&(site, bytes, counters)) {
             return Ok(*b);
         }
-        let b = write_body(areas, d, site, counters, maps)?;
+        let b = write_body(areas, &mut self.templates, d, site, counters, maps)?;
         self.bodies.insert((site, bytes, counters), b);
         Ok(b)
     }
@@ -181,26 +182,34 @@ impl Counters {
 /// `sigsafe::ret::hijack` does, leaving every case but the plain one to the full entry).
 fn write_body(
     areas: &mut Areas,
+    templates: &mut HashMap<(bool, bool, usize), Template>,
     d: &Decoded,
     site: u64,
     counters: Counters,
     maps: &[MapEntry],
 ) -> Result<Body, XolError> {
-    // The relocated instruction's length does not depend on where it goes (within rel32 reach):
-    // assemble once to size the body, then again at its address.
+    // Bodies of one shape (which counters, how long the relocated instruction) differ only by
+    // constants: assembled once, then copied and filled in.
     let probe = relocate(d, site, site.wrapping_add(JMP_LEN as u64))?;
-    let sized = assemble_body(d, site, counters, 0x1000_0000, &probe.code)?;
-    let size = (sized.code.len() as u64).next_multiple_of(16);
+    let key = (counters.hits != NO_COUNTER, counters.returns != NO_COUNTER, probe.code.len());
+    let t = match templates.get(&key) {
+        Some(t) => t,
+        None => {
+            let t = Template::new(d, key)?;
+            templates.entry(key).or_insert(t)
+        }
+    };
+    let size = (t.asm.code.len() as u64).next_multiple_of(16);
     let at = areas.alloc_near(site, size, 16, maps)?;
-    let r = relocate(d, site, at + sized.insn_offset)?;
-    let mut b = assemble_body(d, site, counters, at, &r.code)?;
-    if b.code.len() as u64 > size || b.insn_offset != sized.insn_offset {
+    let r = relocate(d, site, at + t.asm.insn_offset)?;
+    if r.code.len() != probe.code.len() {
         return Err(XolError::Relocate { insn: d.text(), why: "body size changed".into() });
     }
+    let mut code = t.fill(site, counters, &r.code);
     // Up to the allocation's end: bodies allocated one after the other are written as one run.
-    b.code.resize(size as usize, 0xcc);
-    areas.stage(at, &b.code);
-    let insn = at + b.insn_offset;
+    code.resize(size as usize, 0xcc);
+    areas.stage(at, &code);
+    let insn = at + t.asm.insn_offset;
     let slot = SlotMap {
         start: insn,
         len: r.insn_len as u32,
@@ -209,7 +218,72 @@ fn write_body(
         tail: (r.code.len() - r.insn_len) as u32,
         syscall: r.syscall,
     };
-    Ok(Body { count: at + b.count, full: at + b.full, ret: at + b.ret, insn, slot, counters })
+    let asm = &t.asm;
+    Ok(Body { count: at + asm.count, full: at + asm.full, ret: at + asm.ret, insn, slot, counters })
+}
+
+/// A body assembled with marker constants, and where the markers are.
+pub struct Template {
+    asm: Assembled,
+    site_at: Vec<usize>,
+    hits_at: Vec<usize>,
+    returns_at: Vec<usize>,
+}
+
+const SITE_MARK: u64 = 0x5a17_e5a1_7e5a_17e5;
+const HITS_MARK: u32 = 0x6d6d_6d68; // HEADER + 8 * index: a multiple of 8
+const RETURNS_MARK: u32 = 0x5b5b_5b5b;
+
+impl Template {
+    fn new(d: &Decoded, (hits, returns, len): (bool, bool, usize)) -> Result<Template, XolError> {
+        let hits_index = (HITS_MARK as u64 - COUNTERS_AT) / 8;
+        let counters = Counters {
+            hits: if hits { hits_index as u32 } else { NO_COUNTER },
+            returns: if returns { RETURNS_MARK } else { NO_COUNTER },
+        };
+        let asm = assemble_body(d, SITE_MARK, counters, 0x1000_0000, &vec![0x90; len])?;
+        let find = |pat: &[u8]| -> Vec<usize> {
+            asm.code
+                .windows(pat.len())
+                .enumerate()
+                .filter(|(_, w)| *w == pat)
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let t = Template {
+            site_at: find(&SITE_MARK.to_le_bytes()),
+            hits_at: if hits { find(&HITS_MARK.to_le_bytes()) } else { Vec::new() },
+            returns_at: if returns { find(&RETURNS_MARK.to_le_bytes()) } else { Vec::new() },
+            asm,
+        };
+        let expected =
+            (1 + returns as usize, hits as usize * (1 + returns as usize), returns as usize);
+        if (t.site_at.len(), t.hits_at.len(), t.returns_at.len()) != expected {
+            return Err(XolError::Relocate { insn: d.text(), why: "body template".into() });
+        }
+        Ok(t)
+    }
+
+    fn fill(&self, site: u64, counters: Counters, relocated: &[u8]) -> Vec<u8> {
+        let mut code = self.asm.code.clone();
+        let mut put = |at: usize, bytes: &[u8]| {
+            if let Some(dst) = code.get_mut(at..at + bytes.len()) {
+                dst.copy_from_slice(bytes);
+            }
+        };
+        for &at in &self.site_at {
+            put(at, &site.to_le_bytes());
+        }
+        let hits_disp = (COUNTERS_AT + counters.hits as u64 * 8) as u32;
+        for &at in &self.hits_at {
+            put(at, &hits_disp.to_le_bytes());
+        }
+        for &at in &self.returns_at {
+            put(at, &counters.returns.to_le_bytes());
+        }
+        put(self.asm.insn_offset as usize, relocated);
+        code
+    }
 }
 
 struct Assembled {
@@ -442,7 +516,7 @@ mod tests {
         let d = decode(&bytes, site).unwrap();
         let mut areas = Areas::default();
         let counters = Counters { hits: 3, returns: 4 };
-        let b = write_body(&mut areas, &d, site, counters, &maps).unwrap();
+        let b = write_body(&mut areas, &mut HashMap::new(), &d, site, counters, &maps).unwrap();
         let (at, code) = areas.staged().into_iter().next().unwrap();
         let text = disasm(&code, at);
         let line = |off: u64| {
