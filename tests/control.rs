@@ -457,3 +457,36 @@ fn the_socket_fuzzed() {
     assert_eq!(s.req("help")["ok"], true);
     s.quit();
 }
+
+/// Defect: a link left at the socket's path by a process that was killed (whose pid this one
+/// now has) kept the new process from serving ("exists and is not a socket"). A link to a
+/// socket nobody serves is stale, and replaced; a file that is not a socket is left alone.
+#[test]
+fn a_stale_link_at_the_socket_path_is_replaced() {
+    let dir = scratch("stale-link");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s.sock");
+    std::os::unix::fs::symlink(dir.join("gone.sock"), &path).unwrap();
+    let mut cmd = Command::new(fixture("counts"));
+    cmd.arg("10")
+        .env("LD_PRELOAD", lib())
+        .env("UPROBES", "counts:leaf")
+        .env("UPROBES_SOCKET", &path)
+        .env("UPROBES_FORMAT", "json");
+    let (_, stderr, status) = run_command(cmd);
+    assert_eq!(status.code(), Some(7));
+    assert!(!stderr.contains("not a socket"), "{stderr}");
+    // A regular file stays, and the process says why it has no socket.
+    std::fs::write(&path, b"mine").unwrap();
+    let mut cmd = Command::new(fixture("counts"));
+    cmd.arg("10")
+        .env("LD_PRELOAD", lib())
+        .env("UPROBES", "counts:leaf")
+        .env("UPROBES_SOCKET", &path)
+        .env("UPROBES_FORMAT", "json");
+    let (_, stderr, status) = run_command(cmd);
+    assert_eq!(status.code(), Some(7));
+    assert!(stderr.contains("exists and is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"mine");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

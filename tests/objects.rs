@@ -82,3 +82,44 @@ fn objects_that_never_load_are_reported_as_such() {
     let (_, stderr, _) = run_command(cmd);
     assert!(stderr.contains("no object named by the specs was ever loaded"), "{stderr}");
 }
+
+/// What is learnt of a file (symbols, libc's mask-fix sites) is kept in a cache by the file's
+/// identity: the next process reads it instead of parsing; a damaged entry is parsed again; the
+/// cache changes no result.
+#[test]
+fn the_object_cache_changes_nothing_but_the_time() {
+    let home = scratch("cache-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let xdg = home.to_str().unwrap();
+    let specs = "libc.so.6:malloc libc.so.6:free jumps:j_long";
+    let env = [("XDG_RUNTIME_DIR", xdg), ("UPROBES_SOCKET", "none")];
+    let plain = run_plain("jumps", &["classes", "100"]);
+    let first = run_probed_env("jumps", &["classes", "100"], specs, &env);
+    let dir = home.join("uprobe/cache");
+    let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    assert!(entries.iter().any(|p| p.extension().is_some_and(|e| e == "maskfix")), "{entries:?}");
+    assert!(entries.iter().filter(|p| p.extension().is_some_and(|e| e == "elf")).count() >= 2);
+    let second = run_probed_env("jumps", &["classes", "100"], specs, &env);
+    // Damaged entries: cut short, and garbage.
+    for (i, p) in entries.iter().enumerate() {
+        let data = std::fs::read(p).unwrap();
+        let bad = if i % 2 == 0 { data[..data.len() / 2].to_vec() } else { vec![0x5a; data.len()] };
+        std::fs::write(p, bad).unwrap();
+    }
+    let third = run_probed_env("jumps", &["classes", "100"], specs, &env);
+    let off = run_probed_env(
+        "jumps",
+        &["classes", "100"],
+        specs,
+        &[env[0], env[1], ("UPROBES_CACHE", "0")],
+    );
+    for o in [&first, &second, &third, &off] {
+        assert_same_behaviour(&plain, o);
+        assert!(o.errors().is_empty(), "{:?}", o.errors());
+        assert_eq!(o.hits("j_long"), 100);
+        assert_eq!(o.probe("malloc")["state"], "active");
+        assert_eq!(o.probe("malloc")["hits"], first.probe("malloc")["hits"]);
+    }
+    std::fs::remove_dir_all(&home).unwrap();
+}

@@ -92,7 +92,10 @@ fn bind(path: &str) -> Result<i32, String> {
     }
     let c = fs::cpath(path);
     if let Ok(st) = sys::stat(&c, libc::AT_SYMLINK_NOFOLLOW) {
-        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        // A socket, or a link to one that another process left (a process killed before it
+        // could remove it, whose pid this one now has) can be replaced when nothing answers.
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFSOCK && kind != libc::S_IFLNK {
             return Err(format!("{path} exists and is not a socket"));
         }
         if sock::connectable(path.as_bytes()) {

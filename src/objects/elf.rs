@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use goblin::elf::{program_header::PT_LOAD, section_header::SHF_EXECINSTR, sym, Elf};
 
+use super::cache;
 use super::maps::MapEntry;
 use super::FileId;
 use crate::runtime::fs::Fd;
@@ -106,6 +107,19 @@ impl Bytes {
             loaded: (0..chunks).map(|_| core::sync::atomic::AtomicBool::new(false)).collect(),
             lock: crate::runtime::lock::Mutex::new(()),
         })
+    }
+
+    /// A placeholder (no memory, no descriptor), replaced right away by the real one.
+    fn empty_like(b: &Bytes) -> Bytes {
+        Bytes {
+            base: 0,
+            len: 0,
+            fd: core::sync::atomic::AtomicI32::new(-1),
+            id: b.id,
+            opened: String::new(),
+            loaded: Vec::new(),
+            lock: crate::runtime::lock::Mutex::new(()),
+        }
     }
 
     /// `[off, off + len)` of the file (cut at its end), read now if it was not yet.
@@ -306,6 +320,106 @@ impl ElfFile {
     }
 
     fn parse(path: &str, bytes: Bytes) -> Result<ElfFile, ElfError> {
+        let key = cache::Key::of(bytes.fd.load(core::sync::atomic::Ordering::Relaxed));
+        if let Some(cached) = key.and_then(|k| cache::get(&k, "elf")) {
+            if let Some(e) = Self::decode(path, &cached, &bytes) {
+                return Ok(ElfFile { bytes, ..e });
+            }
+        }
+        let e = Self::parse_file(path, bytes)?;
+        if let Some(k) = key {
+            cache::put(&k, "elf", &e.encode());
+        }
+        Ok(e)
+    }
+
+    /// The cached entry of this file of `kind` (see `objects::cache`), if any.
+    pub fn cached(&self, kind: &str) -> Option<Vec<u8>> {
+        cache::get(
+            &cache::Key::of(self.bytes.fd.load(core::sync::atomic::Ordering::Relaxed))?,
+            kind,
+        )
+    }
+
+    /// Keep `data` as this file's entry of `kind`.
+    pub fn cache(&self, kind: &str, data: &[u8]) {
+        if let Some(k) = cache::Key::of(self.bytes.fd.load(core::sync::atomic::Ordering::Relaxed)) {
+            cache::put(&k, kind, data);
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut w = cache::Writer::default();
+        w.opt_str(self.soname.as_deref());
+        w.u64(self.segments.len() as u64);
+        for s in &self.segments {
+            w.u64(s.vaddr);
+            w.u64(s.offset);
+            w.u64(s.filesz);
+            w.u8(s.exec as u8);
+        }
+        w.u64(self.exec_sections.len() as u64);
+        for s in &self.exec_sections {
+            w.str(&s.name);
+            w.u64(s.vaddr);
+            w.u64(s.offset);
+            w.u64(s.size);
+        }
+        w.u64(self.funcs.len() as u64);
+        for f in &self.funcs {
+            w.str(&f.name);
+            w.opt_str(f.versioned.as_deref());
+            w.u64(f.vaddr);
+            w.u64(f.size);
+            w.u8(f.ifunc as u8 | (f.global as u8) << 1);
+        }
+        w.0
+    }
+
+    /// An ElfFile from a cache entry (with an empty `bytes`, which the caller replaces).
+    fn decode(path: &str, data: &[u8], bytes: &Bytes) -> Option<ElfFile> {
+        let mut r = cache::Reader(data);
+        let soname = r.opt_str()?;
+        let n = r.count(25)?;
+        let mut segments = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (vaddr, offset, filesz, exec) = (r.u64()?, r.u64()?, r.u64()?, r.u8()? != 0);
+            segments.push(Segment { vaddr, offset, filesz, exec });
+        }
+        let n = r.count(32)?;
+        let mut exec_sections = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (name, vaddr, offset, size) = (r.str()?, r.u64()?, r.u64()?, r.u64()?);
+            exec_sections.push(Section { name, vaddr, offset, size });
+        }
+        let n = r.count(26)?;
+        let mut funcs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (name, versioned) = (r.str()?, r.opt_str()?);
+            let (vaddr, size, flags) = (r.u64()?, r.u64()?, r.u8()?);
+            funcs.push(FuncSym {
+                name,
+                versioned,
+                vaddr,
+                size,
+                ifunc: flags & 1 != 0,
+                global: flags & 2 != 0,
+            });
+        }
+        if !r.0.is_empty() {
+            return None;
+        }
+        Some(ElfFile {
+            path: path.to_string(),
+            soname,
+            funcs,
+            segments,
+            exec_sections,
+            bytes: Bytes::empty_like(bytes),
+        })
+    }
+
+    fn parse_file(path: &str, bytes: Bytes) -> Result<ElfFile, ElfError> {
         let read_err = |errno| ElfError::Read { path: path.to_string(), errno };
         load_metadata(&bytes).map_err(read_err)?;
         // SAFETY: nothing else holds `bytes` yet, and nothing loads into it while `data` lives.

@@ -5,6 +5,7 @@
 //! is one object). Names only serve to match what the user typed: soname, file name, full path, or
 //! the short name (`libc` for `libc.so.6`).
 
+pub mod cache;
 pub mod elf;
 pub mod loader;
 pub mod maps;

@@ -107,6 +107,28 @@ pub fn find_sites(code: &[u8], base: u64) -> Vec<(u64, MaskFix)> {
     out
 }
 
+fn encode_sites(found: &[(u64, MaskFix)]) -> Vec<u8> {
+    let mut w = crate::objects::cache::Writer::default();
+    w.u64(found.len() as u64);
+    for (off, f) in found {
+        w.u64(*off);
+        w.u8(f.mask_reg);
+        w.u8(f.size_reg);
+    }
+    w.0
+}
+
+fn decode_sites(data: &[u8]) -> Option<Vec<(u64, MaskFix)>> {
+    let mut r = crate::objects::cache::Reader(data);
+    let n = r.count(10)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (off, mask_reg, size_reg) = (r.u64()?, r.u8()?, r.u8()?);
+        out.push((off, MaskFix { mask_reg, size_reg }));
+    }
+    r.0.is_empty().then_some(out)
+}
+
 impl Registry {
     /// Install the mask fixes in libc, once, before the first probe is written and before any
     /// runtime thread starts (a thread inside glibc's thread-start window, every signal blocked,
@@ -122,21 +144,37 @@ impl Registry {
         }) else {
             return;
         };
-        // Scanned in memory, where libc's code is already (the file's bytes, as `plan_install`
-        // checks for each site found): reading 1.4 MiB of the file would cost more than the rest
-        // of the setup.
-        let mut found = Vec::new();
-        for m in maps.iter().filter(|m| m.file == Some(libc.id) && m.is_exec()) {
-            if m.prot & libc::PROT_READ == 0 {
-                continue;
+        let elf = match self.resolver.elf(&libc, maps) {
+            Ok(e) => e,
+            Err(e) => {
+                self.mask_fix = State::Failed(e.to_string());
+                return;
             }
-            // SAFETY: a readable mapping of libc, which is never unmapped (and the loader waits
-            // for the registry before it unmaps anything).
-            let code = unsafe {
-                core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize)
-            };
-            found.extend(find_sites(code, m.offset));
-        }
+        };
+        // Scanned in memory, where libc's code is already (the file's bytes, as `plan_install`
+        // checks for each site found), once per libc file: kept in the cache.
+        let found = match elf.cached("maskfix").and_then(|c| decode_sites(&c)) {
+            Some(found) => found,
+            None => {
+                let mut found = Vec::new();
+                for m in maps.iter().filter(|m| m.file == Some(libc.id) && m.is_exec()) {
+                    if m.prot & libc::PROT_READ == 0 {
+                        continue;
+                    }
+                    // SAFETY: a readable mapping of libc, which is never unmapped (and the
+                    // loader waits for the registry before it unmaps anything).
+                    let code = unsafe {
+                        core::slice::from_raw_parts(
+                            m.start as *const u8,
+                            (m.end - m.start) as usize,
+                        )
+                    };
+                    found.extend(find_sites(code, m.offset));
+                }
+                elf.cache("maskfix", &encode_sites(&found));
+                found
+            }
+        };
         if found.is_empty() {
             self.mask_fix = State::Failed("no system call with a signal set found in libc".into());
             return;

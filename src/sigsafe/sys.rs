@@ -334,6 +334,19 @@ pub fn unlink(path: &[u8]) -> Result<(), Errno> {
     .map(drop)
 }
 
+/// `renameat(AT_FDCWD, from, AT_FDCWD, to)`. Both paths must end in NUL.
+pub fn rename(from: &[u8], to: &[u8]) -> Result<(), Errno> {
+    if from.last() != Some(&0) || to.last() != Some(&0) {
+        return Err(Errno(libc::EINVAL));
+    }
+    let cwd = libc::AT_FDCWD as usize;
+    // SAFETY: NUL-terminated paths.
+    unsafe {
+        call(libc::SYS_renameat, [cwd, from.as_ptr() as usize, cwd, to.as_ptr() as usize, 0, 0])
+    }
+    .map(drop)
+}
+
 /// `mkdirat(AT_FDCWD, path, mode)`. `path` must end in NUL.
 pub fn mkdir(path: &[u8], mode: u32) -> Result<(), Errno> {
     if path.last() != Some(&0) {
