@@ -128,3 +128,34 @@ fn dlsym_rtld_next_under_every_return_probe() {
     assert_eq!(probed.stdout, "rtldnext: found malloc\n");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// sqlite3, a multithreaded compressor, git, a shell loop that starts children, and a
+/// multithreaded fixture, under every function of libc (entries, then returns): on the jump path
+/// these run at nearly their own speed, so the loop and the compressor do real work.
+#[test]
+fn sqlite_xz_git_a_shell_loop_and_threads_under_all_of_libc() {
+    let dir = workdir("more");
+    let sql = "create table t(a integer, b text); begin; \
+               with recursive c(x) as (select 1 union all select x + 1 from c where x < 3000) \
+               insert into t select x, printf('row %d', x) from c; commit; \
+               select count(*), sum(a), max(length(b)) from t where b like '%7%';";
+    let all = ["libc.so.6:*", "libc.so.6:*%return"];
+    same_under(&["sqlite3", ":memory:", sql], &dir, &all, &[]);
+    std::fs::write(dir.join("in.txt"), (0..50_000).map(|i| format!("{i}\n")).collect::<String>())
+        .unwrap();
+    same_under(&["sh", "-c", "xz -T2 -c in.txt | xz -dc | md5sum"], &dir, &all, &[]);
+    same_under(
+        &["dash", "-c", "i=0; while [ $i -lt 40 ]; do /bin/true; i=$((i+1)); done; echo $i"],
+        &dir,
+        &all,
+        &[],
+    );
+    let repo = env!("CARGO_MANIFEST_DIR");
+    same_under(&["git", "-C", repo, "rev-list", "--count", "HEAD"], &dir, &all, &[]);
+    let plain = run_plain("threads", &["8", "20000"]);
+    for spec in all {
+        let probed = run_probed("threads", &["8", "20000"], spec);
+        assert_same_behaviour(&plain, &probed);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
