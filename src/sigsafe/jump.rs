@@ -14,6 +14,11 @@
 
 use core::arch::global_asm;
 
+// The full entry saves xmm0-15 only, with legacy SSE moves: Rust code built with AVX would write
+// ymm/zmm upper halves the program may be using.
+#[cfg(any(target_feature = "avx", target_feature = "avx2", target_feature = "avx512f"))]
+compile_error!("libuprobe must be built for baseline x86-64 (no AVX): see sigsafe/jump.rs");
+
 use super::emulate::{self, Gregs, RIP, RSP};
 use super::hit::count;
 use super::table::{ReadGuard, MASK_FIX};
