@@ -103,17 +103,35 @@ fn bind(path: &str) -> Result<i32, String> {
         }
         sys::unlink(&c).map_err(|e| format!("cannot replace the stale socket {path}: {e}"))?;
     }
-    let fd = sock::listen(path.as_bytes()).map_err(|e| format!("{path}: {e}"))?;
+    // Bound under a private name, made private and listening, then renamed into place: the
+    // path appears only once a client can connect to it (a client that saw the path and was
+    // refused because listen() had not yet been called would be a race on every start).
+    let staging = format!("{path}.{}", sys::getpid());
+    let (at, direct) = if staging.len() < 108 { (staging.as_str(), false) } else { (path, true) };
+    let a = fs::cpath(at);
+    if !direct {
+        let _ = sys::unlink(&a); // left by a killed process whose pid this one now has
+    }
+    let fd = sock::listen(at.as_bytes()).map_err(|e| format!("{path}: {e}"))?;
     // SAFETY: chmod of the path we just bound (fchmod on a socket does not change its inode).
     let r = unsafe {
         sys::call(
             libc::SYS_fchmodat,
-            [libc::AT_FDCWD as usize, c.as_ptr() as usize, 0o600, 0, 0, 0],
+            [libc::AT_FDCWD as usize, a.as_ptr() as usize, 0o600, 0, 0, 0],
         )
-    };
+    }
+    .map(|_| ())
+    .map_err(|e| format!("{path}: chmod: {e}"))
+    .and_then(|_| {
+        if direct {
+            return Ok(());
+        }
+        sys::rename(&a, &c).map_err(|e| format!("{path}: {e}"))
+    });
     if let Err(e) = r {
+        let _ = sys::unlink(&a);
         sys::close(fd);
-        return Err(format!("{path}: chmod: {e}"));
+        return Err(e);
     }
     Ok(fd)
 }
