@@ -357,6 +357,44 @@ static int mode_lostret(void) {
   return 0;
 }
 
+/* exits: images that end with _exit, without exit handlers (as every shell does): 3 vfork
+ * children that _exit(1) at once, a fork child that calls f 4 times and _exit(2)s, then the
+ * parent calls f 5 times and ends by _exit(3) in a SIGTERM handler that interrupts a loop of
+ * malloc and free (or, with "main", by _Exit(3) from main). */
+static void on_term(int sig) {
+  (void)sig;
+  printf("exits: parent %ld calls\n", calls);
+  fflush(stdout);
+  _exit(3);
+}
+static int mode_exits(const char *how) {
+  for (int i = 0; i < 3; i++) {
+    pid_t p = vfork();
+    if (p == 0) _exit(1);
+    waitpid(p, NULL, 0);
+  }
+  pid_t p = fork();
+  if (p == 0) {
+    call_f(4);
+    _exit(2);
+  }
+  int st = 0;
+  waitpid(p, &st, 0);
+  printf("exits: child status %d\n", WEXITSTATUS(st));
+  fflush(stdout);
+  call_f(5);
+  if (!strcmp(how, "main")) {
+    printf("exits: parent %ld calls\n", calls);
+    fflush(stdout);
+    _Exit(3);
+  }
+  signal(SIGTERM, on_term);
+  for (long i = 0;; i++) {
+    free(malloc(64 + (size_t)(i % 512)));
+    if (i == 200000) kill(getpid(), SIGTERM);
+  }
+}
+
 int main(int argc, char **argv) {
   const char *m = argc > 1 ? argv[1] : "";
   const char *a = argc > 2 ? argv[2] : "";
@@ -366,6 +404,7 @@ int main(int argc, char **argv) {
   if (!strcmp(m, "orphan")) return mode_orphan(atoi(a));
   if (!strcmp(m, "pidns")) return mode_pidns(atoi(a));
   if (!strcmp(m, "execfail")) return mode_execfail();
+  if (!strcmp(m, "exits")) return mode_exits(a);
   if (!strcmp(m, "masks")) return mode_masks(a);
   if (!strcmp(m, "mprot")) return mode_mprot(a);
   if (!strcmp(m, "ifunc")) return mode_ifunc(a, argc > 3 ? atoi(argv[3]) : 0);

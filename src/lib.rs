@@ -111,8 +111,6 @@ fn fork_locks() -> Vec<ForkLock> {
 
 /// Set once the runtime is initialized (the constructor runs once, whoever calls it).
 static STARTED: AtomicBool = AtomicBool::new(false);
-/// Set once the summary of this image was written at exit.
-static FINISHED: AtomicBool = AtomicBool::new(false);
 
 extern "C" {
     fn __cxa_atexit(f: extern "C" fn(*mut c_void), arg: *mut c_void, dso: *const u8) -> c_int;
@@ -205,12 +203,8 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
 
 /// At exit, after every other exit handler and destructor: the summary.
 extern "C" fn at_exit(_: *mut c_void) {
-    if !STARTED.load(Ordering::SeqCst) || FINISHED.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    let _rt = InRuntime::enter();
-    if owner::owns() {
-        control::remove_socket();
+    if STARTED.load(Ordering::SeqCst) {
+        hooks::exec::finish();
     }
     report::write_summary();
 }

@@ -140,6 +140,45 @@ fn a_failed_exec_changes_nothing() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Defect: an image that ended with `_exit` (every shell does: `dash -c 'exit 3'`; a forked child
+/// by convention; a daemon's SIGTERM handler) wrote no summary and left its socket behind. The
+/// summary is written at `_exit` as at `exit`, also from a signal handler that interrupted
+/// `malloc`; a vfork child's `_exit` (which shares the parent's memory) writes none.
+#[test]
+fn an_image_that_ends_with_exit_writes_its_summary() {
+    for how in ["signal", "main"] {
+        let plain = run_plain("defects", &["exits", how]);
+        assert_eq!(
+            (plain.stdout.as_str(), plain.status.code()),
+            ("exits: child status 2\nexits: parent 5 calls\n", Some(3))
+        );
+        let sockets = scratch("exits-sockets");
+        std::fs::create_dir_all(&sockets).unwrap();
+        let (stdout, status, summaries) = run_defects(
+            &["exits", how],
+            "defects:f",
+            &[("UPROBES_SOCKET", sockets.join("%p.sock").to_str().unwrap())],
+        );
+        assert_eq!((stdout.as_str(), status.code()), (plain.stdout.as_str(), Some(3)), "{how}");
+        let mut counts: Vec<(u64, usize)> =
+            summaries.values().map(|s| (hits(&s[0], "defects:f"), s.len())).collect();
+        counts.sort();
+        assert_eq!(counts, [(4, 1), (5, 1)], "{how}: the fork child and the parent, once each");
+        let left: Vec<_> = std::fs::read_dir(&sockets).unwrap().collect();
+        assert!(left.is_empty(), "{how}: sockets left behind: {left:?}");
+        std::fs::remove_dir_all(&sockets).unwrap();
+    }
+    // A shell: its `exit` is `_exit`.
+    let mut cmd = std::process::Command::new("dash");
+    cmd.args(["-c", "echo hi; exit 3"])
+        .env("LD_PRELOAD", lib())
+        .env("UPROBES", "libc.so.6:getpid")
+        .env("UPROBES_SOCKET", "none");
+    let (out, err, status) = run_command(cmd);
+    assert_eq!((out.as_str(), status.code()), ("hi\n", Some(3)));
+    assert!(err.contains("libuprobe: pid") && err.contains("libc.so.6:getpid"), "{err}");
+}
+
 /// Defect: the program's signal masks could still block SIGTRAP (sigsuspend, ppoll, pselect,
 /// epoll_pwait, a context's mask, a handler's uc_sigmask), and a probe hit there was fatal.
 #[test]

@@ -1,5 +1,7 @@
 //! exec: the summary of the image that goes is written first (its counts would be lost), then
-//! LD_PRELOAD and UPROBES, inherited, instrument the new image.
+//! LD_PRELOAD and UPROBES, inherited, instrument the new image. `_exit` (and `_Exit`), which end
+//! the image without exit handlers (every shell exits so, and a forked child by convention): the
+//! summary as at `exit`.
 //!
 //! Only an exec that can succeed ends the image: before it, libuprobe checks what the kernel will
 //! check first (the file exists, is a regular file the caller may execute, starts like an ELF file
@@ -9,6 +11,7 @@
 //! is served again and the image goes on; its summary at exit is then its second (said in README).
 
 use core::ffi::{c_char, c_int, CStr};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::runtime::{fs, owner, InRuntime};
 use crate::sigsafe::sys;
@@ -134,4 +137,37 @@ pub unsafe fn execvpe(
     let r = real.map_or(-1, |real| unsafe { real(file, argv, envp) });
     after_failed_exec(prepared);
     r
+}
+
+/// Set once the summary of this image was written at its end.
+static FINISHED: AtomicBool = AtomicBool::new(false);
+
+/// The image ends (`exit`, through libuprobe's exit handler; or `_exit`): its socket goes and its
+/// summary is written, once. Runs no code of the program's and takes no lock the program could
+/// hold (the runtime has its own allocator and writes with system calls), so it may run where
+/// `_exit` is called from a signal handler.
+pub fn finish() {
+    if FINISHED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let _rt = InRuntime::enter();
+    if owner::owns() {
+        control::remove_socket();
+    }
+    report::write_summary();
+}
+
+/// # Safety
+/// As libc's `_exit`.
+pub unsafe fn exit_now(real: Option<table::_exit::Fn>, status: c_int) -> ! {
+    // Not in a vfork child (which shares this memory, and whose `_exit` ends only itself), and
+    // not inside libuprobe's own code on this thread (where signals are blocked anyway).
+    if owner::owns() && !crate::runtime::in_runtime() {
+        finish();
+    }
+    match real {
+        // SAFETY: forwarding the caller's argument.
+        Some(real) => unsafe { real(status) },
+        None => sys::exit_group(status),
+    }
 }

@@ -91,6 +91,9 @@ interpose! {
     fn execv(path: *const c_char, argv: *const *const c_char) -> c_int => exec::execv;
     fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int => exec::execvp;
     fn execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int => exec::execvpe;
+    // _exit: the summary of an image that ends without exit handlers (hooks::exec).
+    fn _exit(status: c_int) -> ! => exec::exit_now;
+    fn _Exit(status: c_int) -> ! => exec::exit_now;
     // Children that borrow the parent's memory (hooks::spawn; vfork is in assembly there).
     fn posix_spawn(pid: *mut libc::pid_t, path: *const c_char, fa: *const libc::posix_spawn_file_actions_t, attr: *const libc::posix_spawnattr_t, argv: *const *mut c_char, envp: *const *mut c_char) -> c_int => spawn::posix_spawn;
     fn posix_spawnp(pid: *mut libc::pid_t, file: *const c_char, fa: *const libc::posix_spawn_file_actions_t, attr: *const libc::posix_spawnattr_t, argv: *const *mut c_char, envp: *const *mut c_char) -> c_int => spawn::posix_spawn;

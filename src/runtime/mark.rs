@@ -70,6 +70,11 @@ impl Drop for InRuntime {
     }
 }
 
+/// Is this thread running libuprobe's code (or is it one of libuprobe's threads)?
+pub fn in_runtime() -> bool {
+    thread::tls().depth.load(Ordering::Relaxed) > 0
+}
+
 /// Hits on this thread stop counting: a vfork or posix_spawn child is about to borrow its stack
 /// and TLS (and its hits are not the parent's). Called by the parent before it starts the child.
 pub extern "C" fn suspend_counting() {

@@ -13,7 +13,7 @@ pub mod mem;
 pub mod owner;
 pub mod threads;
 
-pub use mark::InRuntime;
+pub use mark::{in_runtime, InRuntime};
 
 use std::sync::OnceLock;
 

@@ -699,6 +699,14 @@ pub fn exit_thread(code: i32) -> ! {
     }
 }
 
+/// `_exit` of the whole process (the raw `exit_group` system call).
+pub fn exit_group(code: i32) -> ! {
+    loop {
+        // SAFETY: ends the process; nothing runs after it.
+        let _ = unsafe { syscall6(libc::SYS_exit_group, [code as usize, 0, 0, 0, 0, 0]) };
+    }
+}
+
 /// The kernel's `struct sigaction` for x86-64 `rt_sigaction` (not glibc's layout).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
