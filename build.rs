@@ -23,6 +23,11 @@ const FIXTURES: &[Fixture] = &[
         flags: &["-L{out}", "-lcounted", "-Wl,-rpath,$ORIGIN"],
     },
     Fixture { out: "zoo", sources: &["zoo.S", "zoo_main.c"], flags: &[] },
+    Fixture {
+        out: "attached",
+        sources: &["attached.c"],
+        flags: &["-pthread", "-L{out}", "-lcounted", "-Wl,-rpath,$ORIGIN"],
+    },
     Fixture { out: "threads", sources: &["threads.c"], flags: &["-pthread"] },
     Fixture { out: "workload", sources: &["workload.c"], flags: &["-pthread", "-fno-builtin"] },
     Fixture { out: "own_trap", sources: &["own_trap.c"], flags: &[] },

@@ -128,7 +128,9 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
     owner::take();
     let problems = config::init(envp as *const *const c_char);
     let config = config::get();
-    if config.output.is_none() {
+    if config.attached {
+        // Loaded by `uprobe attach`: nothing goes to the program's stderr (see report::emit).
+    } else if config.output.is_none() {
         report::keep_stderr();
     } else {
         report::reserve_descriptors();
@@ -206,7 +208,6 @@ extern "C" fn at_exit(_: *mut c_void) {
     if STARTED.load(Ordering::SeqCst) {
         hooks::exec::finish();
     }
-    report::write_summary();
 }
 
 #[used]

@@ -9,7 +9,7 @@
 //! and of its threads that exited before, reaches the output.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use serde_json::{json, Value};
 
@@ -41,10 +41,55 @@ struct Meta {
     by_probe: Option<HashMap<u32, ProbeMeta>>,
 }
 
-/// Map the rings and turn recording on; events go to `sink`, formatted as `format`, once
-/// [`start_drain`] started the thread that writes them.
-pub fn enable(sink: Sink, format: Format) -> Result<(), String> {
-    let _ = SINK.set((sink, format));
+/// Clients of the control socket that asked for the event stream (`events`), by format (text,
+/// JSON), and where their events go (set by `control`).
+pub static SUBSCRIBERS: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
+static SUBSCRIBER_SINK: std::sync::OnceLock<fn(Format, &str)> = std::sync::OnceLock::new();
+/// Events lost because a subscriber did not read them.
+pub static LOST_SLOW_READER: AtomicU64 = AtomicU64::new(0);
+
+fn format_index(f: Format) -> usize {
+    match f {
+        Format::Text => 0,
+        Format::Json => 1,
+    }
+}
+
+/// Where the socket's subscribers get their events.
+pub fn set_subscriber_sink(f: fn(Format, &str)) {
+    let _ = SUBSCRIBER_SINK.set(f);
+}
+
+/// A client subscribes to the event stream in `format`: recording goes on (if it was off) and the
+/// drain thread runs. The caller republishes the probes (their jumps now need the full entry).
+pub fn subscribe(format: Format) -> Result<(), String> {
+    map_rings()?;
+    SUBSCRIBERS[format_index(format)].fetch_add(1, Ordering::AcqRel);
+    rec::TRACING.store(true, Ordering::Release);
+    if !DRAINING.swap(true, Ordering::AcqRel) {
+        if let Err(e) = threads::spawn("uprobe-events", drain_thread) {
+            DRAINING.store(false, Ordering::Release);
+            return Err(e.to_string());
+        }
+    }
+    Ok(())
+}
+
+/// A subscriber left. Returns true when recording stopped (nobody wants events any more): the
+/// caller republishes the probes.
+pub fn unsubscribe(format: Format) -> bool {
+    let _ =
+        SUBSCRIBERS[format_index(format)]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    let anyone = SUBSCRIBERS.iter().any(|n| n.load(Ordering::Acquire) > 0);
+    if anyone || SINK.get().is_some() {
+        return false;
+    }
+    rec::TRACING.store(false, Ordering::Release);
+    true
+}
+
+fn map_rings() -> Result<(), String> {
     rec::PID.store(sys::getpid(), Ordering::Relaxed);
     if rec::RING_POOL.load(Ordering::Acquire).is_null() {
         let len = RINGS * std::mem::size_of::<Ring>();
@@ -53,13 +98,23 @@ pub fn enable(sink: Sink, format: Format) -> Result<(), String> {
         // Zeroed memory is RINGS free, empty rings.
         rec::RING_POOL.store(pool as *mut Ring, Ordering::Release);
     }
+    Ok(())
+}
+
+/// Map the rings and turn recording on; events go to `sink`, formatted as `format`, once
+/// [`start_drain`] started the thread that writes them.
+pub fn enable(sink: Sink, format: Format) -> Result<(), String> {
+    let _ = SINK.set((sink, format));
+    map_rings()?;
     rec::TRACING.store(true, Ordering::Release);
     Ok(())
 }
 
 /// Start the thread that writes the recorded events (after [`enable`]).
 pub fn start_drain() -> Result<(), String> {
-    DRAINING.store(true, Ordering::Release);
+    if DRAINING.swap(true, Ordering::AcqRel) {
+        return Ok(());
+    }
     threads::spawn("uprobe-events", drain_thread).map_err(|e| e.to_string())
 }
 
@@ -84,7 +139,9 @@ pub fn totals() -> Option<(u64, u64)> {
     if rec::RING_POOL.load(Ordering::Acquire).is_null() {
         return None;
     }
-    let mut lost = LOST_FREED.load(Ordering::Relaxed) + rec::LOST_NO_RING.load(Ordering::Relaxed);
+    let mut lost = LOST_FREED.load(Ordering::Relaxed)
+        + rec::LOST_NO_RING.load(Ordering::Relaxed)
+        + LOST_SLOW_READER.load(Ordering::Relaxed);
     for i in 0..RINGS {
         if let Some(r) = rec::ring(i) {
             lost += r.lost.load(Ordering::Relaxed);
@@ -95,9 +152,15 @@ pub fn totals() -> Option<(u64, u64)> {
 
 /// Write every event in the rings; free the rings of threads that are gone. Returns how many.
 fn drain(meta: &mut Meta) -> usize {
-    let Some(&(sink, format)) = SINK.get() else { return 0 };
+    let report = SINK.get().copied();
+    let wanted = |f: Format| SUBSCRIBERS[format_index(f)].load(Ordering::Acquire) > 0;
+    let live = [Format::Text, Format::Json].map(|f| wanted(f).then_some(f));
+    if report.is_none() && live.iter().all(Option::is_none) {
+        return 0;
+    }
     let pid = sys::getpid();
     let mut text = String::new();
+    let mut live_text = [String::new(), String::new()];
     let mut n = 0;
     for i in 0..RINGS {
         let Some(r) = rec::ring(i) else { break };
@@ -112,7 +175,14 @@ fn drain(meta: &mut Meta) -> usize {
             // until `tail` moves past them.
             let e = unsafe { *r.events[(tail % RING_EVENTS as u64) as usize].get() };
             tail += 1;
-            format_event(meta, format, pid, &e, &mut text);
+            if let Some((_, format)) = report {
+                format_event(meta, format, pid, &e, &mut text);
+            }
+            for (f, out) in live.iter().zip(live_text.iter_mut()) {
+                if let Some(f) = f {
+                    format_event(meta, *f, pid, &e, out);
+                }
+            }
             n += 1;
         }
         r.tail.store(tail, Ordering::Release);
@@ -127,10 +197,17 @@ fn drain(meta: &mut Meta) -> usize {
             r.owner.store(0, Ordering::Release);
         }
     }
-    if !text.is_empty() {
+    if let (Some((sink, _)), false) = (report, text.is_empty()) {
         sink(&text);
-        EVENTS_WRITTEN.fetch_add(n as u64, Ordering::Relaxed);
     }
+    if let Some(push) = SUBSCRIBER_SINK.get() {
+        for (f, out) in live.iter().zip(&live_text) {
+            if let (Some(f), false) = (f, out.is_empty()) {
+                push(*f, out);
+            }
+        }
+    }
+    EVENTS_WRITTEN.fetch_add(n as u64, Ordering::Relaxed);
     n
 }
 
@@ -251,6 +328,14 @@ pub fn unlock_in_parent() {
 /// In the child: the parent's events are the parent's to write; start with every ring free and
 /// empty (a drain thread of its own starts in [`start_in_child`]).
 pub fn unlock_in_child() {
+    // The socket's subscribers are the parent's clients.
+    for n in &SUBSCRIBERS {
+        n.store(0, Ordering::Relaxed);
+    }
+    if SINK.get().is_none() {
+        rec::TRACING.store(false, Ordering::Relaxed);
+        DRAINING.store(false, Ordering::Relaxed);
+    }
     for i in 0..RINGS {
         let Some(r) = rec::ring(i) else { break };
         r.owner.store(0, Ordering::Relaxed);

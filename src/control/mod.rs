@@ -173,6 +173,7 @@ pub fn start(forked: bool) -> Result<(), String> {
     }
     LISTENER.store(listener, Ordering::Release);
     *SOCKET.lock() = Some(Socket { path, link });
+    crate::consumers::events::set_subscriber_sink(server::push_events);
     threads::spawn("uprobe-ctl", server::serve).map_err(|e| e.to_string())
 }
 

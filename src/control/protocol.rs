@@ -76,12 +76,14 @@ fn remove(arg: &str) -> Value {
     let result = registry::with_registry(|r| {
         let ids: Vec<ProbeId> = match arg.parse::<ProbeId>() {
             Ok(id) => vec![id],
+            Err(_) if arg == "all" => r.snapshot().iter().map(|p| p.id).collect(),
             Err(_) => r.snapshot().iter().filter(|p| p.spec == arg).map(|p| p.id).collect(),
         };
         ids.into_iter().filter(|&id| r.unregister(id)).collect::<Vec<_>>()
     });
     match result {
         None => error("this process does not own the runtime"),
+        Some(removed) if removed.is_empty() && arg == "all" => json!({"ok": true, "removed": []}),
         Some(removed) if removed.is_empty() => match arg.parse::<u32>() {
             Ok(id) => error(format!("no probe with id {id}")),
             Err(_) => error(format!("no probe was added as `{}`", spec::shorten(arg))),
@@ -147,6 +149,8 @@ fn help() -> Value {
         "add SPEC          register probes (UPROBES grammar; globs allowed)",
         "remove ID         unregister probe ID",
         "remove SPEC       unregister every probe added as SPEC",
+        "remove all        unregister every probe (what `uprobe detach` does)",
+        "events [text|json] from now on, this connection gets every event (tracing goes on)",
         "list              every probe: id, spec, object, symbol, offset, state, hits",
         "stats             hits per probe, total, sites, XOL memory",
         "stats reset       the same, then every count back to zero",

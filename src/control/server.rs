@@ -12,7 +12,9 @@
 use std::sync::atomic::Ordering;
 
 use super::{protocol, sock, LISTENER, WAKE};
+use crate::consumers;
 use crate::registry;
+use crate::runtime::config::Format;
 use crate::runtime::{lock::Mutex, threads};
 use crate::sigsafe::sys::{self, Errno};
 
@@ -34,11 +36,38 @@ struct Client {
     /// When it last sent something, or read some of its answers.
     last: u64,
     closing: bool,
+    /// It asked for the event stream (`events`), in this format.
+    events: Option<Format>,
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
         sys::close(self.fd);
+        if let Some(f) = self.events {
+            if consumers::events::unsubscribe(f) {
+                registry::with_registry(|r| r.retarget());
+            }
+        }
+    }
+}
+
+/// The drain thread's events for the subscribers in `format` (see `consumers::events`): queued
+/// on each, or counted lost for one that does not read them.
+pub(super) fn push_events(format: Format, text: &str) {
+    let mut clients = CLIENTS.lock();
+    let mut any = false;
+    for c in clients.iter_mut().filter(|c| c.events == Some(format) && !c.closing) {
+        if c.output.len() >= MAX_PENDING {
+            let n = text.bytes().filter(|&b| b == b'\n').count() as u64;
+            consumers::events::LOST_SLOW_READER.fetch_add(n, Ordering::Relaxed);
+            continue;
+        }
+        c.output.extend_from_slice(text.as_bytes());
+        any = true;
+    }
+    drop(clients);
+    if any {
+        super::wake();
     }
 }
 
@@ -70,6 +99,11 @@ pub fn serve() {
             let mut b = [0u8; 8];
             let _ = sys::read(wake, &mut b);
         }
+        if crate::runtime::config::get().attached {
+            // Loaded into a running program: its later `sigaction` calls are not interposed; a
+            // handler it installed over libuprobe's becomes its virtual one, and ours comes back.
+            crate::sigsafe::chain::reclaim();
+        }
         if registry::ifunc_pending() {
             // A probe on an IFUNC waits for its object's relocation: let the loader finish.
             crate::objects::loader::wait_until_idle("libc.so.6");
@@ -90,7 +124,9 @@ pub fn serve() {
         for c in clients.iter_mut() {
             answer_one(c);
             flush(c);
-            if now.saturating_sub(c.last) > IDLE {
+            // A subscriber may send nothing for hours; it is idle only when it stops reading.
+            let idle = now.saturating_sub(c.last) > IDLE;
+            if idle && (c.events.is_none() || !c.output.is_empty()) {
                 c.closing = true;
             }
         }
@@ -122,6 +158,7 @@ fn accept_all(listener: i32) {
             output: Vec::new(),
             last: sys::monotonic_ns(),
             closing: false,
+            events: None,
         });
     }
 }
@@ -189,10 +226,41 @@ fn answer_one(c: &mut Client) {
     let line = &line[..line.len() - 1];
     let answer = if line.len() > MAX_LINE {
         serde_json::json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
+    } else if let Some(format) = events_request(line) {
+        subscribe(c, format)
     } else {
         protocol::handle(line)
     };
     c.output.extend_from_slice(format!("{answer}\n").as_bytes());
+}
+
+/// `events`, `events text`, `events json`: the format asked for.
+fn events_request(line: &[u8]) -> Option<Format> {
+    match std::str::from_utf8(line).ok()?.trim() {
+        "events" | "events text" => Some(Format::Text),
+        "events json" => Some(Format::Json),
+        _ => None,
+    }
+}
+
+/// The client gets every event from now on, after this answer, until it disconnects.
+fn subscribe(c: &mut Client, format: Format) -> serde_json::Value {
+    if c.events.is_some() {
+        return serde_json::json!({"ok": false, "error": "this connection already gets the events"});
+    }
+    if let Err(e) = crate::runtime::ensure_setup() {
+        return serde_json::json!({"ok": false, "error": e});
+    }
+    if let Err(e) = consumers::events::subscribe(format) {
+        return serde_json::json!({"ok": false, "error": e});
+    }
+    c.events = Some(format);
+    registry::with_registry(|r| r.retarget());
+    let name = match format {
+        Format::Text => "text",
+        Format::Json => "json",
+    };
+    serde_json::json!({"ok": true, "events": name})
 }
 
 fn flush(c: &mut Client) {

@@ -637,6 +637,12 @@ impl Registry {
         Some((p.symbol.clone(), p.consumer.args.clone()))
     }
 
+    /// Point every jump at the body entry its consumers need now (after recording was turned on
+    /// or off).
+    pub fn retarget(&mut self) {
+        self.publish();
+    }
+
     /// Every count back to zero (`stats reset`).
     pub fn reset_counts(&mut self) {
         let sums = self.sums();

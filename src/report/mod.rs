@@ -102,6 +102,11 @@ pub fn unlock_after_fork() {
 /// Append `text` to the report.
 pub fn emit(text: &str) {
     let config = config::get();
+    // Loaded into a running process by `uprobe attach`: its stderr is not ours to write to; what
+    // the user sees comes through the control socket (`uprobe trace`, `uprobe ctl`).
+    if config.attached && config.output.is_none() {
+        return;
+    }
     let Some(template) = &config.output else {
         let _ = sys::write_all(STDERR.load(Ordering::Relaxed), text.as_bytes());
         return;

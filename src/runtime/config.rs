@@ -38,6 +38,9 @@ pub struct Config {
     pub latency: bool,
     /// `UPROBES_SUMMARY=all`: every probe in the text summary.
     pub summary_all: bool,
+    /// Loaded into a running process (`uprobe attach`), not preloaded: `LD_PRELOAD` does not name
+    /// libuprobe.
+    pub attached: bool,
 }
 
 /// A problem with a variable, said once on the report's channel.
@@ -160,6 +163,9 @@ fn read() -> (Config, Vec<ConfigProblem>) {
     let follow = bool_var("UPROBES_FOLLOW", true, &mut problems);
     let latency = bool_var("UPROBES_LATENCY", true, &mut problems);
     let summary_all = matches!(text("UPROBES_SUMMARY", &mut problems).as_deref(), Some("all"));
+    let preloaded = env_bytes("LD_PRELOAD").is_some_and(|v| {
+        v.split(|&b| b == b':' || b == b' ').any(|e| e.ends_with(b"libuprobe.so"))
+    });
     let config = Config {
         specs: text("UPROBES", &mut problems).unwrap_or_default(),
         output: text("UPROBES_OUTPUT", &mut problems).filter(|p| !p.is_empty()),
@@ -170,6 +176,7 @@ fn read() -> (Config, Vec<ConfigProblem>) {
         path,
         latency,
         summary_all,
+        attached: !preloaded,
     };
     (config, problems)
 }

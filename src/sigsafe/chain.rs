@@ -139,6 +139,35 @@ pub fn take(sig: i32, handler: usize, flags: u64) -> Result<(), sys::Errno> {
     Ok(())
 }
 
+/// For each signal libuprobe handles: if its handler is no longer libuprobe's (a program it was
+/// loaded into after start, whose calls to `sigaction` it does not see, installed its own), take
+/// that disposition as the program's and put libuprobe's back. Returns how many were taken back.
+pub fn reclaim() -> usize {
+    let mut n = 0;
+    for sig in 1..=64 {
+        let Some(s) = slot(sig) else { continue };
+        if !s.installed.load(Ordering::Acquire) {
+            continue;
+        }
+        let mut now = KernelSigaction::DEFAULT;
+        if sys::rt_sigaction(sig, None, Some(&mut now)).is_err() {
+            continue;
+        }
+        if now.handler == s.ours.load(Ordering::Acquire) {
+            continue;
+        }
+        let app = AppAction {
+            handler: now.handler,
+            flags: now.flags & !sys::SA_RESTORER,
+            mask: now.mask,
+        };
+        write(sig, app);
+        install_real(sig, s, app.flags);
+        n += 1;
+    }
+    n
+}
+
 /// Hand a signal that is not libuprobe's business to the program's disposition, as the kernel
 /// would have.
 ///

@@ -12,9 +12,12 @@ use std::process::{Command, ExitCode};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
-#[path = "../control/socket_path.rs"]
+#[path = "../../control/socket_path.rs"]
 #[expect(dead_code, reason = "default_socket is the runtime's half of the shared file")]
 mod socket_path;
+
+mod attach;
+mod trace;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +41,48 @@ enum Cmd {
     Ctl(CtlArgs),
     /// List the processes whose control socket this user can reach (same as `uprobe ctl --list`).
     Ps,
+    /// Load libuprobe into a running process (ptrace); its control socket appears.
+    Attach(AttachArgs),
+    /// Remove every probe of a process; it runs on with its original code.
+    Detach {
+        /// The process.
+        pid: i32,
+    },
+    /// Attach if needed, add probes, print events as they come and a summary at the end; then
+    /// remove the probes.
+    Trace(TraceArgs),
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  uprobe attach 4242 && uprobe ctl 4242 add libc.so.6:malloc")]
+struct AttachArgs {
+    /// The process.
+    pid: i32,
+    /// Attach even under a seccomp filter (which may refuse or kill the calls loading makes).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  uprobe trace -p 4242 'libc.so.6:malloc(u64)' --duration 10s\n  uprobe trace -p 4242 'libssl.so.3:SSL_write%return' --json"
+)]
+struct TraceArgs {
+    /// The process (attached first if it has no control socket).
+    #[arg(short = 'p', long = "pid")]
+    pid: i32,
+    /// Probe specs (the UPROBES grammar).
+    #[arg(required = true, value_name = "SPEC")]
+    specs: Vec<String>,
+    /// Stop after this long (10s, 500ms, 2m); default: until Ctrl-C or the process exits.
+    #[arg(long, value_name = "DURATION")]
+    duration: Option<String>,
+    /// Events and summary as JSON Lines.
+    #[arg(long)]
+    json: bool,
+    /// Attach even under a seccomp filter.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args)]
@@ -180,9 +225,34 @@ fn uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// The socket of `pid`, wherever this user's processes put theirs.
+/// The directories where the socket of `pid` may be: this user's, and (for root, or a process
+/// attached to) the process's own user's, with its XDG_RUNTIME_DIR.
+fn socket_dirs_for(pid: i32) -> Vec<PathBuf> {
+    let mut dirs =
+        socket_path::socket_dirs(uid(), std::env::var("XDG_RUNTIME_DIR").ok().as_deref());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let their_uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1).and_then(|u| u.parse::<u32>().ok()));
+    let their_xdg = std::fs::read(format!("/proc/{pid}/environ")).ok().and_then(|env| {
+        env.split(|&b| b == 0).find_map(|e| {
+            e.strip_prefix(b"XDG_RUNTIME_DIR=").map(|v| String::from_utf8_lossy(v).into_owned())
+        })
+    });
+    if let Some(u) = their_uid {
+        for d in socket_path::socket_dirs(u, their_xdg.as_deref()) {
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+    }
+    dirs
+}
+
+/// The socket of `pid`, wherever its process put it.
 fn find_socket(pid: i32) -> Result<PathBuf, String> {
-    let dirs = socket_path::socket_dirs(uid(), std::env::var("XDG_RUNTIME_DIR").ok().as_deref());
+    let dirs = socket_dirs_for(pid);
     for d in &dirs {
         let p = d.join(format!("{pid}.sock"));
         if p.exists() {
@@ -192,7 +262,7 @@ fn find_socket(pid: i32) -> Result<PathBuf, String> {
     let looked: Vec<String> =
         dirs.iter().map(|d| d.join(format!("{pid}.sock")).display().to_string()).collect();
     let why = if Path::new(&format!("/proc/{pid}")).exists() {
-        "it was not started with libuprobe preloaded, or UPROBES_SOCKET put its socket elsewhere (use --socket)"
+        "libuprobe is not loaded in it (start it with `uprobe run`, or `uprobe attach` it), or UPROBES_SOCKET put its socket elsewhere (use --socket)"
     } else {
         "there is no such process"
     };
@@ -365,7 +435,10 @@ fn ps() -> Result<ExitCode, String> {
             .collect();
         found.sort();
         for (pid, path) in found {
-            let Ok(answer) = request(&path, "stats") else { continue }; // stale: its process is gone
+            let Ok(answer) = request(&path, "stats") else {
+                remove_if_stale(pid, &path);
+                continue;
+            };
             let comm = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| printable_command(&c))
                 .unwrap_or_default();
@@ -378,6 +451,62 @@ fn ps() -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A socket left by a process that was killed (or ended without exit handlers before libuprobe
+/// followed `_exit`) is removed: nobody listens on it and its process is gone.
+fn remove_if_stale(pid: i32, path: &Path) {
+    let refused = matches!(
+        std::os::unix::net::UnixStream::connect(path),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    );
+    if refused && !Path::new(&format!("/proc/{pid}")).exists() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Load libuprobe into `pid` unless it is there; its socket.
+fn attach_cmd(pid: i32, force: bool) -> Result<PathBuf, String> {
+    if let Ok(p) = find_socket(pid) {
+        if request(&p, "help").is_ok() {
+            return Ok(p); // preloaded, or attached before
+        }
+    }
+    let lib = library()?;
+    match attach::attach(pid, &lib, force)? {
+        attach::Attached::Already | attach::Attached::Loaded => {}
+    }
+    attach::wait_socket(|| find_socket(pid).ok(), std::time::Duration::from_secs(10)).ok_or_else(|| {
+        format!(
+            "libuprobe is loaded in process {pid}, but its control socket did not appear (UPROBES_SOCKET \
+             in its environment may have put it elsewhere, or turned it off)"
+        )
+    })
+}
+
+fn detach(pid: i32) -> Result<ExitCode, String> {
+    let socket = find_socket(pid)?;
+    let answer = request(&socket, "remove all")?;
+    if answer["ok"] != true {
+        eprintln!("uprobe: {}", str_of(&answer["error"]));
+        return Ok(ExitCode::from(1));
+    }
+    let n = answer["removed"].as_array().map_or(0, |a| a.len());
+    println!(
+        "detached: {n} probe(s) removed from process {pid}; its code is as it was (libuprobe stays \
+         loaded and idle: `uprobe attach` again reuses it)"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn trace_cmd(args: TraceArgs) -> Result<ExitCode, String> {
+    let duration = args.duration.as_deref().map(trace::parse_duration).transpose()?;
+    let socket = attach_cmd(args.pid, args.force)?;
+    let code = trace::trace(
+        trace::TraceArgs { socket: &socket, specs: &args.specs, duration, json: args.json },
+        request,
+    )?;
+    Ok(ExitCode::from(code))
 }
 
 fn main() -> ExitCode {
@@ -396,6 +525,12 @@ fn main() -> ExitCode {
         },
         Cmd::Ctl(args) => ctl(args),
         Cmd::Ps => ps(),
+        Cmd::Attach(args) => attach_cmd(args.pid, args.force).map(|p| {
+            println!("attached: process {}, control socket {}", args.pid, p.display());
+            ExitCode::SUCCESS
+        }),
+        Cmd::Detach { pid } => detach(pid),
+        Cmd::Trace(args) => trace_cmd(args),
     };
     match result {
         Ok(code) => code,
