@@ -74,6 +74,31 @@ fn hits(pid: &str, id: u64) -> u64 {
     p["hits"].as_u64().unwrap()
 }
 
+/// `lib_add` in the target's memory (`/proc/PID/mem`) is byte for byte the file's.
+fn assert_lib_add_is_the_files(t: &Target) {
+    let (_, off, bytes) = symbol_in_file("libcounted.so", "lib_add");
+    let lib = std::fs::canonicalize(fixture("libcounted.so")).unwrap();
+    let addr = t
+        .maps()
+        .lines()
+        .filter(|l| {
+            l.ends_with(lib.to_str().unwrap()) && l.split_whitespace().nth(1).unwrap().contains('x')
+        })
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (lo, hi) = f[0].split_once('-').unwrap();
+            let (lo, hi) =
+                (u64::from_str_radix(lo, 16).unwrap(), u64::from_str_radix(hi, 16).unwrap());
+            let moff = u64::from_str_radix(f[2], 16).unwrap();
+            (off >= moff && off - moff < hi - lo).then(|| lo + off - moff)
+        })
+        .unwrap();
+    let mem = std::fs::File::open(format!("/proc/{}/mem", t.pid())).unwrap();
+    let mut now = vec![0u8; bytes.len()];
+    mem.read_exact_at(&mut now, addr).unwrap();
+    assert_eq!(now, bytes, "lib_add is the file's again");
+}
+
 /// What the program does alone: the same orders, no attach.
 fn plain_run() -> (String, Option<i32>) {
     let mut t = Target::start(&[]);
@@ -114,27 +139,7 @@ fn attach_count_exactly_detach_and_the_program_never_knew() {
     let (out, err, status) = uprobe(&["detach", &pid]);
     assert!(status.success(), "{err}");
     assert!(out.starts_with("detached: 1 probe(s) removed"), "{out}");
-    let (_, off, bytes) = symbol_in_file("libcounted.so", "lib_add");
-    let lib = std::fs::canonicalize(fixture("libcounted.so")).unwrap();
-    let addr = t
-        .maps()
-        .lines()
-        .filter(|l| {
-            l.ends_with(lib.to_str().unwrap()) && l.split_whitespace().nth(1).unwrap().contains('x')
-        })
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (lo, hi) = f[0].split_once('-').unwrap();
-            let (lo, hi) =
-                (u64::from_str_radix(lo, 16).unwrap(), u64::from_str_radix(hi, 16).unwrap());
-            let moff = u64::from_str_radix(f[2], 16).unwrap();
-            (off >= moff && off - moff < hi - lo).then(|| lo + off - moff)
-        })
-        .unwrap();
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut now = vec![0u8; bytes.len()];
-    mem.read_exact_at(&mut now, addr).unwrap();
-    assert_eq!(now, bytes, "lib_add is the file's again");
+    assert_lib_add_is_the_files(&t);
     t.tell("resume");
     t.tell("send");
     assert_eq!(t.finish(), plain);
@@ -223,6 +228,7 @@ fn trace_streams_events_and_leaves_the_process_as_it_was() {
     let (out, _, _) = uprobe(&["ctl", "--json", &pid, "list"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["probes"], serde_json::json!([]));
+    assert_lib_add_is_the_files(&t);
     t.tell("send");
     t.tell("send");
     assert_eq!(t.finish(), plain_run());

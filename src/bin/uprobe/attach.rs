@@ -154,9 +154,11 @@ fn check(pid: i32, force: bool) -> Result<(Vec<Map>, String), String> {
         ));
     }
     match status_field(&status, "Seccomp:").as_deref() {
-        Some("1") => return Err(format!(
+        Some("1") => {
+            return Err(format!(
             "process {pid} runs in seccomp strict mode: it may make no system call libuprobe needs"
-        )),
+        ))
+        }
         Some("2") if !force => {
             return Err(format!(
                 "process {pid} runs under a seccomp filter, which may refuse (or kill the process \
