@@ -158,7 +158,11 @@ fn text_report_to_stderr_by_default_and_pid_in_output_path() {
     );
     let row = stderr.lines().find(|l| l.contains("counts:leaf")).expect("row for counts:leaf");
     let cols: Vec<_> = row.split_whitespace().collect();
-    assert_eq!(cols[..6], ["1", "1000", "active", expected_path(), "counts:leaf", "leaf"], "{row}");
+    assert_eq!(
+        cols[..6],
+        ["1", "1,000", "active", expected_path(), "counts:leaf", "leaf"],
+        "{row}"
+    );
     assert!(stderr.contains("nolib:x") && stderr.contains("pending"), "{stderr}");
 
     // A program that closes stderr on its way out (as gnulib's close_stdout does) still gets its

@@ -47,7 +47,7 @@ fn run_prints_the_table_to_stderr_by_default() {
     let (_, stderr, status) = run_command(cmd);
     assert_eq!(status.code(), Some(7));
     let row = stderr.lines().find(|l| l.contains("counts:leaf")).expect(&stderr);
-    assert_eq!(row.split_whitespace().take(3).collect::<Vec<_>>(), ["1", "1000", "active"]);
+    assert_eq!(row.split_whitespace().take(3).collect::<Vec<_>>(), ["1", "1,000", "active"]);
 }
 
 #[test]
@@ -94,4 +94,39 @@ fn run_trap_only_puts_every_probe_on_the_trap_path() {
         }
         std::fs::remove_file(out).unwrap();
     }
+}
+
+/// The text summary people read first: highest hits first, with thousands separators; the
+/// matches of a glob with no hits are one line (a failed one stays), and `--all` lists them.
+#[test]
+fn run_sorts_the_summary_and_collapses_quiet_glob_matches() {
+    let summary_rows = |all: bool| -> Vec<String> {
+        let mut cmd = uprobe();
+        cmd.args(["run", "-p", "counts:*"]);
+        if all {
+            cmd.arg("--all");
+        }
+        cmd.arg("--").arg(fixture("counts")).arg("1234");
+        let (_, stderr, status) = run_command(cmd);
+        assert_eq!(status.code(), Some(7), "{stderr}");
+        let table = stderr.lines().skip_while(|l| !l.contains("HITS")).skip(1);
+        table.take_while(|l| !l.starts_with("libuprobe:")).map(String::from).collect()
+    };
+    // (hits, state, symbol) of each row.
+    let cols = |r: &String| {
+        let f: Vec<&str> = r.split_whitespace().collect();
+        format!("{} {} {}", f[1], f[2], f[5])
+    };
+    let rows = summary_rows(false);
+    assert_eq!(cols(&rows[0]), "1,234 active leaf", "{rows:#?}");
+    assert!(rows[1..10].iter().all(|r| cols(r).starts_with("1 active")), "{rows:#?}");
+    assert_eq!(cols(&rows[10]), "0 failed refused_fn", "{rows:#?}");
+    assert_eq!(
+        rows[11].trim(),
+        "... and 2 more matches of counts:* with no hits (UPROBES_SUMMARY=all lists them)"
+    );
+    assert_eq!(rows.len(), 12, "{rows:#?}");
+    let all = summary_rows(true);
+    assert_eq!(all.len(), 13, "{all:#?}");
+    assert!(all[10..12].iter().all(|r| cols(r).starts_with("0 active")), "{all:#?}");
 }

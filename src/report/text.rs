@@ -64,26 +64,64 @@ fn trap_reasons(probes: &[ProbeInfo], out: &mut String) {
     }
 }
 
-/// The summary table.
+/// A count for people: right-aligned by the caller, with thousands separators (`1,234,567`).
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Is this spec a glob (several matches, collapsed when they have no hits)?
+fn is_glob(spec: &str) -> bool {
+    spec.contains(['*', '?', '['])
+}
+
+/// The summary table: probes by hits, highest first (ties by id); the active members of a glob
+/// that have no hits are collapsed into one line per glob, unless `all` (`UPROBES_SUMMARY=all`,
+/// `uprobe run --all`). Failed and pending probes are always listed.
 pub fn summary(
     pid: i32,
     program: &(String, String),
     probes: &[ProbeInfo],
     trace: Option<(u64, u64)>,
-    _all: bool,
+    all: bool,
 ) -> String {
     let (comm, argv0) = program;
     let mut out =
         format!("libuprobe: pid {pid} ({comm}, argv[0] {argv0:?}): {} probe(s)\n", probes.len());
-    let specs: Vec<String> = probes.iter().map(|p| cell(&p.spec)).collect();
-    let symbols: Vec<String> = probes.iter().map(|p| cell(&p.symbol)).collect();
+    let mut order: Vec<&ProbeInfo> = probes.iter().collect();
+    order.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.id.cmp(&b.id)));
+    // (spec, how many) of the collapsed glob members, in the order the globs first appear.
+    let mut quiet: Vec<(&str, usize)> = Vec::new();
+    if !all {
+        order.retain(|p| {
+            let collapse = p.hits == 0 && p.state == ProbeState::Active && is_glob(&p.spec);
+            if collapse {
+                match quiet.iter_mut().find(|q| q.0 == p.spec) {
+                    Some(q) => q.1 += 1,
+                    None => quiet.push((&p.spec, 1)),
+                }
+            }
+            !collapse
+        });
+    }
+    let specs: Vec<String> = order.iter().map(|p| cell(&p.spec)).collect();
+    let symbols: Vec<String> = order.iter().map(|p| cell(&p.symbol)).collect();
+    let hits: Vec<String> = order.iter().map(|p| thousands(p.hits)).collect();
     let spec_w = specs.iter().map(|s| s.chars().count()).max().unwrap_or(4).max(4);
     let sym_w = symbols.iter().map(|s| s.chars().count()).max().unwrap_or(6).max(6);
+    let hits_w = hits.iter().map(|s| s.len()).max().unwrap_or(4).max(12);
     out += &format!(
-        "{:>5}  {:>12}  {:<7}  {:<4}  {:<spec_w$}  {:<sym_w$}  WHERE\n",
+        "{:>5}  {:>hits_w$}  {:<7}  {:<4}  {:<spec_w$}  {:<sym_w$}  WHERE\n",
         "ID", "HITS", "STATE", "PATH", "SPEC", "SYMBOL"
     );
-    for ((p, spec), symbol) in probes.iter().zip(&specs).zip(&symbols) {
+    for (((p, spec), symbol), hits) in order.iter().zip(&specs).zip(&symbols).zip(&hits) {
         let place = match (p.state, p.offset) {
             (ProbeState::Failed, _) => p.error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
             (ProbeState::Pending, _) => format!("{} (not loaded)", p.object),
@@ -94,21 +132,29 @@ pub fn summary(
             (_, None) => p.object.clone(),
         };
         out += &format!(
-            "{:>5}  {:>12}  {:<7}  {:<4}  {:<spec_w$}  {:<sym_w$}  {place}\n",
+            "{:>5}  {hits:>hits_w$}  {:<7}  {:<4}  {:<spec_w$}  {:<sym_w$}  {place}\n",
             p.id,
-            p.hits,
             p.state.as_str(),
             p.path.unwrap_or("-"),
             spec,
             symbol
         );
     }
+    for (spec, n) in quiet {
+        out += &format!(
+            "       ... and {} more match{} of {} with no hits (UPROBES_SUMMARY=all lists them)\n",
+            thousands(n as u64),
+            if n == 1 { "" } else { "es" },
+            cell(spec)
+        );
+    }
     trap_reasons(probes, &mut out);
-    for p in probes.iter().filter(|p| p.ret) {
+    for p in order.iter().filter(|p| p.ret) {
         latency(p, &mut out);
     }
     if let Some((events, lost)) = trace {
-        out += &format!("libuprobe: {events} events traced, {lost} lost\n");
+        out +=
+            &format!("libuprobe: {} events traced, {} lost\n", thousands(events), thousands(lost));
     }
     if !probes.is_empty() && probes.iter().all(|p| p.state == ProbeState::Pending) {
         out += "libuprobe: no object named by the specs was ever loaded\n";
@@ -153,6 +199,48 @@ mod tests {
             path_reason: Some("x".repeat(70_000)),
             class: None,
         }
+    }
+
+    #[test]
+    fn counts_have_thousands_separators() {
+        let t: Vec<String> = [0, 7, 999, 1_000, 12_345, 1_234_567, u64::MAX].map(thousands).into();
+        assert_eq!(
+            t,
+            ["0", "7", "999", "1,000", "12,345", "1,234,567", "18,446,744,073,709,551,615"]
+        );
+    }
+
+    /// Highest first; a glob's quiet members collapse into one line, unless all are asked for.
+    #[test]
+    fn the_summary_is_sorted_and_quiet_glob_members_collapse() {
+        let mk = |id, spec: &str, symbol: &str, hits| {
+            let mut p = probe(spec.into(), symbol.into(), ProbeState::Active, None);
+            p.id = id;
+            p.hits = hits;
+            p.ret = false;
+            p.object = "libc.so.6".into();
+            p.path = Some("jump");
+            p.offset = Some(0x10);
+            p
+        };
+        let probes = vec![
+            mk(1, "libc:str*", "strlen", 5),
+            mk(2, "libc:str*", "strchr", 0),
+            mk(3, "libc:str*", "strcmp", 1_234_567),
+            mk(4, "libc:str*", "strrchr", 0),
+            mk(5, "libc:malloc", "malloc", 0),
+        ];
+        let program = ("p".to_string(), "p".to_string());
+        let text = summary(1, &program, &probes, None, false);
+        let rows: Vec<&str> = text.lines().skip(2).collect();
+        assert!(rows[0].contains("1,234,567") && rows[0].contains("strcmp"), "{text}");
+        assert!(rows[1].contains("strlen"), "{text}");
+        assert!(rows[2].contains("malloc"), "a single probe with no hits stays: {text}");
+        assert!(rows[3].contains("... and 2 more matches of libc:str* with no hits"), "{text}");
+        assert_eq!(rows.len(), 4, "{text}");
+        let full = summary(1, &program, &probes, None, true);
+        assert_eq!(full.lines().count(), 2 + 5, "{full}");
+        assert!(!full.contains("more match"));
     }
 
     /// The report never panics, whatever the probes hold (a spec of 65,536 characters made the

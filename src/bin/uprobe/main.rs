@@ -148,6 +148,10 @@ struct RunArgs {
     /// escape hatch.
     #[arg(long)]
     trap_only: bool,
+    /// Every probe in the text summary (by default the matches of a glob that have no hits are
+    /// one line); sets UPROBES_SUMMARY=all.
+    #[arg(long)]
+    all: bool,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "PROGRAM [ARGS]...")]
     program: Vec<OsString>,
@@ -215,6 +219,9 @@ fn run(args: RunArgs) -> Result<std::convert::Infallible, String> {
     }
     if args.trap_only {
         cmd.env("UPROBES_PATH", "trap");
+    }
+    if args.all {
+        cmd.env("UPROBES_SUMMARY", "all");
     }
     let err = cmd.exec();
     Err(format!("cannot run {}: {err}", args.program[0].to_string_lossy()))
