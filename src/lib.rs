@@ -175,7 +175,7 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
     let mut tracing = false;
     if !specs.is_empty() {
         if config.trace {
-            match consumers::events::enable(report::emit_events, config.format) {
+            match consumers::events::enable(report::emit_events, config.trace_format) {
                 Ok(()) => tracing = true,
                 Err(e) => report::problem("UPROBES_TRACE", &e),
             }

@@ -8,13 +8,13 @@
 //! exec) the rest is drained before the summary, so every event of a process that exits normally,
 //! and of its threads that exited before, reaches the output.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use serde_json::{json, Value};
 
 use crate::registry;
-use crate::runtime::config::Format;
+use crate::runtime::config::TraceFormat as Format;
 use crate::runtime::{lock::Mutex, threads};
 use crate::sigsafe::consumer::ArgType;
 use crate::sigsafe::events::{self as rec, Event, Ring, RINGS, RING_EVENTS, STR_MAX};
@@ -27,23 +27,36 @@ static LOST_FREED: AtomicU64 = AtomicU64::new(0);
 static DRAINING: AtomicBool = AtomicBool::new(false);
 
 /// Held while draining: one consumer at a time (the drain thread, or a flush).
-static DRAIN: Mutex<Meta> = Mutex::new(Meta { by_probe: None });
+static DRAIN: Mutex<Meta> = Mutex::new(Meta { by_probe: None, chrome: None });
 
 /// Where drained events go.
 pub type Sink = fn(&str);
 static SINK: std::sync::OnceLock<(Sink, Format)> = std::sync::OnceLock::new();
 
-/// How a probe's events are shown: (symbol, symbol as a JSON string, argument types).
-type ProbeMeta = (String, String, Vec<ArgType>);
+/// How a probe's events are shown: (symbol, symbol as a JSON string, argument types, whether it
+/// is a return probe).
+type ProbeMeta = (String, String, Vec<ArgType>, bool);
 
 /// Probe metadata by id, fetched from the registry on first sight.
 struct Meta {
     by_probe: Option<HashMap<u32, ProbeMeta>>,
+    chrome: Option<Chrome>,
+}
+
+/// What the Chrome trace writer remembers: the process and threads already named (`ph: "M"`),
+/// and each thread's calls of return probes whose return has not been seen yet (their slice is
+/// written whole, `ph: "X"`, at the return).
+#[derive(Default)]
+struct Chrome {
+    named_pid: i32,
+    named_threads: HashSet<i32>,
+    /// By thread: (probe, entry time, the entry's arguments as a JSON object's members).
+    open: HashMap<i32, Vec<(u32, u64, String)>>,
 }
 
 /// Clients of the control socket that asked for the event stream (`events`), by format (text,
 /// JSON), and where their events go (set by `control`).
-pub static SUBSCRIBERS: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
+pub static SUBSCRIBERS: [AtomicU32; 3] = [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)];
 static SUBSCRIBER_SINK: std::sync::OnceLock<fn(Format, &str)> = std::sync::OnceLock::new();
 /// Events lost because a subscriber did not read them.
 pub static LOST_SLOW_READER: AtomicU64 = AtomicU64::new(0);
@@ -52,6 +65,7 @@ fn format_index(f: Format) -> usize {
     match f {
         Format::Text => 0,
         Format::Json => 1,
+        Format::Chrome => 2,
     }
 }
 
@@ -132,6 +146,36 @@ pub fn flush() {
     }
     let mut meta = DRAIN.lock();
     while drain(&mut meta) > 0 {}
+    // The image ends: calls still open in a Chrome trace are written as begun and not ended
+    // (`ph: "B"`), which the viewers show as running to the end of the trace.
+    let meta = &mut *meta;
+    if let (Some((sink, Format::Chrome)), Some(chrome)) = (SINK.get().copied(), &mut meta.chrome) {
+        let pid = sys::getpid();
+        let mut text = String::new();
+        for (tid, calls) in chrome.open.drain() {
+            for (probe, ts, args) in calls {
+                let name = meta
+                    .by_probe
+                    .as_ref()
+                    .and_then(|m| m.get(&probe))
+                    .map_or("\"?\"", |m| m.1.as_str());
+                use std::fmt::Write;
+                let _ = writeln!(
+                    text,
+                    "{{\"name\":{name},\"cat\":\"uprobe\",\"ph\":\"B\",\"ts\":{},\"pid\":{pid},\"tid\":{tid},\"args\":{{{args}}}}},",
+                    micros(ts)
+                );
+            }
+        }
+        if !text.is_empty() {
+            sink(&text);
+        }
+    }
+}
+
+/// A Chrome trace timestamp: microseconds, with the nanoseconds as a fraction.
+fn micros(ns: u64) -> String {
+    format!("{}.{:03}", ns / 1000, ns % 1000)
 }
 
 /// (events written, events lost) so far; None when tracing is off.
@@ -154,13 +198,13 @@ pub fn totals() -> Option<(u64, u64)> {
 fn drain(meta: &mut Meta) -> usize {
     let report = SINK.get().copied();
     let wanted = |f: Format| SUBSCRIBERS[format_index(f)].load(Ordering::Acquire) > 0;
-    let live = [Format::Text, Format::Json].map(|f| wanted(f).then_some(f));
+    let live = [Format::Text, Format::Json, Format::Chrome].map(|f| wanted(f).then_some(f));
     if report.is_none() && live.iter().all(Option::is_none) {
         return 0;
     }
     let pid = sys::getpid();
     let mut text = String::new();
-    let mut live_text = [String::new(), String::new()];
+    let mut live_text = [String::new(), String::new(), String::new()];
     let mut n = 0;
     for i in 0..RINGS {
         let Some(r) = rec::ring(i) else { break };
@@ -214,12 +258,18 @@ fn drain(meta: &mut Meta) -> usize {
 fn format_event(meta: &mut Meta, format: Format, pid: i32, e: &Event, out: &mut String) {
     use std::fmt::Write;
     let by_probe = meta.by_probe.get_or_insert_with(HashMap::new);
-    let (symbol, quoted, types) = &*by_probe.entry(e.probe).or_insert_with(|| {
+    let (symbol, quoted, types, ret) = &*by_probe.entry(e.probe).or_insert_with(|| {
         let m = registry::with_registry(|r| r.event_meta(e.probe)).flatten();
-        let (symbol, types) = m.unwrap_or_else(|| (format!("probe{}", e.probe), Vec::new()));
+        let (symbol, types, ret) =
+            m.unwrap_or_else(|| (format!("probe{}", e.probe), Vec::new(), false));
         let quoted = Value::String(symbol.clone()).to_string();
-        (symbol, quoted, types)
+        (symbol, quoted, types, ret)
     });
+    if format == Format::Chrome {
+        let chrome = meta.chrome.get_or_insert_with(Chrome::default);
+        chrome_event(chrome, (quoted, types, *ret), pid, e, out);
+        return;
+    }
     // Formatted by hand: the drain thread must keep up with every thread of the program.
     if e.kind == rec::RETURN {
         let (retval, duration) = (e.regs[0], e.regs[1]);
@@ -229,7 +279,7 @@ fn format_event(meta: &mut Meta, format: Format, pid: i32, e: &Event, out: &mut 
                 "{{\"type\":\"return\",\"probe\":{},\"symbol\":{quoted},\"pid\":{pid},\"tid\":{},\"ts_ns\":{},\"retval\":{retval},\"duration_ns\":{duration}}}",
                 e.probe, e.tid, e.ts_ns
             ),
-            Format::Text => write!(
+            _ => write!(
                 out,
                 "{}.{:09} {pid}/{} {symbol} returned {retval:#x} ({retval}) after {duration}ns",
                 e.ts_ns / 1_000_000_000,
@@ -253,7 +303,7 @@ fn format_event(meta: &mut Meta, format: Format, pid: i32, e: &Event, out: &mut 
             }
             write!(out, "}}")
         }
-        Format::Text => {
+        _ => {
             let _ = write!(
                 out,
                 "{}.{:09} {pid}/{} {symbol}(",
@@ -277,6 +327,95 @@ fn format_event(meta: &mut Meta, format: Format, pid: i32, e: &Event, out: &mut 
         }
     };
     out.push('\n');
+}
+
+/// The name of a thread of this process, for the trace's metadata.
+fn thread_name(tid: i32) -> String {
+    crate::runtime::fs::read_string(&format!("/proc/self/task/{tid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_else(|_| format!("thread {tid}"))
+}
+
+/// One event in Chrome's Trace Event Format: every object ends with `,` and a newline (the
+/// array is left open; see README). The process and each thread are named at first sight; an
+/// entry probe's hit is an instant event (`ph: "i"`) with its arguments; a return probe's call
+/// is one complete slice (`ph: "X"`) written at its return, with the entry's arguments and the
+/// return value. Calls nest as the slices' times do, on the thread's track.
+fn chrome_event(
+    chrome: &mut Chrome,
+    (name, types, ret): (&str, &[ArgType], bool),
+    pid: i32,
+    e: &Event,
+    out: &mut String,
+) {
+    use std::fmt::Write;
+    if chrome.named_pid != pid {
+        // A forked child (or a new image after exec) names itself; its threads are its own.
+        chrome.named_pid = pid;
+        chrome.named_threads.clear();
+        chrome.open.clear();
+        let comm = crate::runtime::fs::read_string("/proc/self/comm").unwrap_or_default();
+        let comm = Value::String(comm.trim_end().to_string()).to_string();
+        let _ = writeln!(
+            out,
+            "{{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":{pid},\"tid\":{pid},\"args\":{{\"name\":{comm}}}}},"
+        );
+    }
+    if chrome.named_threads.insert(e.tid) {
+        let t = Value::String(thread_name(e.tid)).to_string();
+        let _ = writeln!(
+            out,
+            "{{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":{pid},\"tid\":{},\"args\":{{\"name\":{t}}}}},",
+            e.tid
+        );
+    }
+    let tid = e.tid;
+    if e.kind == rec::RETURN {
+        let (retval, duration) = (e.regs[0], e.regs[1]);
+        let calls = chrome.open.entry(tid).or_default();
+        // The entry of this call: the innermost open one of this probe (returns come innermost
+        // first; a call whose entry event was lost has none).
+        let entry = calls.iter().rposition(|c| c.0 == e.probe).map(|i| {
+            let found = calls.remove(i);
+            // Calls opened after it never returned (longjmp): they are dropped with it.
+            calls.truncate(i);
+            found
+        });
+        let (start, args) = match entry {
+            Some((_, ts, args)) => (ts, args),
+            None => (e.ts_ns.saturating_sub(duration), String::new()),
+        };
+        let sep = if args.is_empty() { "" } else { "," };
+        let _ = writeln!(
+            out,
+            "{{\"name\":{name},\"cat\":\"uprobe\",\"ph\":\"X\",\"ts\":{},\"dur\":{},\"pid\":{pid},\"tid\":{tid},\"args\":{{{args}{sep}\"retval\":{retval}}}}},",
+            micros(start),
+            micros(e.ts_ns.saturating_sub(start))
+        );
+        return;
+    }
+    let mut args = String::new();
+    if types.is_empty() {
+        let r = &e.regs;
+        let _ = write!(
+            args,
+            "\"rdi\":\"{:#x}\",\"rsi\":\"{:#x}\",\"rdx\":\"{:#x}\",\"rcx\":\"{:#x}\",\"r8\":\"{:#x}\",\"r9\":\"{:#x}\"",
+            r[0], r[1], r[2], r[3], r[4], r[5]
+        );
+    } else {
+        for (i, v) in typed_values(types, e).iter().enumerate() {
+            let _ = write!(args, "{}\"arg{i}\":{v}", if i > 0 { "," } else { "" });
+        }
+    }
+    if ret {
+        chrome.open.entry(tid).or_default().push((e.probe, e.ts_ns, args));
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{{\"name\":{name},\"cat\":\"uprobe\",\"ph\":\"i\",\"s\":\"t\",\"ts\":{},\"pid\":{pid},\"tid\":{tid},\"args\":{{{args}}}}},",
+        micros(e.ts_ns)
+    );
 }
 
 /// The typed arguments of an event, as JSON values.

@@ -150,7 +150,7 @@ fn help() -> Value {
         "remove ID         unregister probe ID",
         "remove SPEC       unregister every probe added as SPEC",
         "remove all        unregister every probe (what `uprobe detach` does)",
-        "events [text|json] from now on, this connection gets every event (tracing goes on)",
+        "events [text|json|chrome] from now on, this connection gets every event (tracing goes on)",
         "list              every probe: id, spec, object, symbol, offset, state, hits",
         "stats             hits per probe, total, sites, XOL memory",
         "stats reset       the same, then every count back to zero",

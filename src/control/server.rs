@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use super::{protocol, sock, LISTENER, WAKE};
 use crate::consumers;
 use crate::registry;
-use crate::runtime::config::Format;
+use crate::runtime::config::TraceFormat as Format;
 use crate::runtime::{lock::Mutex, threads};
 use crate::sigsafe::sys::{self, Errno};
 
@@ -234,11 +234,12 @@ fn answer_one(c: &mut Client) {
     c.output.extend_from_slice(format!("{answer}\n").as_bytes());
 }
 
-/// `events`, `events text`, `events json`: the format asked for.
+/// `events`, `events text`, `events json`, `events chrome`: the format asked for.
 fn events_request(line: &[u8]) -> Option<Format> {
     match std::str::from_utf8(line).ok()?.trim() {
         "events" | "events text" => Some(Format::Text),
         "events json" => Some(Format::Json),
+        "events chrome" => Some(Format::Chrome),
         _ => None,
     }
 }
@@ -259,6 +260,7 @@ fn subscribe(c: &mut Client, format: Format) -> serde_json::Value {
     let name = match format {
         Format::Text => "text",
         Format::Json => "json",
+        Format::Chrome => "chrome",
     };
     serde_json::json!({"ok": true, "events": name})
 }

@@ -632,9 +632,9 @@ impl Registry {
     }
 
     /// Symbol and argument types of probe `id`, for formatting its events.
-    pub fn event_meta(&self, id: ProbeId) -> Option<(String, Vec<ArgType>)> {
+    pub fn event_meta(&self, id: ProbeId) -> Option<(String, Vec<ArgType>, bool)> {
         let p = self.probes.iter().find(|p| p.id == id)?;
-        Some((p.symbol.clone(), p.consumer.args.clone()))
+        Some((p.symbol.clone(), p.consumer.args.clone(), p.consumer.ret))
     }
 
     /// Point every jump at the body entry its consumers need now (after recording was turned on

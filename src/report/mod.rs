@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use crate::consumers::events;
 use crate::error::ProbeError;
 use crate::registry::{self, Problem};
-use crate::runtime::config::{self, Format};
+use crate::runtime::config::{self, Format, TraceFormat};
 use crate::runtime::{fs, lock::Mutex, InRuntime};
 use crate::sigsafe::sys;
 use crate::spec;
@@ -60,7 +60,7 @@ static OUT: Mutex<Option<OutFile>> = Mutex::new(None);
 /// Write to the report file, opening it on first use. It stays open, so that a program that
 /// drops its privileges (a daemon) can still write its report; a descriptor that is no longer
 /// the file (the program closed it, and the number was reused) is never written to.
-fn write_report_file(template: &str, text: &[u8]) -> Result<(), sys::Errno> {
+fn write_report_file(template: &str, head: &[u8], text: &[u8]) -> Result<(), sys::Errno> {
     let pid = sys::getpid();
     let mut out = OUT.lock();
     let same = |o: &OutFile| {
@@ -83,6 +83,11 @@ fn write_report_file(template: &str, text: &[u8]) -> Result<(), sys::Errno> {
         }
         let st = sys::fstat(high)?;
         *out = Some(OutFile { fd: high, id: (st.st_dev, st.st_ino), pid });
+        // A file that starts here starts with its head (a Chrome trace's `[`); a file shared
+        // with a parent, or an earlier image of an exec chain, has it already.
+        if st.st_size == 0 && !head.is_empty() {
+            sys::write_all(high, head)?;
+        }
     }
     let fd = out.as_ref().map_or(-1, |o| o.fd);
     sys::write_all(fd, text)
@@ -99,8 +104,21 @@ pub fn unlock_after_fork() {
     unsafe { OUT.unlock_raw() };
 }
 
-/// Append `text` to the report.
+/// Append `text` to the report. With a Chrome trace (`UPROBES_TRACE_FORMAT=chrome`), the output
+/// holds the trace alone, and the rest of the report goes to stderr.
 pub fn emit(text: &str) {
+    let config = config::get();
+    if config.trace && config.trace_format == TraceFormat::Chrome {
+        if !config.attached {
+            let _ = sys::write_all(STDERR.load(Ordering::Relaxed), text.as_bytes());
+        }
+        return;
+    }
+    write_out(text, b"");
+}
+
+/// Write to `UPROBES_OUTPUT` (opened with `head` first when it is new), else to stderr.
+fn write_out(text: &str, head: &[u8]) {
     let config = config::get();
     // Loaded into a running process by `uprobe attach`: its stderr is not ours to write to; what
     // the user sees comes through the control socket (`uprobe trace`, `uprobe ctl`).
@@ -108,10 +126,14 @@ pub fn emit(text: &str) {
         return;
     }
     let Some(template) = &config.output else {
-        let _ = sys::write_all(STDERR.load(Ordering::Relaxed), text.as_bytes());
+        let fd = STDERR.load(Ordering::Relaxed);
+        if !head.is_empty() && !STDERR_HEAD.swap(true, Ordering::Relaxed) {
+            let _ = sys::write_all(fd, head);
+        }
+        let _ = sys::write_all(fd, text.as_bytes());
         return;
     };
-    if let Err(e) = write_report_file(template, text.as_bytes()) {
+    if let Err(e) = write_report_file(template, head, text.as_bytes()) {
         let path = template.replace("%p", &sys::getpid().to_string());
         if !OUTPUT_FAILED.swap(true, Ordering::Relaxed) {
             let msg = format!(
@@ -123,6 +145,9 @@ pub fn emit(text: &str) {
         let _ = sys::write_all(STDERR.load(Ordering::Relaxed), text.as_bytes());
     }
 }
+
+/// The Chrome trace's head was written to stderr (no `UPROBES_OUTPUT`).
+static STDERR_HEAD: AtomicBool = AtomicBool::new(false);
 
 /// A problem, on the report's channel: `what` is the spec (or the variable, or the part of the
 /// runtime) it is about.
@@ -154,9 +179,10 @@ pub fn problems(list: &[Problem]) {
     }
 }
 
-/// Events go to the report.
+/// Events go to the report (a Chrome trace: to `UPROBES_OUTPUT`, an array opened with `[`).
 pub fn emit_events(text: &str) {
-    emit(text);
+    let chrome = config::get().trace_format == TraceFormat::Chrome;
+    write_out(text, if chrome { b"[\n" } else { b"" });
 }
 
 /// The program, as a summary names it: its `comm` and its argv[0].

@@ -10,6 +10,15 @@ pub enum Format {
     Json,
 }
 
+/// How events are written (`UPROBES_TRACE_FORMAT`; by default as `UPROBES_FORMAT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceFormat {
+    Text,
+    Json,
+    /// Chrome's Trace Event Format (JSON array), which Perfetto and chrome://tracing open.
+    Chrome,
+}
+
 /// Which way probes are placed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PathMode {
@@ -26,6 +35,8 @@ pub struct Config {
     /// `UPROBES_OUTPUT`, with `%p` unexpanded; None is stderr.
     pub output: Option<String>,
     pub format: Format,
+    /// `UPROBES_TRACE_FORMAT`.
+    pub trace_format: TraceFormat,
     /// `UPROBES_TRACE`: an event per hit.
     pub trace: bool,
     /// `UPROBES_FOLLOW`: programs started by exec are instrumented too.
@@ -131,6 +142,24 @@ fn read() -> (Config, Vec<ConfigProblem>) {
             Format::Text
         }
     };
+    let trace_format = match text("UPROBES_TRACE_FORMAT", &mut problems).as_deref() {
+        None | Some("") => match format {
+            Format::Text => TraceFormat::Text,
+            Format::Json => TraceFormat::Json,
+        },
+        Some("text") => TraceFormat::Text,
+        Some("json") => TraceFormat::Json,
+        Some("chrome") => TraceFormat::Chrome,
+        Some(other) => {
+            problems.push(ConfigProblem {
+                variable: "UPROBES_TRACE_FORMAT",
+                message: format!(
+                    "UPROBES_TRACE_FORMAT={other} is not `text`, `json` or `chrome`; using text"
+                ),
+            });
+            TraceFormat::Text
+        }
+    };
     let path = match text("UPROBES_PATH", &mut problems).as_deref() {
         None | Some("") | Some("jump") => PathMode::Jump,
         Some("trap") => PathMode::Trap,
@@ -170,6 +199,7 @@ fn read() -> (Config, Vec<ConfigProblem>) {
         specs: text("UPROBES", &mut problems).unwrap_or_default(),
         output: text("UPROBES_OUTPUT", &mut problems).filter(|p| !p.is_empty()),
         format,
+        trace_format,
         trace,
         follow,
         socket: text("UPROBES_SOCKET", &mut problems).filter(|s| !s.is_empty()),

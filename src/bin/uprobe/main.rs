@@ -144,6 +144,11 @@ struct RunArgs {
     /// Do not instrument programs that PROGRAM starts with exec (sets UPROBES_FOLLOW=0).
     #[arg(long)]
     no_follow: bool,
+    /// The events' format: text, json, or chrome (Trace Event Format, for ui.perfetto.dev and
+    /// chrome://tracing; the events then go to --output alone, the summary to stderr). Implies
+    /// --trace; sets UPROBES_TRACE_FORMAT.
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json", "chrome"])]
+    trace_format: Option<String>,
     /// Every probe an int3 trap, no jumps (sets UPROBES_PATH=trap): for comparison, or as an
     /// escape hatch.
     #[arg(long)]
@@ -204,6 +209,10 @@ fn run(args: RunArgs) -> Result<std::convert::Infallible, String> {
         let path = out.to_string_lossy().replace("%p", "");
         if !out.to_string_lossy().contains("%p") {
             std::fs::File::create(&path).map_err(|e| format!("cannot create {path}: {e}"))?;
+            if args.trace_format.as_deref() == Some("chrome") {
+                // The trace's head now: a trace without events is an empty array, not a file.
+                std::fs::write(&path, "[\n").map_err(|e| format!("cannot write {path}: {e}"))?;
+            }
         }
         let absolute = std::path::absolute(out).map_err(|e| format!("{}: {e}", out.display()))?;
         cmd.env("UPROBES_OUTPUT", absolute);
@@ -211,8 +220,11 @@ fn run(args: RunArgs) -> Result<std::convert::Infallible, String> {
     if args.json {
         cmd.env("UPROBES_FORMAT", "json");
     }
-    if args.trace {
+    if args.trace || args.trace_format.is_some() {
         cmd.env("UPROBES_TRACE", "1");
+    }
+    if let Some(f) = &args.trace_format {
+        cmd.env("UPROBES_TRACE_FORMAT", f);
     }
     if args.no_follow {
         cmd.env("UPROBES_FOLLOW", "0");
