@@ -18,6 +18,23 @@ const CPP_FIXTURES: &[Fixture] = &[Fixture { out: "exc", sources: &["exc.cc"], f
 const FIXTURES: &[Fixture] = &[
     Fixture { out: "libcounted.so", sources: &["counted.c"], flags: &["-shared", "-fPIC"] },
     Fixture {
+        out: "libstk.so",
+        sources: &["stk_lib.c"],
+        flags: &["-shared", "-fPIC", "-O2", "-fomit-frame-pointer"],
+    },
+    Fixture {
+        out: "stacks",
+        sources: &["stacks.c"],
+        flags: &[
+            "-O2",
+            "-fomit-frame-pointer",
+            "-fno-optimize-sibling-calls",
+            "-L{out}",
+            "-lstk",
+            "-Wl,-rpath,$ORIGIN",
+        ],
+    },
+    Fixture {
         out: "counts",
         sources: &["counts.c"],
         flags: &["-L{out}", "-lcounted", "-Wl,-rpath,$ORIGIN"],

@@ -120,6 +120,9 @@ fn main() {
             ("UPROBES_PATH", "trap"),
         ],
     );
+    let stacked = run(Some(&lib), &micro, &[("UPROBES", "bench:stack_leaf%stack")]);
+    let stacked_trap =
+        run(Some(&lib), &micro, &[("UPROBES", "bench:stack_leaf%stack"), ("UPROBES_PATH", "trap")]);
     let bare = plain["bare"];
     let cost = |m: &BTreeMap<String, f64>, k: &str| (m[k] - plain[k]).max(0.0);
     let floor = jump["floor"];
@@ -140,6 +143,7 @@ fn main() {
     row("counted hit (class 2, punned)", cost(&jump, "probe2"), cost(&trap, "probe2"));
     row("entry+return pair", cost(&jump, "probe_ret"), cost(&trap, "probe_ret"));
     row("traced event, 2 arguments", cost(&traced, "probe_args"), cost(&traced_trap, "probe_args"));
+    row("hit with its stack, 20 frames", cost(&stacked, "deep20"), cost(&stacked_trap, "deep20"));
     println!(
         "  entry+return pair with durations (UPROBES_LATENCY=1, two clock reads): {:.2} ns",
         cost(&timed, "probe_ret")

@@ -10,6 +10,7 @@
  *       probe2    probed2(): first instruction 4 bytes (a punned, class 2 site)
  *       probe_ret probed_ret(): for a return probe
  *       probe_args probed_args(a, b): for a traced probe with arguments
+ *       deep20    stack_leaf() called 20 frames deep (main's loop, 19 x descend): for %stack
  *     printed as "name ns" lines
  *   bench threads N T      T threads call probed() N times each; prints "ns" (wall time / N)
  *   bench libc N           N rounds of ordinary libc work (malloc, memcpy, strlen, snprintf,
@@ -32,6 +33,14 @@ __attribute__((noipa)) void probed_ret(void) { __asm__ volatile(".byte 0x0f, 0x1
 __attribute__((noipa)) long probed_args(long a, long b) {
   __asm__ volatile(".byte 0x0f, 0x1f, 0x44, 0, 0");
   return a + b;
+}
+__attribute__((noipa)) void stack_leaf(void) { __asm__ volatile(".byte 0x0f, 0x1f, 0x44, 0, 0"); }
+__attribute__((noipa)) long descend(int d) {
+  if (d == 0) {
+    stack_leaf();
+    return 0;
+  }
+  return descend(d - 1) + 1; /* not a tail call: every frame stays */
 }
 /* probed2: lea rax, [rdi + 1] (4 bytes), then ret. */
 long probed2(long);
@@ -61,6 +70,12 @@ static volatile long sink;
 static double time_probe2(long n) {
   double t = now_ns();
   for (long i = 0; i < n; i++) sink = probed2(i);
+  return (now_ns() - t) / n;
+}
+
+static double time_deep(long n) {
+  double t = now_ns();
+  for (long i = 0; i < n; i++) sink = descend(18);
   return (now_ns() - t) / n;
 }
 
@@ -116,13 +131,13 @@ int main(int argc, char **argv) {
     for (int r = 0; r < rounds; r++) {
       double v[8] = {time_calls(n * 4, bare), time_floor(nf),      time_clock(n),
                      time_calls(n, probed),   time_probe2(n),      time_calls(n, probed_ret),
-                     time_args(n),            0};
-      for (int k = 0; k < 7; k++)
+                     time_args(n),            time_deep(n / 4)};
+      for (int k = 0; k < 8; k++)
         if (v[k] < best[k]) best[k] = v[k];
     }
     printf("bare %.2f\nfloor %.2f\nclock %.2f\nprobe %.2f\nprobe2 %.2f\nprobe_ret %.2f\n"
-           "probe_args %.2f\n",
-           best[0], best[1], best[2], best[3], best[4], best[5], best[6]);
+           "probe_args %.2f\ndeep20 %.2f\n",
+           best[0], best[1], best[2], best[3], best[4], best[5], best[6], best[7]);
   } else if (!strcmp(mode, "threads")) {
     int t = argc > 3 ? atoi(argv[3]) : 1;
     pthread_t th[64];

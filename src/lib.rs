@@ -74,6 +74,8 @@ fn setup() -> Result<(), String> {
 }
 
 fn events_in_child() {
+    // The parent's stacks are the parent's: the child counts its own.
+    consumers::stacks::reset();
     if let Err(e) = consumers::events::start_in_child() {
         report::problem("UPROBES_TRACE", &e.to_string());
     }

@@ -28,6 +28,8 @@ pub struct Spec {
     pub args: Vec<ArgType>,
     /// `%return`: fire when the function returns (its entry is where the breakpoint goes).
     pub ret: bool,
+    /// `%stack`: count the user stack of each hit.
+    pub stack: bool,
 }
 
 pub use crate::sigsafe::consumer::ArgType;
@@ -109,10 +111,17 @@ fn parse_number(s: &str) -> Option<u64> {
 pub fn parse(text: &str) -> Result<Spec, SpecError> {
     let err = |why: &str| SpecError { spec: text.to_string(), why: why.to_string() };
     let t = text.trim();
-    let (t_no_ret, ret) = match t.strip_suffix("%return") {
-        Some(rest) => (rest, true),
-        None => (t, false),
-    };
+    // Modifiers at the end, in any order: `%return`, `%stack`.
+    let (mut t_no_ret, mut ret, mut stack) = (t, false, false);
+    loop {
+        if let Some(rest) = t_no_ret.strip_suffix("%return").filter(|_| !ret) {
+            (t_no_ret, ret) = (rest, true);
+        } else if let Some(rest) = t_no_ret.strip_suffix("%stack").filter(|_| !stack) {
+            (t_no_ret, stack) = (rest, true);
+        } else {
+            break;
+        }
+    }
     let (t_target, args) = match t_no_ret.split_once('(') {
         Some((head, tail)) => {
             let list =
@@ -140,6 +149,11 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
     }
     if rest.is_empty() {
         return Err(err("empty symbol"));
+    }
+    if t_target.contains('%') {
+        return Err(err(
+            "unknown or repeated `%` modifier (`%return` and `%stack`, once each, at the end)",
+        ));
     }
     if rest.chars().any(|c| c.is_whitespace() || c == ':') {
         return Err(err("unexpected character in symbol"));
@@ -173,7 +187,7 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
             }
         }
     }
-    Ok(Spec { text: t.to_string(), object: object.to_string(), target, args, ret })
+    Ok(Spec { text: t.to_string(), object: object.to_string(), target, args, ret, stack })
 }
 
 fn glob_is_valid(p: &str) -> bool {
@@ -308,6 +322,15 @@ mod tests {
         assert!(r.ret);
         assert_eq!(r.args.len(), 3);
         assert!(!parse("libc:read").unwrap().ret);
+        for text in ["libc:malloc%return%stack", "libc:malloc%stack%return"] {
+            let m = parse(text).unwrap();
+            assert!(m.ret && m.stack, "{text}");
+            assert_eq!(m.target, Target::Symbol { pattern: "malloc".into(), offset: 0 });
+        }
+        let s = parse("libc:open(str,int)%stack").unwrap();
+        assert!(s.stack && !s.ret && s.args.len() == 2);
+        assert!(parse("libc:malloc%stack%stack").is_err(), "a modifier once");
+        assert!(parse("libc:malloc+4%stack").unwrap().stack, "any instruction may take a stack");
     }
 
     #[test]

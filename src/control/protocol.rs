@@ -106,6 +106,7 @@ fn stats(reset: bool) -> Value {
         let snapshot = r.snapshot();
         if reset {
             r.reset_counts();
+            consumers::stacks::reset();
         }
         (snapshot, r.site_count(), r.xol_bytes())
     });

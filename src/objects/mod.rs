@@ -9,6 +9,7 @@ pub mod cache;
 pub mod elf;
 pub mod loader;
 pub mod maps;
+pub mod unwind;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;

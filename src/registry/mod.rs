@@ -259,6 +259,16 @@ impl Registry {
                 );
             }
         };
+        if spec.stack || config::get().stacks {
+            if let Err(e) = objects::unwind::enable(maps) {
+                let e = ProbeError::Runtime { why: e };
+                let id = self.new_probe(text, "", "", Some(e.clone()));
+                return (
+                    vec![id],
+                    vec![Problem { spec: spec::shorten(text.trim()).into(), error: e }],
+                );
+            }
+        }
         if spec.ret && sys::shadow_stack_enabled() {
             let e = ProbeError::ShadowStack;
             let id = self.new_probe(&spec.text, &spec.object, &spec.symbol_text(), Some(e.clone()));
@@ -352,6 +362,7 @@ impl Registry {
                 id,
                 args: spec.args.clone(),
                 ret: spec.ret,
+                stack: spec.stack || config::get().stacks,
                 missed: Default::default(),
                 latency: latency.then(|| Box::new(Latency::default())),
             });
@@ -452,6 +463,7 @@ impl Registry {
             return Vec::new();
         }
         let Ok(maps) = objects::read_maps() else { return Vec::new() };
+        objects::unwind::refresh(&maps);
         // Still mapped: the same file at the same place, whatever the protection is now (a
         // hot-patcher may have made the page briefly non-executable: the int3 is still there).
         let still_mapped = |key: &SiteKey, addr: u64| {
@@ -693,6 +705,7 @@ impl Registry {
                 id: self.next_id,
                 args: Vec::new(),
                 ret: false,
+                stack: false,
                 missed: Default::default(),
                 latency: None,
             }),

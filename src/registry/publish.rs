@@ -90,6 +90,7 @@ fn entry_of(site: &Site, j: &Jump) -> u64 {
         && !site.link_map_hook
         && site.mask_fix.is_none()
         && !TRACING.load(Ordering::Relaxed)
+        && !site.consumers.iter().any(|(_, c)| c.stack)
         && b.counters == Counters { hits: site.counter, returns: site.ret_counter };
     if !plain {
         return b.full;

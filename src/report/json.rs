@@ -57,14 +57,26 @@ pub fn probe(p: &ProbeInfo) -> Value {
     v
 }
 
-/// The summary line.
+/// The summary line; `stacks`: the folded stacks of the probes that count them, and how many
+/// found no room.
 pub fn summary(
     pid: i32,
     program: &(String, String),
     probes: &[ProbeInfo],
     trace: Option<(u64, u64)>,
+    stacks: &super::Stacks,
 ) -> String {
-    let list: Vec<_> = probes.iter().map(probe).collect();
+    let list: Vec<_> = probes
+        .iter()
+        .map(|p| {
+            let mut v = probe(p);
+            if let Some(folded) = stacks.0.get(&p.id) {
+                let lines: Vec<String> = folded.iter().map(|(s, n)| format!("{s} {n}")).collect();
+                v["stacks"] = json!(lines);
+            }
+            v
+        })
+        .collect();
     let runtime_traps =
         crate::sigsafe::trap::RUNTIME_TRAPS.load(std::sync::atomic::Ordering::Relaxed);
     let mut v = json!({
@@ -75,6 +87,9 @@ pub fn summary(
     if let Some((events, lost)) = trace {
         v["events"] = json!(events);
         v["lost"] = json!(lost);
+    }
+    if !stacks.0.is_empty() || stacks.1 > 0 {
+        v["stacks_lost"] = json!(stacks.1);
     }
     format!("{v}\n")
 }

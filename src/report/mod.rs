@@ -198,6 +198,33 @@ pub fn program() -> (String, String) {
     (comm, argv0)
 }
 
+/// Folded stacks by probe id, and the stacks that found no room.
+pub type Stacks = (std::collections::BTreeMap<u32, crate::consumers::stacks::Folded>, u64);
+
+/// `UPROBES_FOLDED`: every stack of every probe, appended as folded lines (what `uprobe run
+/// --flamegraph` turns into a picture).
+fn write_folded(template: &str, pid: i32, stacks: &Stacks) {
+    let mut text = String::new();
+    for folded in stacks.0.values() {
+        for (stack, n) in folded {
+            text += &format!("{stack} {n}\n");
+        }
+    }
+    let path = template.replace("%p", &pid.to_string());
+    let r = sys::open(
+        &fs::cpath(&path),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC,
+        0o666,
+    )
+    .and_then(|fd| {
+        let fd = fs::Fd(fd);
+        sys::write_all(fd.0, text.as_bytes())
+    });
+    if let Err(e) = r {
+        problem("UPROBES_FOLDED", &format!("cannot write {path}: {e}"));
+    }
+}
+
 /// Write the summary of this process (at exit, and before an exec replaces the image), when it
 /// has probes: from `UPROBES`, or added through the socket and not all removed.
 pub fn write_summary() {
@@ -211,9 +238,13 @@ pub fn write_summary() {
     let pid = sys::getpid();
     let program = program();
     let trace = events::totals();
+    let stacks = crate::consumers::stacks::collect();
     let text = match config.format {
-        Format::Text => text::summary(pid, &program, &probes, trace, config.summary_all),
-        Format::Json => json::summary(pid, &program, &probes, trace),
+        Format::Text => text::summary(pid, &program, &probes, trace, config.summary_all, &stacks),
+        Format::Json => json::summary(pid, &program, &probes, trace, &stacks),
     };
     emit(&text);
+    if let Some(template) = &config.folded {
+        write_folded(template, pid, &stacks);
+    }
 }

@@ -3,6 +3,9 @@
 use crate::registry::{ProbeInfo, ProbeState};
 use crate::spec;
 
+/// Stacks shown per probe in the text summary (all with `UPROBES_SUMMARY=all`).
+const STACKS_SHOWN: usize = 20;
+
 /// Widest a column of the table grows; longer cells are shortened.
 const MAX_WIDTH: usize = 60;
 
@@ -91,6 +94,7 @@ pub fn summary(
     probes: &[ProbeInfo],
     trace: Option<(u64, u64)>,
     all: bool,
+    stacks: &super::Stacks,
 ) -> String {
     let (comm, argv0) = program;
     let mut out =
@@ -151,6 +155,28 @@ pub fn summary(
     trap_reasons(probes, &mut out);
     for p in order.iter().filter(|p| p.ret) {
         latency(p, &mut out);
+    }
+    for p in order.iter() {
+        let Some(folded) = stacks.0.get(&p.id) else { continue };
+        out += &format!(
+            "\n  stacks of {} ({}): {} distinct, folded (outermost first)\n",
+            spec::shorten(&p.spec),
+            p.symbol,
+            thousands(folded.len() as u64)
+        );
+        let shown = if all { folded.len() } else { folded.len().min(STACKS_SHOWN) };
+        for (stack, n) in folded.iter().take(shown) {
+            out += &format!("  {stack} {n}\n");
+        }
+        if shown < folded.len() {
+            out += &format!(
+                "  ... and {} more stacks (UPROBES_SUMMARY=all lists them)\n",
+                thousands((folded.len() - shown) as u64)
+            );
+        }
+    }
+    if stacks.1 > 0 {
+        out += &format!("libuprobe: {} stacks lost (the table was full)\n", thousands(stacks.1));
     }
     if let Some((events, lost)) = trace {
         out +=
@@ -231,14 +257,14 @@ mod tests {
             mk(5, "libc:malloc", "malloc", 0),
         ];
         let program = ("p".to_string(), "p".to_string());
-        let text = summary(1, &program, &probes, None, false);
+        let text = summary(1, &program, &probes, None, false, &Default::default());
         let rows: Vec<&str> = text.lines().skip(2).collect();
         assert!(rows[0].contains("1,234,567") && rows[0].contains("strcmp"), "{text}");
         assert!(rows[1].contains("strlen"), "{text}");
         assert!(rows[2].contains("malloc"), "a single probe with no hits stays: {text}");
         assert!(rows[3].contains("... and 2 more matches of libc:str* with no hits"), "{text}");
         assert_eq!(rows.len(), 4, "{text}");
-        let full = summary(1, &program, &probes, None, true);
+        let full = summary(1, &program, &probes, None, true, &Default::default());
         assert_eq!(full.lines().count(), 2 + 5, "{full}");
         assert!(!full.contains("more match"));
     }
@@ -261,9 +287,11 @@ mod tests {
         ]
         .into();
         let program = (weird.clone(), long.clone());
-        let text = summary(1, &program, &probes, Some((u64::MAX, u64::MAX)), true);
+        let text =
+            summary(1, &program, &probes, Some((u64::MAX, u64::MAX)), true, &Default::default());
         assert!(text.lines().all(|l| l.len() < 250_000));
-        let json = crate::report::json::summary(1, &program, &probes, Some((0, 0)));
+        let json =
+            crate::report::json::summary(1, &program, &probes, Some((0, 0)), &Default::default());
         assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok());
     }
 }

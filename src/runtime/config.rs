@@ -49,6 +49,10 @@ pub struct Config {
     pub latency: bool,
     /// `UPROBES_SUMMARY=all`: every probe in the text summary.
     pub summary_all: bool,
+    /// `UPROBES_STACKS`: every probe counts the user stacks of its hits (as `%stack`).
+    pub stacks: bool,
+    /// `UPROBES_FOLDED`: where to append the stacks in folded form at exit (`%p`: the pid).
+    pub folded: Option<String>,
     /// Loaded into a running process (`uprobe attach`), not preloaded: `LD_PRELOAD` does not name
     /// libuprobe.
     pub attached: bool,
@@ -191,6 +195,7 @@ fn read() -> (Config, Vec<ConfigProblem>) {
     let trace = bool_var("UPROBES_TRACE", false, &mut problems);
     let follow = bool_var("UPROBES_FOLLOW", true, &mut problems);
     let latency = bool_var("UPROBES_LATENCY", true, &mut problems);
+    let stacks = bool_var("UPROBES_STACKS", false, &mut problems);
     let summary_all = matches!(text("UPROBES_SUMMARY", &mut problems).as_deref(), Some("all"));
     let preloaded = env_bytes("LD_PRELOAD").is_some_and(|v| {
         v.split(|&b| b == b':' || b == b' ').any(|e| e.ends_with(b"libuprobe.so"))
@@ -206,6 +211,8 @@ fn read() -> (Config, Vec<ConfigProblem>) {
         path,
         latency,
         summary_all,
+        stacks,
+        folded: text("UPROBES_FOLDED", &mut problems).filter(|p| !p.is_empty()),
         attached: !preloaded,
     };
     (config, problems)

@@ -25,6 +25,8 @@ pub struct Consumer {
     pub args: Vec<ArgType>,
     /// A return probe: its hits are returns, `latency` their durations.
     pub ret: bool,
+    /// `%stack`: the user stack of each hit is counted (`sigsafe::stacks`).
+    pub stack: bool,
     /// Calls not followed to their return (nested deeper than the per-thread return stack, or
     /// handed back to an unwinder).
     pub missed: AtomicU64,

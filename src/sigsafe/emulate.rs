@@ -18,6 +18,7 @@ const EFL_OF: u64 = 1 << 11;
 
 pub const RIP: usize = libc::REG_RIP as usize;
 pub const RSP: usize = libc::REG_RSP as usize;
+pub const RBP: usize = libc::REG_RBP as usize;
 pub const RAX: usize = libc::REG_RAX as usize;
 pub const RCX: usize = libc::REG_RCX as usize;
 pub const EFL: usize = libc::REG_EFL as usize;

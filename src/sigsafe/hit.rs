@@ -5,8 +5,10 @@ use core::sync::atomic::Ordering;
 
 use super::events;
 use super::ret;
-use super::table::{Table, TableEntry, TIMED};
+use super::stacks::Captured;
+use super::table::{ReadGuard, Table, TableEntry, TIMED};
 use super::thread::{self, Counting};
+use super::unwind::Regs;
 
 /// Is this thread running libuprobe code (or is it a runtime thread)?
 pub fn in_runtime() -> bool {
@@ -15,7 +17,8 @@ pub fn in_runtime() -> bool {
 }
 
 /// Count a hit and give its consumers what they want; `rsp0`: the stack pointer at the hit, to
-/// hijack the return of a return-probed function (None: the instruction did not run).
+/// hijack the return of a return-probed function (None: the instruction did not run); `rbp`
+/// with it, for the stacks of `%stack` consumers.
 #[inline(always)]
 pub fn count(
     counting: &Counting,
@@ -24,6 +27,7 @@ pub fn count(
     site: u64,
     args: [u64; 6],
     rsp0: Option<u64>,
+    rbp: u64,
 ) {
     if matches!(counting, Counting::No) {
         return;
@@ -34,6 +38,13 @@ pub fn count(
     if tracing {
         for c in consumers {
             events::record_entry(counting.block(), c, args);
+        }
+    }
+    if let (true, Some(sp)) = (consumers.iter().any(|c| c.stack), rsp0) {
+        let guard = ReadGuard::enter();
+        let stack = Captured::take(&guard, Regs { pc: site, sp, bp: rbp });
+        for c in consumers.iter().filter(|c| c.stack) {
+            stack.count_for(c.id);
         }
     }
     if let (true, Some(rsp0)) = (consumers.iter().any(|c| c.ret), rsp0) {

@@ -19,7 +19,7 @@ use core::arch::global_asm;
 #[cfg(any(target_feature = "avx", target_feature = "avx2", target_feature = "avx512f"))]
 compile_error!("libuprobe must be built for baseline x86-64 (no AVX): see sigsafe/jump.rs");
 
-use super::emulate::{self, Gregs, RIP, RSP};
+use super::emulate::{self, Gregs, RBP, RIP, RSP};
 use super::hit::count;
 use super::table::{ReadGuard, MASK_FIX};
 use super::thread::{self, Counting};
@@ -177,5 +177,6 @@ unsafe extern "C" fn on_jump_hit(g: *mut Gregs) {
     if matches!(counting, Counting::No) {
         return;
     }
-    count(&counting, &entry, table, site, emulate::args(g), Some(emulate::get(g, RSP)));
+    let (sp, bp) = (emulate::get(g, RSP), emulate::get(g, RBP));
+    count(&counting, &entry, table, site, emulate::args(g), Some(sp), bp);
 }

@@ -25,6 +25,8 @@
 //! | [`events`] | event rings and recording |
 //! | [`ret`] | return probes: the return stack and the return trampoline |
 //! | [`chain`] | the program's own dispositions of the signals libuprobe handles |
+//! | [`unwind`] | user stacks: `.eh_frame` CFI and frame pointers, over a published list of objects |
+//! | [`stacks`] | identical stacks counted in place, per probe |
 //! | [`hit`] | what a hit does, however it arrived: count, events, return hijack |
 //! | [`jump`] | the jump path's shared entry: registers saved, then the hit |
 //! | [`trap`] | the SIGTRAP and fault handlers |
@@ -47,7 +49,9 @@ pub mod hit;
 pub mod jump;
 pub mod plan;
 pub mod ret;
+pub mod stacks;
 pub mod sys;
 pub mod table;
 pub mod thread;
 pub mod trap;
+pub mod unwind;

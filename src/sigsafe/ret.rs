@@ -343,6 +343,19 @@ fn lost_return() -> u64 {
     sys::exit_thread(134)
 }
 
+/// The real return address kept for the hijacked slot at `slot` on this thread (a stack being
+/// unwound finds the trampoline there).
+pub fn real_return(slot: u64) -> Option<u64> {
+    let b = thread::tls_block()?;
+    let tramp = trampoline();
+    let depth = (b.ret_depth.load(Ordering::Relaxed) as usize).min(RET_STACK);
+    // A chained frame (tail call) shares its slot with a deeper one, which holds the real address.
+    b.ret_frames.iter().take(depth).rev().find_map(|f| {
+        let real = f.real.load(Ordering::Relaxed);
+        (f.slot.load(Ordering::Relaxed) == slot && real != tramp).then_some(real)
+    })
+}
+
 /// Hand every pending return of this thread back to its caller (before an unwinder walks the
 /// stack): write the real return addresses into the live slots above `live_above`, count those
 /// calls as missed, and empty the return stack.

@@ -162,13 +162,19 @@ impl Drop for ReadGuard {
 /// `new` comes from `Box::into_raw` and is not used by the caller afterwards.
 pub unsafe fn replace(new: *mut Table) -> *mut Table {
     let old = TABLE.swap(new, Ordering::SeqCst);
+    wait_for_readers();
+    old
+}
+
+/// Wait until every reader that entered before now has left (what was unpublished before the
+/// call can then be freed). One writer at a time (the caller holds the registry's lock).
+pub fn wait_for_readers() {
     let e = EPOCH.fetch_add(1, Ordering::SeqCst);
     if let Some(r) = READERS.get(e & 1) {
         while r.load(Ordering::SeqCst) != 0 {
             super::sys::sched_yield();
         }
     }
-    old
 }
 
 /// Is there a patched address (or tombstone) in `[lo, hi)`? Lock-free; for the munmap hook.

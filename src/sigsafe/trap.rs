@@ -7,7 +7,7 @@ use core::ffi::c_void;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use super::chain;
-use super::emulate::{self, Gregs, RIP, RSP};
+use super::emulate::{self, Gregs, RBP, RIP, RSP};
 use super::hit::{count, in_runtime};
 use super::plan::Resume;
 use super::sys;
@@ -235,6 +235,7 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
     }
     let args = emulate::args(g);
     let rsp0 = emulate::get(g, RSP);
+    let rbp0 = emulate::get(g, RBP);
 
     if entry.flags & LINK_MAP_HOOK != 0 {
         let here = ours && !in_runtime() && thread::tls().suspended.load(Ordering::Relaxed) == 0;
@@ -245,7 +246,7 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
                 emulate::push(g, slot);
             }
             emulate::set(g, RIP, uprobe_link_map_trampoline as *const () as u64);
-            count(&counting, &entry, table, site, args, Some(rsp0));
+            count(&counting, &entry, table, site, args, Some(rsp0), rbp0);
             return Outcome::Done;
         }
         // Inside the runtime (or a child that does not own it): whoever holds the registry
@@ -259,12 +260,12 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
                 // The hit counts (as under kernel uprobes: the probe fired, then the instruction
                 // faulted); the fault is the program's, at the instruction's own address.
                 emulate::set(g, RIP, site);
-                count(&counting, &entry, table, site, args, None);
+                count(&counting, &entry, table, site, args, None, rbp0);
                 return Outcome::Fault(f.addr);
             }
         }
     }
-    count(&counting, &entry, table, site, args, Some(rsp0));
+    count(&counting, &entry, table, site, args, Some(rsp0), rbp0);
     Outcome::Done
 }
 

@@ -17,6 +17,7 @@ use serde_json::Value;
 mod socket_path;
 
 mod attach;
+mod flame;
 mod trace;
 
 #[derive(Parser)]
@@ -153,6 +154,14 @@ struct RunArgs {
     /// escape hatch.
     #[arg(long)]
     trap_only: bool,
+    /// Count the user stack of every hit of every probe (as each spec had %stack; sets
+    /// UPROBES_STACKS=1): folded stacks in the summary.
+    #[arg(long)]
+    stacks: bool,
+    /// Run PROGRAM to its end, then draw the stacks of every hit of every probe, in every process
+    /// it started, as one SVG flame graph into FILE (implies --stacks).
+    #[arg(long, value_name = "FILE.svg")]
+    flamegraph: Option<PathBuf>,
     /// Every probe in the text summary (by default the matches of a glob that have no hits are
     /// one line); sets UPROBES_SUMMARY=all.
     #[arg(long)]
@@ -234,6 +243,14 @@ fn run(args: RunArgs) -> Result<std::convert::Infallible, String> {
     }
     if args.all {
         cmd.env("UPROBES_SUMMARY", "all");
+    }
+    if args.stacks {
+        cmd.env("UPROBES_STACKS", "1");
+    }
+    if let Some(svg) = &args.flamegraph {
+        let program = args.program[0].to_string_lossy();
+        let title = format!("uprobe run -p {} -- {program}", args.probes.join(" -p "));
+        return flame::run_and_draw(cmd, svg, title);
     }
     let err = cmd.exec();
     Err(format!("cannot run {}: {err}", args.program[0].to_string_lossy()))

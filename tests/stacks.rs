@@ -1,0 +1,106 @@
+//! User stacks at hits (`%stack`, `--stacks`, `--flamegraph`): a fixture with known call stacks
+//! through a library built without frame pointers (whose rbp holds garbage while it calls back),
+//! counted exactly, on whichever path the suite runs (jumps, or traps with UPROBES_PATH=trap).
+
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+/// The folded stacks of the probe with `spec`, from a JSON summary: stack -> count.
+fn folded(o: &Outcome, spec: &str) -> BTreeMap<String, u64> {
+    let p = o.probe_by_spec(spec);
+    let lines = p["stacks"].as_array().unwrap_or_else(|| panic!("no stacks in {p}"));
+    lines
+        .iter()
+        .map(|l| {
+            let (s, n) = l.as_str().unwrap().rsplit_once(' ').unwrap();
+            (s.to_string(), n.parse().unwrap())
+        })
+        .collect()
+}
+
+/// From `main` on: what the fixture decides (the frames above main are libc's start-up).
+fn from_main(stacks: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (s, n) in stacks {
+        assert!(s.starts_with("_start;__libc_start_main;"), "unwound to the start: {s}");
+        let at = s.find(";main;").unwrap_or_else(|| panic!("no main in {s}"));
+        *out.entry(s[at + 1..].to_string()).or_default() += n;
+    }
+    out
+}
+
+fn expected(even: u64, odd: u64, leaf: &str) -> BTreeMap<String, u64> {
+    BTreeMap::from([
+        (format!("main;walk_even;lib_apply{leaf}"), even),
+        (format!("main;walk_odd;lib_apply{leaf}"), odd),
+    ])
+}
+
+/// stacks 30: visit is called 2 x 10 times from walk_even and 20 times from walk_odd, through
+/// lib_apply (libstk.so: no frame pointer, rbp garbage), every stack unwound to `_start`. Checked
+/// to fail when the unwinder ignores `.eh_frame` (frame pointers alone stop in lib_apply).
+#[test]
+fn stacks_through_a_library_without_frame_pointers_are_exact() {
+    let plain = run_plain("stacks", &["30"]);
+    let o = run_probed("stacks", &["30"], "stacks:visit%stack");
+    assert_same_behaviour(&plain, &o);
+    assert_eq!(o.hits("visit"), 40);
+    assert_eq!(from_main(&folded(&o, "stacks:visit%stack")), expected(20, 20, ";visit"));
+    assert_eq!(o.summary()["stacks_lost"], 0);
+}
+
+/// A return probe on the frame in between (its return address replaced by the trampoline) and a
+/// stack probe on the same function: the stacks are the same as without it, and the entry's own
+/// stack ends at lib_apply.
+#[test]
+fn stacks_see_through_return_probes() {
+    let specs = "stacks:visit%stack libstk.so:lib_apply%return%stack";
+    let o = run_probed("stacks", &["30"], specs);
+    assert_same_behaviour(&run_plain("stacks", &["30"]), &o);
+    assert_eq!(from_main(&folded(&o, "stacks:visit%stack")), expected(20, 20, ";visit"));
+    let own = from_main(&folded(&o, "libstk.so:lib_apply%return%stack"));
+    assert_eq!(own, expected(10, 20, ""));
+}
+
+/// `UPROBES_STACKS=1` gives every probe its stacks; a recursion deeper than 127 frames keeps the
+/// innermost 127.
+#[test]
+fn every_probe_counts_stacks_and_deep_ones_stop_at_127_frames() {
+    let o = run_probed_env("ret", &["deep", "300"], "ret:deep", &[("UPROBES_STACKS", "1")]);
+    assert_same_behaviour(&run_plain("ret", &["deep", "300"]), &o);
+    let stacks = folded(&o, "ret:deep");
+    assert_eq!(stacks.values().sum::<u64>(), 300);
+    let deepest = stacks.keys().map(|s| s.split(';').count()).max().unwrap();
+    assert_eq!(deepest, 127);
+    let shallow = stacks.keys().find(|s| s.ends_with("main;deep")).expect("the outermost call");
+    assert!(shallow.starts_with("_start;"), "{shallow}");
+}
+
+/// `uprobe run --flamegraph`: an SVG flame graph of the stacks (inferno's), the program's output
+/// and exit status its own, the summary's stacks in text.
+#[test]
+fn run_draws_a_flame_graph() {
+    let svg = scratch("flame.svg");
+    lib();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uprobe"));
+    cmd.args(["run", "-p", "stacks:visit", "--flamegraph"])
+        .arg(&svg)
+        .arg("--")
+        .arg(fixture("stacks"))
+        .arg("30");
+    let (stdout, stderr, status) = run_command(cmd);
+    assert_eq!((stdout, status.code()), (run_plain("stacks", &["30"]).stdout, Some(0)));
+    assert!(stderr.contains("stacks of stacks:visit (visit): 2 distinct"), "{stderr}");
+    assert!(stderr.contains(";main;walk_even;lib_apply;visit 20\n"), "{stderr}");
+    assert!(stderr.contains("flame graph of 2 distinct stacks (40 hits)"), "{stderr}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    std::fs::remove_file(&svg).unwrap();
+    assert!(text.starts_with("<?xml") && text.trim_end().ends_with("</svg>"), "an SVG");
+    for frame in ["visit", "lib_apply", "walk_even", "walk_odd", "main", "_start"] {
+        assert!(text.contains(&format!("<title>{frame} (")), "{frame} is a frame of the graph");
+    }
+    assert!(text.contains("<title>all (40 hits, 100%)</title>"), "the root counts every hit");
+}
