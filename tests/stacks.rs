@@ -26,16 +26,38 @@ fn from_main(stacks: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for (s, n) in stacks {
         assert!(s.starts_with("_start;__libc_start_main;"), "unwound to the start: {s}");
-        let at = s.find(";main;").unwrap_or_else(|| panic!("no main in {s}"));
+        let at = s.find(";main (").unwrap_or_else(|| panic!("no main in {s}"));
         *out.entry(s[at + 1..].to_string()).or_default() += n;
     }
     out
 }
 
-fn expected(even: u64, odd: u64, leaf: &str) -> BTreeMap<String, u64> {
+/// The line of `c_fixtures/FILE` that holds `text`, as the line tables name it.
+fn line(file: &str, text: &str) -> String {
+    let src = std::fs::read_to_string(format!("{}/c_fixtures/{file}", env!("CARGO_MANIFEST_DIR")));
+    let n = src.unwrap().lines().position(|l| l.contains(text)).expect(text) + 1;
+    format!("{file}:{n}")
+}
+
+/// The fixture's stacks, each frame with the line of its call, down to `visit` (`leaf`) or to
+/// `lib_apply` itself; a probed function's own frame has the line of its first statement.
+fn expected(even: u64, odd: u64, leaf: bool) -> BTreeMap<String, u64> {
+    let main = format!("main ({})", line("stacks.c", "walk_even(2) : walk_odd(1)"));
+    let call = |walk: &str, at: &str| format!("{walk} ({})", line("stacks.c", at));
+    let by_even = call("walk_even", "lib_apply(visit, n) + 1");
+    let by_odd = call("walk_odd", "lib_apply(visit, n) ^ 1");
+    let tail = if leaf {
+        format!(
+            "lib_apply ({});visit ({})",
+            line("stk_lib.c", "s += f(i)"),
+            line("stacks.c", "sink += i")
+        )
+    } else {
+        format!("lib_apply ({})", line("stk_lib.c", "long lib_apply("))
+    };
     BTreeMap::from([
-        (format!("main;walk_even;lib_apply{leaf}"), even),
-        (format!("main;walk_odd;lib_apply{leaf}"), odd),
+        (format!("{main};{by_even};{tail}"), even),
+        (format!("{main};{by_odd};{tail}"), odd),
     ])
 }
 
@@ -48,7 +70,7 @@ fn stacks_through_a_library_without_frame_pointers_are_exact() {
     let o = run_probed("stacks", &["30"], "stacks:visit%stack");
     assert_same_behaviour(&plain, &o);
     assert_eq!(o.hits("visit"), 40);
-    assert_eq!(from_main(&folded(&o, "stacks:visit%stack")), expected(20, 20, ";visit"));
+    assert_eq!(from_main(&folded(&o, "stacks:visit%stack")), expected(20, 20, true));
     assert_eq!(o.summary()["stacks_lost"], 0);
 }
 
@@ -60,9 +82,9 @@ fn stacks_see_through_return_probes() {
     let specs = "stacks:visit%stack libstk.so:lib_apply%return%stack";
     let o = run_probed("stacks", &["30"], specs);
     assert_same_behaviour(&run_plain("stacks", &["30"]), &o);
-    assert_eq!(from_main(&folded(&o, "stacks:visit%stack")), expected(20, 20, ";visit"));
+    assert_eq!(from_main(&folded(&o, "stacks:visit%stack")), expected(20, 20, true));
     let own = from_main(&folded(&o, "libstk.so:lib_apply%return%stack"));
-    assert_eq!(own, expected(10, 20, ""));
+    assert_eq!(own, expected(10, 20, false));
 }
 
 /// `UPROBES_STACKS=1` gives every probe its stacks; a recursion deeper than 127 frames keeps the
@@ -75,7 +97,8 @@ fn every_probe_counts_stacks_and_deep_ones_stop_at_127_frames() {
     assert_eq!(stacks.values().sum::<u64>(), 300);
     let deepest = stacks.keys().map(|s| s.split(';').count()).max().unwrap();
     assert_eq!(deepest, 127);
-    let shallow = stacks.keys().find(|s| s.ends_with("main;deep")).expect("the outermost call");
+    let shallow = stacks.keys().find(|s| s.contains(";main (") && s.matches("deep").count() == 1);
+    let shallow = shallow.expect("the outermost call");
     assert!(shallow.starts_with("_start;"), "{shallow}");
 }
 
@@ -94,13 +117,13 @@ fn run_draws_a_flame_graph() {
     let (stdout, stderr, status) = run_command(cmd);
     assert_eq!((stdout, status.code()), (run_plain("stacks", &["30"]).stdout, Some(0)));
     assert!(stderr.contains("stacks of stacks:visit (visit): 2 distinct"), "{stderr}");
-    assert!(stderr.contains(";main;walk_even;lib_apply;visit 20\n"), "{stderr}");
+    assert!(stderr.contains(";lib_apply (stk_lib.c:10);visit (stacks.c:14) 20\n"), "{stderr}");
     assert!(stderr.contains("flame graph of 2 distinct stacks (40 hits)"), "{stderr}");
     let text = std::fs::read_to_string(&svg).unwrap();
     std::fs::remove_file(&svg).unwrap();
     assert!(text.starts_with("<?xml") && text.trim_end().ends_with("</svg>"), "an SVG");
-    for frame in ["visit", "lib_apply", "walk_even", "walk_odd", "main", "_start"] {
-        assert!(text.contains(&format!("<title>{frame} (")), "{frame} is a frame of the graph");
+    for frame in ["visit (stacks.c:14)", "lib_apply (stk_lib.c:10)", "walk_even (", "_start ("] {
+        assert!(text.contains(&format!("<title>{frame}")), "{frame} is a frame of the graph");
     }
     assert!(text.contains("<title>all (40 hits, 100%)</title>"), "the root counts every hit");
 }

@@ -1,7 +1,8 @@
 //! The stacks counted at hits (`%stack`, `UPROBES_STACKS=1`), read and symbolized for the report:
 //! each frame named by the function of its object's symbol table that holds it (a return
-//! address by the call before it), else `object+0xOFFSET`, and each stack folded as
-//! `stackcollapse` and inferno read it: `outermost;...;probed_function COUNT`.
+//! address by the call before it), with its file and line where the object has line tables
+//! (addr2line), else `object+0xOFFSET`; each stack folded as `stackcollapse` and inferno read it:
+//! `outermost;...;probed_function COUNT`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -57,24 +58,33 @@ pub fn collect() -> (BTreeMap<u32, Folded>, u64) {
     (out, lost)
 }
 
-/// Names of code addresses, with each object's symbols read once.
+/// Names of code addresses, with each object's symbols and debug information read once.
 #[derive(Default)]
 struct Symbolizer {
-    files: HashMap<String, Option<ElfFile>>,
+    files: HashMap<String, (Option<ElfFile>, Option<addr2line::Loader>)>,
 }
 
 impl Symbolizer {
+    /// `function (file.c:LINE)` where the object has line tables, `function` where it has only
+    /// symbols, `object+0xOFFSET` where it has neither; names demangled (C++, Rust).
     fn name(&mut self, addr: u64) -> String {
         let Some(p) = placed_at(addr) else { return format!("{addr:#x}") };
-        let file =
-            self.files.entry(p.path.clone()).or_insert_with(|| ElfFile::open_path(&p.path).ok());
+        let (elf, lines) = self.files.entry(p.path.clone()).or_insert_with(|| {
+            (ElfFile::open_path(&p.path).ok(), addr2line::Loader::new(&p.path).ok())
+        });
         let svma = addr.wrapping_sub(p.bias);
-        if let Some(f) = file.as_ref().and_then(|f| f.func_containing(svma)) {
-            // `;` separates frames in the folded format, and ` ` the count.
-            return f.name.replace([';', ' '], "_");
-        }
         let short = p.path.rsplit('/').next().unwrap_or(&p.path);
-        format!("{short}+{svma:#x}")
+        let mut name = match elf.as_ref().and_then(|f| f.func_containing(svma)) {
+            Some(f) => addr2line::demangle_auto(f.name.as_str().into(), None).into_owned(),
+            None => format!("{short}+{svma:#x}"),
+        };
+        let place = lines.as_ref().and_then(|l| l.find_location(svma).ok().flatten());
+        if let Some((Some(file), Some(line))) = place.map(|l| (l.file, l.line)) {
+            let file = file.rsplit('/').next().unwrap_or(file);
+            name = format!("{name} ({file}:{line})");
+        }
+        // `;` separates frames in the folded format.
+        name.replace(';', ",")
     }
 }
 
