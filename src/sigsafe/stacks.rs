@@ -11,7 +11,7 @@ use super::table::ReadGuard;
 use super::unwind::{self, Regs, MAX_FRAMES};
 
 /// Entries in the table.
-pub const ENTRIES: usize = 8192;
+pub const ENTRIES: usize = 32768;
 /// Entries a stack looks at, from its hash, before it is lost.
 const PROBE_LIMIT: usize = 64;
 
