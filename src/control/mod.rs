@@ -10,6 +10,7 @@
 //! The protocol is in [`protocol`], the server's loop (limits, fairness) in [`server`]; both use
 //! only raw system calls ([`sock`]), never the program's libc.
 
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod sock;

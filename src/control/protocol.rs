@@ -155,6 +155,7 @@ fn help() -> Value {
         "list              every probe: id, spec, object, symbol, offset, state, hits",
         "stats             hits per probe, total, sites, XOL memory",
         "stats reset       the same, then every count back to zero",
+        "metrics           the counts in the Prometheus text format (0.0.4), ended by an empty line",
         "help              this list",
     ]})
 }

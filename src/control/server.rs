@@ -224,6 +224,13 @@ fn answer_one(c: &mut Client) {
     let Some(nl) = c.input.iter().position(|&b| b == b'\n') else { return };
     let line: Vec<u8> = c.input.drain(..=nl).collect();
     let line = &line[..line.len() - 1];
+    // `metrics` is answered in the Prometheus text format, not JSON: its lines, then an empty
+    // line that ends the answer (the format allows empty lines).
+    if line.trim_ascii() == b"metrics" {
+        c.output.extend_from_slice(super::metrics::exposition().as_bytes());
+        c.output.push(b'\n');
+        return;
+    }
     let answer = if line.len() > MAX_LINE {
         serde_json::json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
     } else if let Some(format) = events_request(line) {

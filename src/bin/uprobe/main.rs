@@ -17,6 +17,7 @@ use serde_json::Value;
 mod socket_path;
 
 mod attach;
+mod exporter;
 mod flame;
 mod trace;
 
@@ -52,6 +53,15 @@ enum Cmd {
     /// Attach if needed, add probes, print events as they come and a summary at the end; then
     /// remove the probes.
     Trace(TraceArgs),
+    /// Serve the metrics of every instrumented process of this user over HTTP, for Prometheus.
+    #[command(
+        after_help = "Example:\n  uprobe exporter --listen 127.0.0.1:9464   # then scrape http://127.0.0.1:9464/metrics"
+    )]
+    Exporter {
+        /// Address and port to listen on (loopback by default: see README before exposing it).
+        #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR:PORT")]
+        listen: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -126,6 +136,8 @@ enum CtlOp {
         #[arg(long)]
         reset: bool,
     },
+    /// The counts in the Prometheus text format.
+    Metrics,
 }
 
 #[derive(clap::Args)]
@@ -391,7 +403,12 @@ fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
         (None, Some(pid)) => find_socket(pid)?,
         (None, None) => return Err("a PID or --socket is needed".into()),
     };
+    if let Some(CtlOp::Metrics) = &args.op {
+        print!("{}", exporter::fetch(&socket)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let line = match &args.op {
+        Some(CtlOp::Metrics) => return Err("metrics is answered above".into()),
         Some(CtlOp::Add { specs }) => format!("add {}", specs.join(";")),
         Some(CtlOp::Remove { target }) => format!("remove {target}"),
         Some(CtlOp::List) | None => "list".into(),
@@ -439,7 +456,7 @@ fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
                     println!("counts reset to zero");
                 }
             }
-            Some(CtlOp::List) | None => print_probes(probes),
+            Some(CtlOp::List) | Some(CtlOp::Metrics) | None => print_probes(probes),
         }
     }
     Ok(if answer["ok"] == true { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -457,20 +474,25 @@ fn printable_command(cmdline: &[u8]) -> String {
 }
 
 /// The processes this user can reach: live sockets in the socket directories.
-fn ps() -> Result<ExitCode, String> {
-    println!("{:>8}  {:>6}  {:>12}  {:<40}  COMMAND", "PID", "PROBES", "HITS", "SOCKET");
+/// Every control socket in this user's socket directories, by pid.
+fn reachable_sockets() -> Vec<(i32, PathBuf)> {
+    let mut found: Vec<(i32, PathBuf)> = Vec::new();
     for dir in socket_path::socket_dirs(uid(), std::env::var("XDG_RUNTIME_DIR").ok().as_deref()) {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        let mut found: Vec<(i32, PathBuf)> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let pid = name.strip_suffix(".sock")?.parse().ok()?;
-                Some((pid, e.path()))
-            })
-            .collect();
-        found.sort();
-        for (pid, path) in found {
+        found.extend(entries.filter_map(|e| e.ok()).filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_suffix(".sock")?.parse().ok()?;
+            Some((pid, e.path()))
+        }));
+    }
+    found.sort();
+    found
+}
+
+fn ps() -> Result<ExitCode, String> {
+    println!("{:>8}  {:>6}  {:>12}  {:<40}  COMMAND", "PID", "PROBES", "HITS", "SOCKET");
+    {
+        for (pid, path) in reachable_sockets() {
             let Ok(answer) = request(&path, "stats") else {
                 remove_if_stale(pid, &path);
                 continue;
@@ -567,6 +589,9 @@ fn main() -> ExitCode {
         }),
         Cmd::Detach { pid } => detach(pid),
         Cmd::Trace(args) => trace_cmd(args),
+        Cmd::Exporter { listen } => {
+            exporter::serve(&listen, reachable_sockets).map(|_| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
