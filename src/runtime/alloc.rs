@@ -9,9 +9,14 @@ use core::ptr::null_mut;
 use super::lock::Mutex;
 use crate::sigsafe::sys;
 
-/// Size classes; larger blocks are mapped on their own.
-const CLASSES: [usize; 16] =
-    [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096];
+const CLASSES: [usize; N_CLASSES] = [
+    16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 16384,
+    32768, 65536,
+];
+/// Size classes; blocks up to 64 KiB come from them: a larger one is a mapping of its own, and
+/// mapping, populating and unmapping each short-lived buffer of a few pages (a file read, a
+/// growing vector) was a third of a process's setup.
+const N_CLASSES: usize = 20;
 /// Bytes mapped at once to refill a class.
 const REFILL: usize = 256 * 1024;
 const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
@@ -21,9 +26,9 @@ const POPULATE: i32 = libc::MAP_POPULATE;
 
 struct Heap {
     /// Free blocks of each class, linked through their first word.
-    free: [usize; 16],
+    free: [usize; N_CLASSES],
     /// The unused tail of the last refill of each class.
-    bump: [(usize, usize); 16],
+    bump: [(usize, usize); N_CLASSES],
 }
 
 pub struct Allocator {
@@ -38,7 +43,7 @@ impl Default for Allocator {
 
 impl Allocator {
     pub const fn new() -> Allocator {
-        Allocator { heap: Mutex::new(Heap { free: [0; 16], bump: [(0, 0); 16] }) }
+        Allocator { heap: Mutex::new(Heap { free: [0; N_CLASSES], bump: [(0, 0); N_CLASSES] }) }
     }
 
     /// Held across fork, last (see `runtime::fork`).
@@ -131,7 +136,7 @@ unsafe impl GlobalAlloc for Allocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if class_of(&layout).is_none() && layout.align() <= 16 && new_size > CLASSES[15] {
+        if class_of(&layout).is_none() && layout.align() <= 16 && new_size > CLASSES[N_CLASSES - 1] {
             // Large to large: let the kernel move the pages.
             // SAFETY: `ptr` is a whole mapping of pages(size) bytes; MREMAP_MAYMOVE returns a new
             // mapping with the same contents.
