@@ -270,6 +270,35 @@ static int mode_churn(const char *lib) {
   return 0;
 }
 
+/* threadloop: a thread starts and joins short threads in a loop (each new thread runs glibc's
+ * start with every signal blocked) until stdin says "quit"; prints how many. */
+static long started;
+static void *short_lived(void *arg) { return arg; }
+static void *starter(void *arg) {
+  (void)arg;
+  while (!stop) {
+    pthread_t t;
+    if (pthread_create(&t, NULL, short_lived, NULL) == 0) {
+      pthread_join(t, NULL);
+      started++;
+    }
+  }
+  return NULL;
+}
+static int mode_threadloop(void) {
+  pthread_t t;
+  pthread_create(&t, NULL, starter, NULL);
+  printf("ready\n");
+  fflush(stdout);
+  char line[64];
+  while (fgets(line, sizeof line, stdin) && strncmp(line, "quit", 4)) {
+  }
+  stop = 1;
+  pthread_join(t, NULL);
+  printf("threadloop: %s\n", started > 0 ? "ok" : "none");
+  return 0;
+}
+
 /* spawn MODE PROGRAM: posix_spawn variants whose child runs glibc code with every signal blocked. */
 static int mode_spawn(const char *m, const char *prog) {
   pid_t pid;
@@ -410,6 +439,7 @@ int main(int argc, char **argv) {
   if (!strcmp(m, "ifunc")) return mode_ifunc(a, argc > 3 ? atoi(argv[3]) : 0);
   if (!strcmp(m, "hold")) return mode_hold(a);
   if (!strcmp(m, "churn")) return mode_churn(a);
+  if (!strcmp(m, "threadloop")) return mode_threadloop();
   if (!strcmp(m, "spawn")) return mode_spawn(a, argc > 3 ? argv[3] : "/bin/true");
   if (!strcmp(m, "zlib")) {
     void *h = dlopen("libz.so.1", RTLD_NOW);

@@ -13,8 +13,9 @@
 //! is given the attributes without SIGTRAP in that set (after the exec, SIGTRAP's disposition is
 //! the default anyway, as the program asked).
 
-use core::ffi::{c_char, c_int};
+use core::ffi::{c_char, c_int, c_void};
 
+use crate::runtime::gate::Start;
 use crate::runtime::mark::{resume_counting, suspend_counting};
 use crate::sigsafe::thread::Tls;
 
@@ -69,6 +70,7 @@ pub unsafe fn posix_spawn(
         None => attr,
     };
     let _s = Suspended::new();
+    let _g = Start::enter();
     // SAFETY: forwarding the caller's arguments (attr: a copy with the same contents but one bit).
     unsafe { real(pid, path, fa, attr, argv, envp) }
 }
@@ -78,6 +80,7 @@ pub unsafe fn posix_spawn(
 pub unsafe fn system(real: Option<table::system::Fn>, command: *const c_char) -> c_int {
     let Some(real) = real else { return -1 };
     let _s = Suspended::new();
+    let _g = Start::enter();
     // SAFETY: forwarding the caller's argument.
     unsafe { real(command) }
 }
@@ -91,8 +94,25 @@ pub unsafe fn popen(
 ) -> *mut libc::FILE {
     let Some(real) = real else { return core::ptr::null_mut() };
     let _s = Suspended::new();
+    let _g = Start::enter();
     // SAFETY: forwarding the caller's arguments.
     unsafe { real(command, mode) }
+}
+
+/// # Safety
+/// As libc's `pthread_create`.
+pub unsafe fn pthread_create(
+    real: Option<table::pthread_create::Fn>,
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    start: extern "C" fn(*mut c_void) -> *mut c_void,
+    arg: *mut c_void,
+) -> c_int {
+    let Some(real) = real else { return libc::ENOSYS };
+    // libuprobe's own threads start from its runtime, which never closes the gate around them.
+    let _g = (!crate::runtime::in_runtime()).then(Start::enter);
+    // SAFETY: forwarding the caller's arguments.
+    unsafe { real(thread, attr, start, arg) }
 }
 
 /// The real `vfork`.

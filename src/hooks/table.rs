@@ -99,6 +99,8 @@ interpose! {
     fn posix_spawnp(pid: *mut libc::pid_t, file: *const c_char, fa: *const libc::posix_spawn_file_actions_t, attr: *const libc::posix_spawnattr_t, argv: *const *mut c_char, envp: *const *mut c_char) -> c_int => spawn::posix_spawn;
     fn system(command: *const c_char) -> c_int => spawn::system;
     fn popen(command: *const c_char, mode: *const c_char) -> *mut libc::FILE => spawn::popen;
+    // Threads start past libuprobe's mask fixes, never while they go in (runtime::gate).
+    fn pthread_create(thread: *mut libc::pthread_t, attr: *const libc::pthread_attr_t, start: extern "C" fn(*mut c_void) -> *mut c_void, arg: *mut c_void) -> c_int => spawn::pthread_create;
     // Calls the kernel refuses to a multithreaded process (hooks::ns).
     fn unshare(flags: c_int) -> c_int => ns::unshare;
     fn setns(fd: c_int, nstype: c_int) -> c_int => ns::setns;

@@ -210,6 +210,12 @@ impl Registry {
                 }
             }
         }
+        // A thread that blocked every signal before the mask fixes existed (one starting in
+        // pthread_create, whose parent blocked everything, SIGTRAP included, with a raw system
+        // call; a posix_spawn child) would be killed by the first of them it runs, with SIGTRAP
+        // blocked: wait until no thread has it blocked. Such windows last microseconds.
+        let _closed = crate::runtime::gate::Closed::close(1_000_000_000);
+        wait_for_sigtrap_open(1_000_000_000);
         let problems = self.install(new_installs, "mask fix");
         self.mask_fix = match problems.first() {
             Some(p) => State::Failed(p.error.to_string()),
@@ -256,4 +262,30 @@ impl Registry {
         let problems = self.install(vec![(key, vec![install])], "link-map hook");
         problems.into_iter().next().map_or(Ok(()), |p| Err(p.error))
     }
+}
+
+/// Wait (at most `timeout_ns`) until no other thread of this process has SIGTRAP blocked, as
+/// `/proc/self/task/*/status` shows. Returns whether none has.
+fn wait_for_sigtrap_open(timeout_ns: u64) -> bool {
+    let me = crate::sigsafe::sys::gettid();
+    let trap = crate::sigsafe::sys::sigbit(libc::SIGTRAP);
+    let blocked = || {
+        let tasks = crate::runtime::fs::list_dir("/proc/self/task").unwrap_or_default();
+        tasks.iter().filter(|t| t.parse::<i32>().is_ok_and(|t| t != me)).any(|t| {
+            let status = crate::runtime::fs::read_string(&format!("/proc/self/task/{t}/status"));
+            let mask = status.ok().and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("SigBlk:"))?.to_string();
+                u64::from_str_radix(line["SigBlk:".len()..].trim(), 16).ok()
+            });
+            mask.is_some_and(|m| m & trap != 0)
+        })
+    };
+    let start = crate::sigsafe::sys::monotonic_ns();
+    while blocked() {
+        if crate::sigsafe::sys::monotonic_ns().saturating_sub(start) > timeout_ns {
+            return false;
+        }
+        crate::sigsafe::sys::sleep_ns(100_000);
+    }
+    true
 }

@@ -136,7 +136,8 @@ unsafe impl GlobalAlloc for Allocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if class_of(&layout).is_none() && layout.align() <= 16 && new_size > CLASSES[N_CLASSES - 1] {
+        if class_of(&layout).is_none() && layout.align() <= 16 && new_size > CLASSES[N_CLASSES - 1]
+        {
             // Large to large: let the kernel move the pages.
             // SAFETY: `ptr` is a whole mapping of pages(size) bytes; MREMAP_MAYMOVE returns a new
             // mapping with the same contents.

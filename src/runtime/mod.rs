@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod config;
 pub mod fork;
 pub mod fs;
+pub mod gate;
 pub mod lock;
 pub mod mark;
 pub mod mem;
