@@ -125,11 +125,11 @@ fn main() {
         run(Some(&lib), &micro, &[("UPROBES", "bench:stack_leaf%stack"), ("UPROBES_PATH", "trap")]);
     let bare = plain["bare"];
     let cost = |m: &BTreeMap<String, f64>, k: &str| (m[k] - plain[k]).max(0.0);
-    let floor = jump["floor"];
+    let floor = plain["floor"];
     let clock = plain["clock"];
     println!("  bare call                      {bare:>9.2} ns");
     println!(
-        "  SIGTRAP floor                  {floor:>9.2} ns   int3 + empty handler, same process"
+        "  SIGTRAP floor                  {floor:>9.2} ns   int3 + empty handler, unprobed run"
     );
     println!("  clock_gettime                  {clock:>9.2} ns");
     println!("  per hit, less the unprobed call:          jump path    int3 path   int3/jump");

@@ -6,8 +6,8 @@ use std::fmt::Write;
 use crate::consumers;
 use crate::registry::{self, ProbeInfo};
 
-/// Upper bounds of the duration histogram's buckets: 2^k nanoseconds, from 64 ns to 68 s (every
-/// power of four), the same in every process and at every scrape.
+/// Upper bounds of the duration histogram's buckets: 2^k - 1 nanoseconds, from 63 ns to 68.7 s
+/// (every power of four), the same in every process and at every scrape.
 const BUCKET_POWERS: std::ops::RangeInclusive<u32> = 6..=36;
 
 /// A label value as the format wants it: `\`, `"` and newlines escaped.
@@ -65,10 +65,11 @@ pub fn exposition() -> String {
         let Some(l) = &p.latency else { continue };
         let labels = labels(p);
         for k in BUCKET_POWERS.step_by(2) {
-            let bound = 1u64 << k;
-            // The histogram's buckets are [2^j, 2^(j+1) - 1]: each lies wholly below a bound.
+            // The histogram's buckets are [2^j, 2^(j+1) - 1] ns: each bound is the top of one,
+            // so every count is exact.
+            let bound = (1u64 << k) - 1;
             let below: u64 =
-                l.histogram.iter().filter(|(_, high, _)| *high < bound).map(|(_, _, n)| n).sum();
+                l.histogram.iter().filter(|(_, high, _)| *high <= bound).map(|(_, _, n)| n).sum();
             let _ = writeln!(
                 out,
                 "uprobe_duration_seconds_bucket{{{labels},le=\"{}\"}} {below}",
@@ -90,7 +91,7 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
         assert_eq!(escape("x\ny"), "x\\ny");
-        assert_eq!(seconds(64), "0.000000064");
+        assert_eq!(seconds(63), "0.000000063");
         assert_eq!(seconds(68_719_476_736), "68.719476736");
     }
 }

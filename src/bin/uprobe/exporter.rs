@@ -16,7 +16,8 @@ static SCRAPE_ERRORS: AtomicU64 = AtomicU64::new(0);
 pub fn fetch(socket: &Path) -> Result<String, String> {
     let mut s = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("{}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    // A stopped process must not hold the whole scrape past Prometheus's timeout (10 s).
+    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
     s.write_all(b"metrics\n").map_err(|e| format!("{}: {e}", socket.display()))?;
     let mut text = String::new();
     let mut r = BufReader::new(s);
