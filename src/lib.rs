@@ -63,7 +63,10 @@ fn setup() -> Result<(), String> {
         trap::OWN_TEXT[0].store(own.start, Ordering::Relaxed);
         trap::OWN_TEXT[1].store(own.end, Ordering::Relaxed);
     }
-    registry::with_registry(|r| r.ensure_mask_fix(&maps));
+    // The mask fixes, now or with the first site that needs a trap (see Registry::register_many:
+    // on the jump path in a single-threaded process, sites get their final bytes at once; the
+    // link-map hook, a trap, runs in the loader, never with every signal blocked).
+    registry::with_registry(|r| r.ensure_mask_fix_unless_lazy(&maps));
     if let Err(e) = hooks::dl::install_link_map_hook() {
         report::problem(
             "link-map hook",

@@ -418,7 +418,7 @@ impl Registry {
 }
 
 /// Is this thread the process's only one (`/proc/self/stat`, field 20)?
-fn single_threaded() -> bool {
+pub(super) fn single_threaded() -> bool {
     let Ok(stat) = crate::runtime::fs::read_string("/proc/self/stat") else { return false };
     // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return false };

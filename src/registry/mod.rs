@@ -230,7 +230,14 @@ impl Registry {
                 return (ids, problems);
             }
         };
-        self.ensure_mask_fix(&maps);
+        // The mask fixes keep SIGTRAP open wherever glibc blocks every signal; they matter only
+        // where a trap may be hit. With one thread on the jump path (the constructor), every
+        // site gets its final bytes at once and no thread runs them meanwhile: the mask fixes
+        // (a third of setting up one probe) go in only if some site stays a trap.
+        let lazy = Self::mask_fix_may_wait(texts);
+        if !lazy {
+            self.ensure_mask_fix(&maps);
+        }
         let loaded = objects::loaded_objects(&maps);
         let mut ids = Vec::new();
         let mut problems = Vec::new();
@@ -238,6 +245,9 @@ impl Registry {
             let (i, p) = self.register_in(text, &maps, &loaded);
             ids.extend(i);
             problems.extend(p);
+        }
+        if lazy && self.any_trap_site() {
+            self.ensure_mask_fix(&maps);
         }
         (ids, problems)
     }
@@ -522,6 +532,7 @@ impl Registry {
             }
         }
         if !new_installs.is_empty() {
+            self.ensure_mask_fix(&maps);
             problems.extend(self.install(new_installs, "rescan"));
         } else if changed {
             self.publish();
@@ -531,6 +542,7 @@ impl Registry {
         let pending: Vec<(ProbeId, Spec)> =
             self.probes.iter().filter_map(|p| p.pending.clone().map(|s| (p.id, s))).collect();
         if !pending.is_empty() {
+            self.ensure_mask_fix(&maps);
             let loaded = objects::loaded_objects(&maps);
             self.ifunc_pending = false;
             for (id, spec) in pending {
@@ -543,6 +555,32 @@ impl Registry {
             }
         }
         problems
+    }
+
+    /// Can the mask fixes wait for a site that needs a trap (jump path, one thread, and `specs`
+    /// name functions, not globs: the more sites, the likelier one stays a trap, and the mask
+    /// fixes are best placed before the sites, whose jumps then keep clear of them)?
+    fn mask_fix_may_wait(specs: &[&str]) -> bool {
+        config::get().path == config::PathMode::Jump
+            && install::single_threaded()
+            && !specs.iter().any(|t| t.contains(['*', '?', '[']))
+    }
+
+    /// The mask fixes now, unless they may wait for `UPROBES`'s sites (see
+    /// [`Registry::register_many`]).
+    pub fn ensure_mask_fix_unless_lazy(&mut self, maps: &[MapEntry]) {
+        let specs = crate::spec::split_specs(&config::get().specs);
+        if !Self::mask_fix_may_wait(&specs) {
+            self.ensure_mask_fix(maps);
+        }
+    }
+
+    /// Does a site of the user's take hits by trap (not the link-map hook, which the loader
+    /// runs, never with every signal blocked)?
+    fn any_trap_site(&self) -> bool {
+        self.sites.values().any(|s| {
+            !s.link_map_hook && s.mask_fix.is_none() && s.installs.iter().any(|i| i.jump.is_none())
+        })
     }
 
     /// The site `key` has new counters: its jumps go to bodies that count into them (the pointer
