@@ -4,7 +4,7 @@
 //! HELP and TYPE each, their samples together), so that one exporter per host serves a fleet.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,11 +14,11 @@ static SCRAPE_ERRORS: AtomicU64 = AtomicU64::new(0);
 
 /// The `metrics` answer of one process: its lines, up to the empty line that ends it.
 pub fn fetch(socket: &Path) -> Result<String, String> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket)
+    let s = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("{}: {e}", socket.display()))?;
     // A stopped process must not hold the whole scrape past Prometheus's timeout (10 s).
     s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
-    s.write_all(b"metrics\n").map_err(|e| format!("{}: {e}", socket.display()))?;
+    super::send_all(&s, b"metrics\n").map_err(|e| format!("{}: {e}", socket.display()))?;
     let mut text = String::new();
     let mut r = BufReader::new(s);
     loop {

@@ -318,25 +318,45 @@ fn find_socket(pid: i32) -> Result<PathBuf, String> {
 }
 
 /// Send one request, read one answer.
-fn request(socket: &Path, line: &str) -> Result<Value, String> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(socket).map_err(|e| match e.kind() {
-            std::io::ErrorKind::PermissionDenied => format!(
-                "{}: permission denied (the process belongs to another user)",
-                socket.display()
-            ),
-            std::io::ErrorKind::ConnectionRefused => {
-                format!("{}: connection refused (the process has exited?)", socket.display())
+/// Write to a control socket without SIGPIPE (which this command leaves at its default, so
+/// that `uprobe ctl ... | head` stops quietly): a server that refused us and closed must give an
+/// error to read, not a death by signal.
+pub fn send_all(stream: &std::os::unix::net::UnixStream, mut buf: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !buf.is_empty() {
+        // SAFETY: a valid descriptor and buffer.
+        let n = unsafe {
+            libc::send(stream.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
             }
-            _ => format!("{}: {e}", socket.display()),
-        })?;
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+fn request(socket: &Path, line: &str) -> Result<Value, String> {
+    use std::io::{BufRead, BufReader};
+    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            format!("{}: permission denied (the process belongs to another user)", socket.display())
+        }
+        std::io::ErrorKind::ConnectionRefused => {
+            format!("{}: connection refused (the process has exited?)", socket.display())
+        }
+        _ => format!("{}: {e}", socket.display()),
+    })?;
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(120)))
         .map_err(|e| e.to_string())?;
     // A server that refuses us answers at once and closes: the write may then fail (EPIPE) with
     // the refusal already waiting to be read, so read whatever came back before giving up.
-    let written = stream.write_all(format!("{line}\n").as_bytes());
+    let written = send_all(&stream, format!("{line}\n").as_bytes());
     let mut answer = String::new();
     let read = BufReader::new(stream).read_line(&mut answer);
     if answer.is_empty() {

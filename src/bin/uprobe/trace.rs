@@ -97,10 +97,10 @@ pub fn trace(
 
 /// Print the events until asked to stop, the duration is over, or the process goes away.
 fn stream(args: &TraceArgs) -> Result<(), String> {
-    let mut s =
+    let s =
         UnixStream::connect(args.socket).map_err(|e| format!("{}: {e}", args.socket.display()))?;
     let format = if args.json { "json" } else { "text" };
-    s.write_all(format!("events {format}\n").as_bytes()).map_err(|e| e.to_string())?;
+    super::send_all(&s, format!("events {format}\n").as_bytes()).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
     let mut r = BufReader::new(s);
     let mut first = String::new();
