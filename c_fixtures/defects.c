@@ -255,10 +255,10 @@ static void *churner(void *arg) {
   }
   return NULL;
 }
-static int mode_churn(const char *lib) {
-  churn_lib = lib;
+/* A background thread runs `body` until stdin says "quit"; then "NAME: ok" if `done` moved. */
+static int until_quit(void *(*body)(void *), const char *name, volatile long *done) {
   pthread_t t;
-  pthread_create(&t, NULL, churner, NULL);
+  pthread_create(&t, NULL, body, NULL);
   printf("ready\n");
   fflush(stdout);
   char line[64];
@@ -266,8 +266,12 @@ static int mode_churn(const char *lib) {
   }
   stop = 1;
   pthread_join(t, NULL);
-  printf("churn: %s\n", churned > 0 ? "ok" : "none");
+  printf("%s: %s\n", name, *done > 0 ? "ok" : "none");
   return 0;
+}
+static int mode_churn(const char *lib) {
+  churn_lib = lib;
+  return until_quit(churner, "churn", &churned);
 }
 
 /* threadloop: a thread starts and joins short threads in a loop (each new thread runs glibc's
@@ -285,19 +289,7 @@ static void *starter(void *arg) {
   }
   return NULL;
 }
-static int mode_threadloop(void) {
-  pthread_t t;
-  pthread_create(&t, NULL, starter, NULL);
-  printf("ready\n");
-  fflush(stdout);
-  char line[64];
-  while (fgets(line, sizeof line, stdin) && strncmp(line, "quit", 4)) {
-  }
-  stop = 1;
-  pthread_join(t, NULL);
-  printf("threadloop: %s\n", started > 0 ? "ok" : "none");
-  return 0;
-}
+static int mode_threadloop(void) { return until_quit(starter, "threadloop", &started); }
 
 /* spawn MODE PROGRAM: posix_spawn variants whose child runs glibc code with every signal blocked. */
 static int mode_spawn(const char *m, const char *prog) {
