@@ -16,18 +16,19 @@ pub fn in_runtime() -> bool {
     t.depth.load(Ordering::Relaxed) != 0 || thread::on_runtime_stack()
 }
 
-/// Count a hit and give its consumers what they want; `rsp0`: the stack pointer at the hit, to
-/// hijack the return of a return-probed function (None: the instruction did not run); `rbp`
-/// with it, for the stacks of `%stack` consumers.
+/// Count a hit and give its consumers what they want; `frame`: rsp and rbp at the hit, to
+/// hijack the return of a return-probed function and unwind the stacks of `%stack` consumers
+/// (None: the instruction did not run); `guard`: the caller's hold on `table`, under
+/// which the stack is unwound too.
 #[inline(always)]
 pub fn count(
+    guard: &ReadGuard,
     counting: &Counting,
     entry: &TableEntry,
     table: &Table,
     site: u64,
     args: [u64; 6],
-    rsp0: Option<u64>,
-    rbp: u64,
+    frame: Option<(u64, u64)>,
 ) {
     if matches!(counting, Counting::No) {
         return;
@@ -40,9 +41,9 @@ pub fn count(
             events::record_entry(counting.block(), c, args);
         }
     }
-    if let (true, Some(sp)) = (consumers.iter().any(|c| c.stack), rsp0) {
-        let guard = ReadGuard::enter();
-        let stack = Captured::take(&guard, Regs { pc: site, sp, bp: rbp });
+    let rsp0 = frame.map(|f| f.0);
+    if let (true, Some((sp, rbp))) = (consumers.iter().any(|c| c.stack), frame) {
+        let stack = Captured::take(guard, Regs { pc: site, sp, bp: rbp });
         for c in consumers.iter().filter(|c| c.stack) {
             stack.count_for(c.id);
         }

@@ -178,5 +178,5 @@ unsafe extern "C" fn on_jump_hit(g: *mut Gregs) {
         return;
     }
     let (sp, bp) = (emulate::get(g, RSP), emulate::get(g, RBP));
-    count(&counting, &entry, table, site, emulate::args(g), Some(sp), bp);
+    count(&guard, &counting, &entry, table, site, emulate::args(g), Some((sp, bp)));
 }

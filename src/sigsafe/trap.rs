@@ -246,7 +246,7 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
                 emulate::push(g, slot);
             }
             emulate::set(g, RIP, uprobe_link_map_trampoline as *const () as u64);
-            count(&counting, &entry, table, site, args, Some(rsp0), rbp0);
+            count(&guard, &counting, &entry, table, site, args, Some((rsp0, rbp0)));
             return Outcome::Done;
         }
         // Inside the runtime (or a child that does not own it): whoever holds the registry
@@ -260,12 +260,12 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
                 // The hit counts (as under kernel uprobes: the probe fired, then the instruction
                 // faulted); the fault is the program's, at the instruction's own address.
                 emulate::set(g, RIP, site);
-                count(&counting, &entry, table, site, args, None, rbp0);
+                count(&guard, &counting, &entry, table, site, args, None);
                 return Outcome::Fault(f.addr);
             }
         }
     }
-    count(&counting, &entry, table, site, args, Some(rsp0), rbp0);
+    count(&guard, &counting, &entry, table, site, args, Some((rsp0, rbp0)));
     Outcome::Done
 }
 
