@@ -8,6 +8,7 @@ pub mod config;
 pub mod fork;
 pub mod fs;
 pub mod gate;
+pub mod hash;
 pub mod lock;
 pub mod mark;
 pub mod mem;

@@ -50,12 +50,12 @@ pub struct Areas {
     code: Vec<Area>,
     data: Vec<Area>,
     /// Stub pages by page address: which of their bytes are taken (one bit a byte).
-    stubs: BTreeMap<u64, StubPage>,
-    /// Where stub pages are mapped: 2 MiB regions (most stubs of one object fall in a few, one
+    stubs: BTreeMap<u64, Box<StubPage>>,
+    /// Where stub pages are mapped: 64 MiB or 2 MiB regions (most stubs of one object fall in a few, one
     /// mapping each), or single pages where a region does not fit.
     regions: Vec<Area>,
     /// Code written since the last [`Areas::flush`], by address.
-    pending: BTreeMap<u64, Vec<u8>>,
+    pending: Vec<(u64, Vec<u8>)>,
     /// What is mapped, for finding free room: the registry's snapshot of the mappings, and what
     /// libuprobe mapped since.
     taken: Taken,
@@ -153,14 +153,16 @@ impl Areas {
 
     /// Write `code` at `at` (memory handed out by this `Areas`, never run yet) at the next
     /// [`Areas::flush`].
-    pub fn stage(&mut self, at: u64, code: &[u8]) {
-        self.pending.insert(at, code.to_vec());
+    pub fn stage(&mut self, at: u64, code: Vec<u8>) {
+        self.pending.push((at, code));
     }
 
     /// Write the staged code: into fresh memory directly (which then becomes read + execute), into
     /// memory that may be running through `/proc/self/mem`, one write per contiguous run.
     pub fn flush(&mut self, w: &mut TextWriter) -> Result<(), sys::Errno> {
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
+        // No two stagings share an address (memory is handed out once): sorted, runs form.
+        pending.sort_unstable_by_key(|(at, _)| *at);
         let mut fresh_ranges: Vec<(u64, u64)> = self
             .code
             .iter()
@@ -194,11 +196,22 @@ impl Areas {
             }
         }
         live.extend(run);
-        for a in self.code.iter_mut().chain(self.regions.iter_mut()).filter(|a| a.fresh) {
+        // Fresh areas that touch are made read + execute at once (a library's stub regions,
+        // 64 MiB each, mostly do).
+        let mut i = 0;
+        while i < fresh_ranges.len() {
+            let (lo, mut hi) = fresh_ranges[i];
+            i += 1;
+            while i < fresh_ranges.len() && fresh_ranges[i].0 == hi {
+                hi = fresh_ranges[i].1;
+                i += 1;
+            }
             let rx = libc::PROT_READ | libc::PROT_EXEC;
-            // SAFETY: our own area; nothing runs it yet, and nothing writes it through this
+            // SAFETY: our own areas; nothing runs them yet, and nothing writes them through this
             // mapping from now on.
-            unsafe { sys::mprotect(a.base as usize, a.len as usize, rx)? };
+            unsafe { sys::mprotect(lo as usize, (hi - lo) as usize, rx)? };
+        }
+        for a in self.code.iter_mut().chain(self.regions.iter_mut()) {
             a.fresh = false;
         }
         for (start, bytes) in live {
@@ -210,7 +223,9 @@ impl Areas {
     /// The code staged and not yet written (for tests).
     #[cfg(test)]
     pub fn staged(&self) -> Vec<(u64, Vec<u8>)> {
-        self.pending.iter().map(|(a, c)| (*a, c.clone())).collect()
+        let mut v = self.pending.clone();
+        v.sort_unstable_by_key(|(at, _)| *at);
+        v
     }
 
     /// Bytes of code and data memory mapped so far (stub pages included).
@@ -294,22 +309,34 @@ impl Areas {
         None
     }
 
+    /// Are the bytes `[at, at + len)` in stub pages of ours, and free? (One look-up a page: a
+    /// window of 256 places is tried place by place.)
     fn stub_free(&self, at: u64, len: u64) -> bool {
-        (at..at + len).all(|a| {
-            self.stubs.get(&(a & !(PAGE - 1))).is_some_and(|p| {
-                let i = (a & (PAGE - 1)) as usize;
-                p.bits[i / 64] & (1 << (i % 64)) == 0
-            })
-        })
+        let mut a = at;
+        while a < at + len {
+            let page = a & !(PAGE - 1);
+            let end = (at + len).min(page + PAGE);
+            let Some(p) = self.stubs.get(&page) else { return false };
+            if (a - page..end - page).any(|i| p.bits[i as usize / 64] & (1 << (i % 64)) != 0) {
+                return false;
+            }
+            a = end;
+        }
+        true
     }
 
     fn take_stub(&mut self, at: u64, len: u64) {
-        for a in at..at + len {
-            if let Some(p) = self.stubs.get_mut(&(a & !(PAGE - 1))) {
-                let i = (a & (PAGE - 1)) as usize;
-                p.bits[i / 64] |= 1 << (i % 64);
-                p.next = p.next.max(i as u64 + 1);
+        let mut a = at;
+        while a < at + len {
+            let page = a & !(PAGE - 1);
+            let end = (at + len).min(page + PAGE);
+            if let Some(p) = self.stubs.get_mut(&page) {
+                for i in a - page..end - page {
+                    p.bits[i as usize / 64] |= 1 << (i % 64);
+                }
+                p.next = p.next.max(end - page);
             }
+            a = end;
         }
     }
 
@@ -378,33 +405,39 @@ impl Areas {
                 let Some(region) = self.map_stub_region(p) else { return false };
                 self.regions.push(region);
             }
-            self.stubs.insert(p, StubPage { bits: [0; 64], next: 0 });
+            self.stubs.insert(p, Box::new(StubPage { bits: [0; 64], next: 0 }));
         }
         true
     }
 
-    /// Map the 2 MiB region holding `page` for stubs, or the page alone if the region is not free.
+    /// Map a region holding `page` for stubs: the 64 MiB or else the 2 MiB one that contains it,
+    /// where it is free, or the page alone. (One object's punned jumps need stubs on a thousand
+    /// pages scattered over its ±2 GiB: with larger regions they take a few dozen mappings, not
+    /// hundreds, each made read + execute at the next flush. A region is reserved, not used:
+    /// only the pages stubs are written to take memory.)
     fn map_stub_region(&mut self, page: u64) -> Option<Area> {
-        const REGION: u64 = 2 << 20;
+        const REGIONS: [u64; 2] = [64 << 20, 2 << 20];
         let rw = libc::PROT_READ | libc::PROT_WRITE;
-        let base = page & !(REGION - 1);
         let zones = self.taken.zones;
-        let free = self
-            .taken
-            .gaps(base, base + REGION)
-            .iter()
-            .any(|&(lo, hi)| lo <= base && base + REGION <= hi)
-            && !in_zones(&zones, base, base + REGION)
-            && base >= 0x10000
-            && base + REGION <= USER_END;
-        let (at, len) = match free
-            .then(|| sys::mmap_anon(base as usize, REGION as usize, rw, libc::MAP_NORESERVE))
-        {
-            Some(Ok(_)) => (base, REGION),
-            _ => (sys::mmap_anon(page as usize, PAGE as usize, rw, 0).ok()? as u64, PAGE),
-        };
-        self.taken.add(at, at + len);
-        Some(Area { base: at, len, used: 0, fresh: true })
+        for size in REGIONS {
+            let base = page & !(size - 1);
+            let free = base >= 0x10000
+                && base + size <= USER_END
+                && !in_zones(&zones, base, base + size)
+                && self
+                    .taken
+                    .gaps(base, base + size)
+                    .iter()
+                    .any(|&(lo, hi)| lo <= base && base + size <= hi);
+            if free && sys::mmap_anon(base as usize, size as usize, rw, libc::MAP_NORESERVE).is_ok()
+            {
+                self.taken.add(base, base + size);
+                return Some(Area { base, len: size, used: 0, fresh: true });
+            }
+        }
+        let at = sys::mmap_anon(page as usize, PAGE as usize, rw, 0).ok()? as u64;
+        self.taken.add(at, at + PAGE);
+        Some(Area { base: at, len: PAGE, used: 0, fresh: true })
     }
 }
 

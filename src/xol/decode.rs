@@ -32,12 +32,40 @@ pub struct Decoded {
     pub len: usize,
     /// What to do with it; `None` means "copy to a slot".
     pub emu: Option<Emu>,
+    /// The instruction's bytes (`len` of them).
+    pub bytes: [u8; 15],
+    /// Where its RIP-relative disp32 is, in `bytes`, if it has one.
+    pub rip_disp_at: Option<u8>,
 }
 
 impl Decoded {
     /// The instruction in Intel syntax, for messages.
     pub fn text(&self) -> String {
         format_insn(&self.insn)
+    }
+
+    /// The instruction's bytes for running at `at` instead of its own address: the same bytes,
+    /// with a RIP-relative displacement made to reach the same target from there. (No
+    /// re-encoding: iced's encoder builds its tables on first use, half a millisecond of every
+    /// process's setup, and the original encoding is the one the program ran.)
+    pub fn moved_to(&self, at: u64) -> Result<([u8; 15], usize), XolError> {
+        let mut out = self.bytes;
+        if let Some(i) = self.rip_disp_at {
+            let i = i as usize;
+            let end = at.wrapping_add(self.len as u64);
+            let target = self.insn.ip_rel_memory_address();
+            let disp = if self.insn.memory_base() == Register::EIP {
+                // 32-bit address arithmetic: any displacement reaches, modulo 4 GiB.
+                (target as u32).wrapping_sub(end as u32) as i32
+            } else {
+                i32::try_from(target.wrapping_sub(end) as i64).map_err(|_| XolError::Relocate {
+                    insn: self.text(),
+                    why: "its RIP-relative operand is out of reach from the copy".into(),
+                })?
+            };
+            out[i..i + 4].copy_from_slice(&disp.to_le_bytes());
+        }
+        Ok((out, self.len))
     }
 }
 
@@ -56,6 +84,20 @@ pub fn decode(bytes: &[u8], ip: u64) -> Result<Decoded, XolError> {
         return Err(XolError::Invalid { at: ip });
     }
     let len = insn.len();
+    let mut raw = [0u8; 15];
+    raw[..len].copy_from_slice(&bytes[..len]);
+    let rip_disp_at = if insn.is_ip_rel_memory_operand() {
+        let offsets = decoder.get_constant_offsets(&insn);
+        if offsets.displacement_size() != 4 {
+            return Err(XolError::Refused {
+                insn: format_insn(&insn),
+                why: "a RIP-relative operand without a 32-bit displacement",
+            });
+        }
+        Some(offsets.displacement_offset() as u8)
+    } else {
+        None
+    };
     let next = ip.wrapping_add(len as u64);
     let refuse = |why| Err(XolError::Refused { insn: format_insn(&insn), why });
     let target = insn.near_branch_target();
@@ -99,7 +141,7 @@ pub fn decode(bytes: &[u8], ip: u64) -> Result<Decoded, XolError> {
             }
         }
     };
-    Ok(Decoded { insn, len, emu })
+    Ok(Decoded { insn, len, emu, bytes: raw, rip_disp_at })
 }
 
 fn is_64bit_jcc(code: Code) -> bool {
@@ -264,5 +306,43 @@ mod tests {
             dec(&[0x0f, 0xff, 0xff]),
             Err(XolError::Invalid { .. }) | Err(XolError::Refused { .. })
         ));
+    }
+
+    /// A moved copy reads what the instruction read, at the same length and with the same code,
+    /// wherever its RIP-relative displacement sits (before an immediate, in VEX and EVEX forms).
+    #[test]
+    fn a_moved_copy_reaches_the_same_bytes() {
+        let site = 0x7f00_1000_0000u64;
+        let cases: [&[u8]; 7] = [
+            &[0x48, 0x8b, 0x05, 0x10, 0x20, 0x30, 0x00], // mov rax, [rip+...]
+            &[0x83, 0x3d, 0xf0, 0xff, 0xff, 0xff, 0x05], // cmp dword [rip-16], 5
+            &[0x48, 0x8d, 0x3d, 0x00, 0x00, 0x00, 0x80], // lea rdi, [rip-2 GiB]
+            &[0xc5, 0xfe, 0x6f, 0x05, 0x44, 0x33, 0x22, 0x11], // vmovdqu ymm0, [rip+...]
+            &[0x62, 0xf1, 0xfe, 0x48, 0x6f, 0x05, 0x40, 0, 0, 0], // vmovdqu32 zmm0, [rip+64]
+            &[0xff, 0x25, 0x08, 0x00, 0x00, 0x00],       // jmp [rip+8]
+            &[0x48, 0x89, 0xe5],                         // mov rbp, rsp: as it is
+        ];
+        for bytes in cases {
+            let mut b = bytes.to_vec();
+            b.resize(16, 0x90);
+            let d = decode(&b, site).unwrap();
+            for at in [site + 0x1000, site - 0x4000_0000, site + 0x7000_0000] {
+                let Ok((moved, n)) = d.moved_to(at) else {
+                    // Only a target out of rel32 reach from `at` is refused.
+                    let target = d.insn.ip_rel_memory_address();
+                    assert!(target.abs_diff(at) > 0x7fff_0000, "{bytes:x?} at {at:#x}");
+                    continue;
+                };
+                assert_eq!(n, d.len);
+                let copy = decode(&moved[..n], at).unwrap();
+                assert_eq!(copy.insn.code(), d.insn.code(), "{bytes:x?}");
+                if d.rip_disp_at.is_some() {
+                    assert_eq!(copy.insn.ip_rel_memory_address(), d.insn.ip_rel_memory_address());
+                } else {
+                    assert_eq!(moved[..n], bytes[..n]);
+                }
+                assert_eq!(copy.insn.immediate8(), d.insn.immediate8());
+            }
+        }
     }
 }

@@ -31,7 +31,7 @@
 //!    nothing is there. The bytes after the instruction are *pinned*: while the jump is there,
 //!    nothing else may change them (the registry makes sure).
 
-use std::collections::HashMap;
+use crate::runtime::hash::FastMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::area::Areas;
@@ -100,9 +100,11 @@ struct Stub {
 /// Every body and stub written so far.
 #[derive(Default)]
 pub struct Jumps {
-    bodies: HashMap<(u64, [u8; 16], Counters), Body>,
-    templates: HashMap<(bool, bool, usize), Template>,
-    stubs: HashMap<(u64, [u8; 16]), Stub>,
+    bodies: FastMap<(u64, [u8; 16], Counters), Body>,
+    stubs: FastMap<(u64, [u8; 16]), Stub>,
+    /// A body's size and where its relocated instruction starts, by shape (which counters, the
+    /// relocated instruction's length): what a body needs before it has a place.
+    shapes: FastMap<(bool, bool, usize), (u64, u64)>,
 }
 
 /// No counter (the site is only ever hit through the full entry).
@@ -154,9 +156,15 @@ impl Jumps {
         if let Some(b) = self.bodies.get(&(site, bytes, counters)) {
             return Ok(*b);
         }
-        let b = write_body(areas, &mut self.templates, d, site, counters, maps)?;
+        let b = write_body(areas, &mut self.shapes, d, site, counters, maps)?;
         self.bodies.insert((site, bytes, counters), b);
         Ok(b)
+    }
+
+    /// Room for `n` more sites.
+    pub fn reserve(&mut self, n: usize) {
+        self.bodies.reserve(n);
+        self.stubs.reserve(n);
     }
 
     /// Every body's relocated instruction, for the fault translation.
@@ -182,34 +190,35 @@ impl Counters {
 /// `sigsafe::ret::hijack` does, leaving every case but the plain one to the full entry).
 fn write_body(
     areas: &mut Areas,
-    templates: &mut HashMap<(bool, bool, usize), Template>,
+    shapes: &mut FastMap<(bool, bool, usize), (u64, u64)>,
     d: &Decoded,
     site: u64,
     counters: Counters,
     maps: &[MapEntry],
 ) -> Result<Body, XolError> {
-    // Bodies of one shape (which counters, how long the relocated instruction) differ only by
-    // constants: assembled once, then copied and filled in.
+    // The relocated instruction's length does not depend on where it goes (a copy, rel32s): the
+    // body's size is known before its place.
     let probe = relocate(d, site, site.wrapping_add(JMP_LEN as u64))?;
     let key = (counters.hits != NO_COUNTER, counters.returns != NO_COUNTER, probe.code.len());
-    let t = match templates.get(&key) {
-        Some(t) => t,
+    let (size, insn_offset) = match shapes.get(&key) {
+        Some(&s) => s,
         None => {
-            let t = Template::new(d, key)?;
-            templates.entry(key).or_insert(t)
+            let shape = assemble_body(d, site, counters, &probe.code)?;
+            let s = ((shape.code.len() as u64).next_multiple_of(16), shape.insn_offset);
+            shapes.insert(key, s);
+            s
         }
     };
-    let size = (t.asm.code.len() as u64).next_multiple_of(16);
     let at = areas.alloc_near(site, size, 16, maps)?;
-    let r = relocate(d, site, at + t.asm.insn_offset)?;
-    if r.code.len() != probe.code.len() {
+    let r = relocate(d, site, at + insn_offset)?;
+    let mut asm = assemble_body(d, site, counters, &r.code)?;
+    if asm.insn_offset != insn_offset || asm.code.len() as u64 > size {
         return Err(XolError::Relocate { insn: d.text(), why: "body size changed".into() });
     }
-    let mut code = t.fill(site, counters, &r.code);
     // Up to the allocation's end: bodies allocated one after the other are written as one run.
-    code.resize(size as usize, 0xcc);
-    areas.stage(at, &code);
-    let insn = at + t.asm.insn_offset;
+    asm.code.resize(size as usize, 0xcc);
+    areas.stage(at, asm.code);
+    let insn = at + asm.insn_offset;
     let slot = SlotMap {
         start: insn,
         len: r.insn_len as u32,
@@ -218,72 +227,7 @@ fn write_body(
         tail: (r.code.len() - r.insn_len) as u32,
         syscall: r.syscall,
     };
-    let asm = &t.asm;
     Ok(Body { count: at + asm.count, full: at + asm.full, ret: at + asm.ret, insn, slot, counters })
-}
-
-/// A body assembled with marker constants, and where the markers are.
-pub struct Template {
-    asm: Assembled,
-    site_at: Vec<usize>,
-    hits_at: Vec<usize>,
-    returns_at: Vec<usize>,
-}
-
-const SITE_MARK: u64 = 0x5a17_e5a1_7e5a_17e5;
-const HITS_MARK: u32 = 0x6d6d_6d68; // HEADER + 8 * index: a multiple of 8
-const RETURNS_MARK: u32 = 0x5b5b_5b5b;
-
-impl Template {
-    fn new(d: &Decoded, (hits, returns, len): (bool, bool, usize)) -> Result<Template, XolError> {
-        let hits_index = (HITS_MARK as u64 - COUNTERS_AT) / 8;
-        let counters = Counters {
-            hits: if hits { hits_index as u32 } else { NO_COUNTER },
-            returns: if returns { RETURNS_MARK } else { NO_COUNTER },
-        };
-        let asm = assemble_body(d, SITE_MARK, counters, 0x1000_0000, &vec![0x90; len])?;
-        let find = |pat: &[u8]| -> Vec<usize> {
-            asm.code
-                .windows(pat.len())
-                .enumerate()
-                .filter(|(_, w)| *w == pat)
-                .map(|(i, _)| i)
-                .collect()
-        };
-        let t = Template {
-            site_at: find(&SITE_MARK.to_le_bytes()),
-            hits_at: if hits { find(&HITS_MARK.to_le_bytes()) } else { Vec::new() },
-            returns_at: if returns { find(&RETURNS_MARK.to_le_bytes()) } else { Vec::new() },
-            asm,
-        };
-        let expected =
-            (1 + returns as usize, hits as usize * (1 + returns as usize), returns as usize);
-        if (t.site_at.len(), t.hits_at.len(), t.returns_at.len()) != expected {
-            return Err(XolError::Relocate { insn: d.text(), why: "body template".into() });
-        }
-        Ok(t)
-    }
-
-    fn fill(&self, site: u64, counters: Counters, relocated: &[u8]) -> Vec<u8> {
-        let mut code = self.asm.code.clone();
-        let mut put = |at: usize, bytes: &[u8]| {
-            if let Some(dst) = code.get_mut(at..at + bytes.len()) {
-                dst.copy_from_slice(bytes);
-            }
-        };
-        for &at in &self.site_at {
-            put(at, &site.to_le_bytes());
-        }
-        let hits_disp = (COUNTERS_AT + counters.hits as u64 * 8) as u32;
-        for &at in &self.hits_at {
-            put(at, &hits_disp.to_le_bytes());
-        }
-        for &at in &self.returns_at {
-            put(at, &counters.returns.to_le_bytes());
-        }
-        put(self.asm.insn_offset as usize, relocated);
-        code
-    }
 }
 
 struct Assembled {
@@ -295,139 +239,210 @@ struct Assembled {
     insn_offset: u64,
 }
 
+/// Labels of a body.
+#[derive(Clone, Copy)]
+enum L {
+    Count,
+    Insn,
+    CountSlow,
+    Common,
+    Full,
+    Ret,
+    RetPush,
+    RetSlow,
+    FullPtr,
+}
+
+/// A tiny assembler for the bodies: fixed encodings (rel32 branches, disp32 where a constant
+/// varies), so that a body's layout depends only on its shape. (iced's block encoder builds its
+/// tables on first use: half a millisecond of each process's setup.)
+struct Asm {
+    code: Vec<u8>,
+    labels: [Option<usize>; 9],
+    /// (offset of a rel32 field, the label it reaches)
+    fixups: Vec<(usize, L)>,
+}
+
+impl Asm {
+    fn new() -> Asm {
+        Asm { code: Vec::with_capacity(256), labels: [None; 9], fixups: Vec::new() }
+    }
+
+    fn b(&mut self, bytes: &[u8]) -> &mut Self {
+        self.code.extend_from_slice(bytes);
+        self
+    }
+
+    fn d32(&mut self, v: i32) -> &mut Self {
+        self.b(&v.to_le_bytes())
+    }
+
+    fn q64(&mut self, v: u64) -> &mut Self {
+        self.b(&v.to_le_bytes())
+    }
+
+    fn label(&mut self, l: L) {
+        self.labels[l as usize] = Some(self.code.len());
+    }
+
+    /// A rel32 to `l`, the last field of its instruction.
+    fn rel(&mut self, l: L) -> &mut Self {
+        self.fixups.push((self.code.len(), l));
+        self.d32(0)
+    }
+
+    fn jmp(&mut self, l: L) {
+        self.b(&[0xe9]).rel(l);
+    }
+
+    fn jcc(&mut self, cc: u8, l: L) {
+        self.b(&[0x0f, 0x80 | cc]).rel(l);
+    }
+
+    /// `lea rsp, [rsp-128]; push rax; seto al; lahf; push rax`: the red zone stepped over, rax
+    /// and the flags (OF in al, the rest in ah) saved.
+    fn save(&mut self) {
+        self.b(&[0x48, 0x8d, 0x64, 0x24, 0x80, 0x50, 0x0f, 0x90, 0xc0, 0x9f, 0x50]);
+    }
+
+    /// `pop rax; add al, 0x7f; sahf; pop rax`: the flags back (OF from al's bit 0), then rax.
+    fn restore(&mut self) {
+        self.b(&[0x58, 0x04, 0x7f, 0x9e, 0x58]);
+    }
+
+    /// `lea rsp, [rsp+128]` (disp32: +128 is not a disp8).
+    fn leave_red_zone(&mut self) {
+        self.b(&[0x48, 0x8d, 0xa4, 0x24]).d32(128);
+    }
+
+    /// `lea rsp, [rsp-128]`.
+    fn enter_red_zone(&mut self) {
+        self.b(&[0x48, 0x8d, 0x64, 0x24, 0x80]);
+    }
+
+    /// `mov rax, qword ptr fs:[tls]` (absolute, not RIP-relative).
+    fn load_block(&mut self, tls: i32) {
+        self.b(&[0x64, 0x48, 0x8b, 0x04, 0x25]).d32(tls);
+    }
+
+    fn finish(mut self) -> Option<(Vec<u8>, [usize; 9])> {
+        let mut at = [0; 9];
+        for (i, l) in self.labels.iter().enumerate() {
+            at[i] = (*l)?;
+        }
+        for &(field, l) in &self.fixups {
+            let rel = at[l as usize] as i64 - (field as i64 + 4);
+            self.code[field..field + 4].copy_from_slice(&(rel as i32).to_le_bytes());
+        }
+        Some((self.code, at))
+    }
+}
+
+const JZ: u8 = 0x4;
+const JAE: u8 = 0x3;
+const JBE: u8 = 0x6;
+
 fn assemble_body(
     d: &Decoded,
     site: u64,
     counters: Counters,
-    at: u64,
     relocated: &[u8],
 ) -> Result<Assembled, XolError> {
-    use iced_x86::code_asm::*;
-    use iced_x86::BlockEncoderOptions;
-    let err = |e: iced_x86::IcedError| XolError::Relocate { insn: d.text(), why: e.to_string() };
     let tls = i32::try_from(thread::tls_offset())
         .map_err(|_| XolError::Relocate { insn: d.text(), why: "TLS out of reach".into() })?;
-    // mov rax, qword ptr fs:[tls] (fixed encoding: absolute, not RIP-relative).
-    let mut load_block = vec![0x64, 0x48, 0x8b, 0x04, 0x25];
-    load_block.extend_from_slice(&tls.to_le_bytes());
     let counter_at = |c: u32| (COUNTERS_AT + c as u64 * 8) as i32;
-    let mut a = CodeAssembler::new(64).map_err(err)?;
-    let mut count = a.create_label();
-    let mut insn = a.create_label();
-    let mut count_slow = a.create_label();
-    let mut common = a.create_label();
-    let mut full = a.create_label();
-    let mut ret = a.create_label();
-    let mut ret_push = a.create_label();
-    let mut ret_slow = a.create_label();
-    let mut full_ptr = a.create_label();
-    let save = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
-        a.lea(rsp, ptr(rsp - 128))?;
-        a.push(rax)?;
-        a.seto(al)?;
-        a.lahf()?;
-        a.push(rax)
-    };
-    let restore = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
-        a.pop(rax)?;
-        a.add(al, 0x7f)?;
-        a.sahf()?;
-        a.pop(rax)
-    };
-    (|| -> Result<(), iced_x86::IcedError> {
-        a.set_label(&mut count)?;
+    let mut a = Asm::new();
+    a.label(L::Count);
+    if counters.hits != NO_COUNTER {
+        a.save();
+        a.load_block(tls);
+        a.b(&[0x48, 0x85, 0xc0]); // test rax, rax
+        a.jcc(JZ, L::CountSlow);
+        a.b(&[0x48, 0xff, 0x80]).d32(counter_at(counters.hits)); // inc qword ptr [rax+disp32]
+        a.restore();
+        a.leave_red_zone();
+    } else {
+        a.jmp(L::Full);
+    }
+    a.label(L::Insn);
+    a.b(relocated);
+    a.label(L::CountSlow);
+    a.restore();
+    a.label(L::Common);
+    a.b(&[0x50]); // push rax
+    a.b(&[0x48, 0xb8]).q64(site); // mov rax, site
+    a.b(&[0xff, 0x15]).rel(L::FullPtr); // call qword ptr [rip + full_ptr]
+    a.leave_red_zone();
+    a.jmp(L::Insn);
+    a.label(L::Full);
+    a.enter_red_zone();
+    a.jmp(L::Common);
+    a.label(L::Ret);
+    if counters.returns == NO_COUNTER {
+        a.jmp(L::Full);
+        a.label(L::RetPush);
+        a.label(L::RetSlow);
+    } else {
+        a.save();
+        a.b(&[0x51, 0x52, 0x56]); // push rcx; push rdx; push rsi
+        a.load_block(tls);
+        a.b(&[0x48, 0x85, 0xc0]); // test rax, rax
+        a.jcc(JZ, L::RetSlow);
+        a.b(&[0x8b, 0x88]).d32(RET_DEPTH_AT); // mov ecx, dword ptr [rax + ret_depth]
+        a.b(&[0x81, 0xf9]).d32(thread::RET_STACK as i32); // cmp ecx, RET_STACK
+        a.jcc(JAE, L::RetSlow);
+        // lea rsi, [rsp + 168]: the program's rsp (5 pushes and the red zone)
+        a.b(&[0x48, 0x8d, 0xb4, 0x24]).d32(168);
+        a.b(&[0x85, 0xc9]); // test ecx, ecx
+        a.jcc(JZ, L::RetPush);
+        // A pending frame at or below this one (a longjmp abandoned it, or a tail call chains
+        // to it) is the full entry's to sort out.
+        a.b(&[0x48, 0x8d, 0x14, 0x89]); // lea rdx, [rcx + rcx*4]
+                                        // cmp qword ptr [rax + rdx*8 + frames - frame], rsi
+        a.b(&[0x48, 0x39, 0xb4, 0xd0]).d32(FRAMES_AT - FRAME_SIZE);
+        a.jcc(JBE, L::RetSlow);
+        a.label(L::RetPush);
+        a.b(&[0x48, 0x8d, 0x14, 0x89]); // lea rdx, [rcx + rcx*4]
+        a.b(&[0x48, 0x8d, 0x94, 0xd0]).d32(FRAMES_AT); // lea rdx, [rax + rdx*8 + frames]
+                                                       // A signal handler may run a return-probed function anywhere in here: the frame is
+                                                       // taken (depth + 1) with a slot above every stack first, so that a nested hijack
+                                                       // neither overwrites it nor takes it for abandoned; its slot is written last.
+        a.b(&[0x48, 0xc7, 0x02]).d32(-1); // mov qword ptr [rdx], -1
+        a.b(&[0xff, 0x80]).d32(RET_DEPTH_AT); // inc dword ptr [rax + ret_depth]
+        a.b(&[0x48, 0x8b, 0x0e]); // mov rcx, qword ptr [rsi]
+        a.b(&[0x48, 0x89, 0x4a, 0x08]); // mov qword ptr [rdx+8], rcx: the real return address
+        a.b(&[0x48, 0xb9]).q64(site); // mov rcx, site
+        a.b(&[0x48, 0x89, 0x4a, 0x10]); // mov qword ptr [rdx+16], rcx: the site
+        a.b(&[0x48, 0xc7, 0x42, 0x18]).d32(0); // mov qword ptr [rdx+24], 0: no entry_ns here
+                                               // mov qword ptr [rdx+32], counter (flags 0)
+        a.b(&[0x48, 0xc7, 0x42, 0x20]).d32(counters.returns as i32);
+        a.b(&[0x48, 0x89, 0x32]); // mov qword ptr [rdx], rsi: the slot
         if counters.hits != NO_COUNTER {
-            save(&mut a)?;
-            a.db(&load_block)?;
-            a.test(rax, rax)?;
-            a.jz(count_slow)?;
-            a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
-            restore(&mut a)?;
-            a.lea(rsp, ptr(rsp + 128))?;
-        } else {
-            a.jmp(full)?;
+            a.b(&[0x48, 0xff, 0x80]).d32(counter_at(counters.hits)); // inc qword ptr [rax+disp32]
         }
-        a.set_label(&mut insn)?;
-        a.db(relocated)?;
-        a.set_label(&mut count_slow)?;
-        restore(&mut a)?;
-        a.set_label(&mut common)?;
-        a.push(rax)?;
-        a.mov(rax, site)?;
-        a.call(qword_ptr(full_ptr))?;
-        a.lea(rsp, ptr(rsp + 128))?;
-        a.jmp(insn)?;
-        a.set_label(&mut full)?;
-        a.lea(rsp, ptr(rsp - 128))?;
-        a.jmp(common)?;
-        a.set_label(&mut ret)?;
-        if counters.returns == NO_COUNTER {
-            a.jmp(full)?;
-        } else {
-            save(&mut a)?;
-            a.push(rcx)?;
-            a.push(rdx)?;
-            a.push(rsi)?;
-            a.db(&load_block)?;
-            a.test(rax, rax)?;
-            a.jz(ret_slow)?;
-            a.mov(ecx, dword_ptr(rax + RET_DEPTH_AT))?;
-            a.cmp(ecx, thread::RET_STACK as u32)?;
-            a.jae(ret_slow)?;
-            a.lea(rsi, ptr(rsp + 168))?; // the program's rsp: 5 pushes and the red zone
-            a.test(ecx, ecx)?;
-            a.jz(ret_push)?;
-            // A pending frame at or below this one (a longjmp abandoned it, or a tail call
-            // chains to it) is the full entry's to sort out.
-            a.lea(rdx, ptr(rcx + rcx * 4))?;
-            a.cmp(qword_ptr(rax + rdx * 8 + (FRAMES_AT - FRAME_SIZE)), rsi)?;
-            a.jbe(ret_slow)?;
-            a.set_label(&mut ret_push)?;
-            a.lea(rdx, ptr(rcx + rcx * 4))?;
-            a.lea(rdx, ptr(rax + rdx * 8 + FRAMES_AT))?;
-            // A signal handler may run a return-probed function anywhere in here: the frame is
-            // taken (depth + 1) with a slot above every stack first, so that a nested hijack
-            // neither overwrites it nor takes it for abandoned; its slot is written last.
-            a.mov(qword_ptr(rdx), -1)?;
-            a.inc(dword_ptr(rax + RET_DEPTH_AT))?;
-            a.mov(rcx, qword_ptr(rsi))?;
-            a.mov(qword_ptr(rdx + 8), rcx)?; // real return address
-            a.mov(rcx, site)?;
-            a.mov(qword_ptr(rdx + 16), rcx)?; // site
-            a.mov(qword_ptr(rdx + 24), 0)?; // entry_ns: no durations here
-            a.mov(qword_ptr(rdx + 32), counters.returns as i32)?; // counter, flags 0
-            a.mov(qword_ptr(rdx), rsi)?; // slot
-            if counters.hits != NO_COUNTER {
-                a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
-            }
-            a.mov(rcx, ret::trampoline())?;
-            a.mov(qword_ptr(rsi), rcx)?;
-            a.pop(rsi)?;
-            a.pop(rdx)?;
-            a.pop(rcx)?;
-            restore(&mut a)?;
-            a.lea(rsp, ptr(rsp + 128))?;
-            a.jmp(insn)?;
-            a.set_label(&mut ret_slow)?;
-            a.pop(rsi)?;
-            a.pop(rdx)?;
-            a.pop(rcx)?;
-            restore(&mut a)?;
-            a.jmp(common)?;
-        }
-        a.set_label(&mut full_ptr)?;
-        a.db(&jump::full_entry().to_le_bytes())
-    })()
-    .map_err(err)?;
-    let res =
-        a.assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).map_err(err)?;
-    let off = |l: &CodeLabel| res.label_ip(l).map(|ip| ip - at).map_err(err);
+        a.b(&[0x48, 0xb9]).q64(ret::trampoline()); // mov rcx, trampoline
+        a.b(&[0x48, 0x89, 0x0e]); // mov qword ptr [rsi], rcx
+        a.b(&[0x5e, 0x5a, 0x59]); // pop rsi; pop rdx; pop rcx
+        a.restore();
+        a.leave_red_zone();
+        a.jmp(L::Insn);
+        a.label(L::RetSlow);
+        a.b(&[0x5e, 0x5a, 0x59]); // pop rsi; pop rdx; pop rcx
+        a.restore();
+        a.jmp(L::Common);
+    }
+    a.label(L::FullPtr);
+    a.q64(jump::full_entry());
+    let (code, labels) = a
+        .finish()
+        .ok_or_else(|| XolError::Relocate { insn: d.text(), why: "body label".into() })?;
+    let off = |l: L| labels[l as usize] as u64;
     Ok(Assembled {
-        count: off(&count)?,
-        full: off(&full)?,
-        ret: off(&ret)?,
-        insn_offset: off(&insn)?,
-        code: res.inner.code_buffer,
+        count: off(L::Count),
+        full: off(L::Full),
+        ret: off(L::Ret),
+        insn_offset: off(L::Insn),
+        code,
     })
 }
 
@@ -476,7 +491,7 @@ fn write_stub(
     if class == 1 {
         code.resize(16, 0xcc); // the whole allocation, so that runs of code are written at once
     }
-    areas.stage(stub, &code);
+    areas.stage(stub, code);
     let rel = (stub.wrapping_sub(after) as i64) as i32;
     let mut jmp = [0u8; JMP_LEN];
     jmp[0] = 0xe9;
@@ -516,7 +531,7 @@ mod tests {
         let d = decode(&bytes, site).unwrap();
         let mut areas = Areas::default();
         let counters = Counters { hits: 3, returns: 4 };
-        let b = write_body(&mut areas, &mut HashMap::new(), &d, site, counters, &maps).unwrap();
+        let b = write_body(&mut areas, &mut FastMap::default(), &d, site, counters, &maps).unwrap();
         let (at, code) = areas.staged().into_iter().next().unwrap();
         let text = disasm(&code, at);
         let line = |off: u64| {
@@ -533,5 +548,209 @@ mod tests {
         // The return entry stores the return counter in the frame.
         assert!(text.iter().any(|l| l.contains("mov qword ptr [rdx+20h],4")), "{text:#?}");
         assert_eq!(b.slot.start, b.insn);
+    }
+
+    /// The body as iced's code assembler built it before the fixed encodings: the reference.
+    fn iced_body(
+        d: &Decoded,
+        site: u64,
+        counters: Counters,
+        at: u64,
+        relocated: &[u8],
+    ) -> Result<Assembled, XolError> {
+        use iced_x86::code_asm::*;
+        use iced_x86::BlockEncoderOptions;
+        let err =
+            |e: iced_x86::IcedError| XolError::Relocate { insn: d.text(), why: e.to_string() };
+        let tls = i32::try_from(thread::tls_offset())
+            .map_err(|_| XolError::Relocate { insn: d.text(), why: "TLS out of reach".into() })?;
+        // mov rax, qword ptr fs:[tls] (fixed encoding: absolute, not RIP-relative).
+        let mut load_block = vec![0x64, 0x48, 0x8b, 0x04, 0x25];
+        load_block.extend_from_slice(&tls.to_le_bytes());
+        let counter_at = |c: u32| (COUNTERS_AT + c as u64 * 8) as i32;
+        let mut a = CodeAssembler::new(64).map_err(err)?;
+        let mut count = a.create_label();
+        let mut insn = a.create_label();
+        let mut count_slow = a.create_label();
+        let mut common = a.create_label();
+        let mut full = a.create_label();
+        let mut ret = a.create_label();
+        let mut ret_push = a.create_label();
+        let mut ret_slow = a.create_label();
+        let mut full_ptr = a.create_label();
+        let save = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
+            a.lea(rsp, ptr(rsp - 128))?;
+            a.push(rax)?;
+            a.seto(al)?;
+            a.lahf()?;
+            a.push(rax)
+        };
+        let restore = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
+            a.pop(rax)?;
+            a.add(al, 0x7f)?;
+            a.sahf()?;
+            a.pop(rax)
+        };
+        (|| -> Result<(), iced_x86::IcedError> {
+            a.set_label(&mut count)?;
+            if counters.hits != NO_COUNTER {
+                save(&mut a)?;
+                a.db(&load_block)?;
+                a.test(rax, rax)?;
+                a.jz(count_slow)?;
+                a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
+                restore(&mut a)?;
+                a.lea(rsp, ptr(rsp + 128))?;
+            } else {
+                a.jmp(full)?;
+            }
+            a.set_label(&mut insn)?;
+            a.db(relocated)?;
+            a.set_label(&mut count_slow)?;
+            restore(&mut a)?;
+            a.set_label(&mut common)?;
+            a.push(rax)?;
+            a.mov(rax, site)?;
+            a.call(qword_ptr(full_ptr))?;
+            a.lea(rsp, ptr(rsp + 128))?;
+            a.jmp(insn)?;
+            a.set_label(&mut full)?;
+            a.lea(rsp, ptr(rsp - 128))?;
+            a.jmp(common)?;
+            a.set_label(&mut ret)?;
+            if counters.returns == NO_COUNTER {
+                a.jmp(full)?;
+            } else {
+                save(&mut a)?;
+                a.push(rcx)?;
+                a.push(rdx)?;
+                a.push(rsi)?;
+                a.db(&load_block)?;
+                a.test(rax, rax)?;
+                a.jz(ret_slow)?;
+                a.mov(ecx, dword_ptr(rax + RET_DEPTH_AT))?;
+                a.cmp(ecx, thread::RET_STACK as u32)?;
+                a.jae(ret_slow)?;
+                a.lea(rsi, ptr(rsp + 168))?; // the program's rsp: 5 pushes and the red zone
+                a.test(ecx, ecx)?;
+                a.jz(ret_push)?;
+                // A pending frame at or below this one (a longjmp abandoned it, or a tail call
+                // chains to it) is the full entry's to sort out.
+                a.lea(rdx, ptr(rcx + rcx * 4))?;
+                a.cmp(qword_ptr(rax + rdx * 8 + (FRAMES_AT - FRAME_SIZE)), rsi)?;
+                a.jbe(ret_slow)?;
+                a.set_label(&mut ret_push)?;
+                a.lea(rdx, ptr(rcx + rcx * 4))?;
+                a.lea(rdx, ptr(rax + rdx * 8 + FRAMES_AT))?;
+                // A signal handler may run a return-probed function anywhere in here: the frame is
+                // taken (depth + 1) with a slot above every stack first, so that a nested hijack
+                // neither overwrites it nor takes it for abandoned; its slot is written last.
+                a.mov(qword_ptr(rdx), -1)?;
+                a.inc(dword_ptr(rax + RET_DEPTH_AT))?;
+                a.mov(rcx, qword_ptr(rsi))?;
+                a.mov(qword_ptr(rdx + 8), rcx)?; // real return address
+                a.mov(rcx, site)?;
+                a.mov(qword_ptr(rdx + 16), rcx)?; // site
+                a.mov(qword_ptr(rdx + 24), 0)?; // entry_ns: no durations here
+                a.mov(qword_ptr(rdx + 32), counters.returns as i32)?; // counter, flags 0
+                a.mov(qword_ptr(rdx), rsi)?; // slot
+                if counters.hits != NO_COUNTER {
+                    a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
+                }
+                a.mov(rcx, ret::trampoline())?;
+                a.mov(qword_ptr(rsi), rcx)?;
+                a.pop(rsi)?;
+                a.pop(rdx)?;
+                a.pop(rcx)?;
+                restore(&mut a)?;
+                a.lea(rsp, ptr(rsp + 128))?;
+                a.jmp(insn)?;
+                a.set_label(&mut ret_slow)?;
+                a.pop(rsi)?;
+                a.pop(rdx)?;
+                a.pop(rcx)?;
+                restore(&mut a)?;
+                a.jmp(common)?;
+            }
+            a.set_label(&mut full_ptr)?;
+            a.db(&jump::full_entry().to_le_bytes())
+        })()
+        .map_err(err)?;
+        let res = a
+            .assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+            .map_err(err)?;
+        let off = |l: &CodeLabel| res.label_ip(l).map(|ip| ip - at).map_err(err);
+        Ok(Assembled {
+            count: off(&count)?,
+            full: off(&full)?,
+            ret: off(&ret)?,
+            insn_offset: off(&insn)?,
+            code: res.inner.code_buffer,
+        })
+    }
+
+    /// The instructions of a body (not its final pointer), with each branch's target and each
+    /// RIP-relative operand named by the index of the instruction it reaches.
+    fn listing(code: &[u8]) -> Vec<String> {
+        let code = &code[..code.len() - 8];
+        let insns: Vec<_> =
+            Decoder::with_ip(64, code, 0x1000, DecoderOptions::NONE).into_iter().collect();
+        let index = |ip: u64| {
+            insns.iter().position(|i| i.ip() == ip).map_or("data".to_string(), |n| format!("#{n}"))
+        };
+        let mut f = IntelFormatter::new();
+        insns
+            .iter()
+            .map(|i| {
+                let mut s = String::new();
+                f.format(i, &mut s);
+                if i.is_jmp_short_or_near() || i.is_jcc_short_or_near() {
+                    s = format!("{:?} {}", i.mnemonic(), index(i.near_branch_target()));
+                } else if i.is_ip_rel_memory_operand() {
+                    s = format!("{:?} [rip -> {}]", i.code(), index(i.ip_rel_memory_address()));
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// The fixed-encoding body is, instruction for instruction, the body iced assembled.
+    #[test]
+    fn bodies_match_the_assembled_reference() {
+        let site = 0x5555_0000_1234u64;
+        let d = decode(
+            &[
+                0x48, 0x89, 0xe5, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90,
+                0x90, 0x90,
+            ],
+            site,
+        )
+        .unwrap();
+        let relocated = [0x48, 0x89, 0xe5, 0xe9, 1, 2, 3, 4];
+        for (hits, returns) in
+            [(3, NO_COUNTER), (NO_COUNTER, 4), (3, 4), (NO_COUNTER, NO_COUNTER), (700, 9)]
+        {
+            let counters = Counters { hits, returns };
+            let ours = assemble_body(&d, site, counters, &relocated).unwrap();
+            let theirs = iced_body(&d, site, counters, 0x1000, &relocated).unwrap();
+            let (a, b) = (listing(&ours.code), listing(&theirs.code));
+            assert_eq!(a, b, "counters {hits} {returns}");
+            assert!(a.len() > 10);
+            // The entries are the same instructions.
+            let nth = |code: &[u8], off: u64| {
+                Decoder::with_ip(64, code, 0, DecoderOptions::NONE)
+                    .into_iter()
+                    .position(|i| i.ip() == off)
+            };
+            for (x, y) in [
+                (ours.count, theirs.count),
+                (ours.full, theirs.full),
+                (ours.ret, theirs.ret),
+                (ours.insn_offset, theirs.insn_offset),
+            ] {
+                assert_eq!(nth(&ours.code, x), nth(&theirs.code, y), "counters {hits} {returns}");
+            }
+            assert_eq!(ours.code[ours.code.len() - 8..], theirs.code[theirs.code.len() - 8..]);
+        }
     }
 }

@@ -6,7 +6,7 @@
 //!
 //! | instruction | relocated as |
 //! | --- | --- |
-//! | anything that does not branch | re-encoded at the new address (RIP-relative operands reach the same bytes), then `jmp` back |
+//! | anything that does not branch | copied, a RIP-relative displacement changed to reach the same bytes, then `jmp` back |
 //! | `syscall` | itself, `lea rcx, [rip + …]` (the address the kernel would have left there), `jmp` back |
 //! | `jmp rel` | `jmp rel32` to the same target |
 //! | `jcc rel` | `jcc rel32` to the target, `jmp rel32` to the next instruction |
@@ -14,7 +14,7 @@
 //! | `call rel32` | the return address (the original next instruction) written below rsp, `lea rsp, [rsp - 8]`, `jmp` to the target |
 //! | `call reg` | the same, then `jmp reg` |
 //! | `call [mem]` | `push [mem]` (reads the target first, as `call` does), a copy of it one slot lower, the return address written over the first, `jmp [rsp - 8]` |
-//! | `jmp reg`, `jmp [mem]`, `ret`, `ret imm16` | re-encoded as they are |
+//! | `jmp reg`, `jmp [mem]`, `ret`, `ret imm16` | copied as they are (a RIP-relative `jmp [mem]` as above) |
 //!
 //! Every rewrite writes the stack only below rsp, at most 16 bytes: the kernel never puts a signal
 //! frame in the 128 bytes below rsp, and the bytes the original instruction would write hold the
@@ -48,7 +48,7 @@ pub fn relocate(d: &Decoded, site: u64, at: u64) -> Result<Relocated, XolError> 
     let mut syscall = false;
     let insn_len = match d.emu {
         None => {
-            c.encode(&d.insn)?;
+            c.copy()?;
             let n = c.buf.len();
             if d.insn.code() == Code::Syscall {
                 syscall = true;
@@ -116,7 +116,7 @@ pub fn relocate(d: &Decoded, site: u64, at: u64) -> Result<Relocated, XolError> 
             n
         }
         Some(Emu::JmpIndirect { .. }) | Some(Emu::Ret { .. }) => {
-            c.encode(&d.insn)?;
+            c.copy()?;
             c.buf.len()
         }
     };
@@ -167,6 +167,13 @@ impl Code64<'_> {
 
     fn cannot(&self, e: impl std::fmt::Display) -> XolError {
         XolError::Relocate { insn: self.d.text(), why: e.to_string() }
+    }
+
+    /// The instruction itself, moved here (see [`Decoded::moved_to`]).
+    fn copy(&mut self) -> Result<(), XolError> {
+        let (bytes, n) = self.d.moved_to(self.here())?;
+        self.raw(&bytes[..n]);
+        Ok(())
     }
 
     fn encode(&mut self, insn: &Instruction) -> Result<(), XolError> {

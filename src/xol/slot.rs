@@ -1,9 +1,10 @@
-//! XOL slots: the displaced instruction copied out of line, re-encoded for its new address (so that
-//! a RIP-relative operand still reaches its target), followed by a `jmp rel32` back to the next
-//! instruction: one trap per hit, no single-step. Slots are written once and never reused for
-//! another instruction: a thread preempted inside a slot always finds the bytes it started.
+//! XOL slots: the displaced instruction copied out of line, its RIP-relative displacement (if any)
+//! changed for its new address (so that the operand still reaches its target), followed by a
+//! `jmp rel32` back to the next instruction: one trap per hit, no single-step. Slots are written
+//! once and never reused for another instruction: a thread preempted inside a slot always finds
+//! the bytes it started.
 
-use iced_x86::{Code, Encoder};
+use iced_x86::Code;
 
 use super::area::Areas;
 use super::decode::{Decoded, XolError};
@@ -17,10 +18,8 @@ pub const SLOT_SIZE: usize = 32;
 /// The bytes of the slot at `slot` for instruction `d`, which sits at `site`.
 pub fn slot_code(d: &Decoded, site: u64, slot: u64) -> Result<Vec<u8>, XolError> {
     debug_assert!(d.emu.is_none());
-    let mut enc = Encoder::new(64);
-    enc.encode(&d.insn, slot)
-        .map_err(|e| XolError::Relocate { insn: d.text(), why: e.to_string() })?;
-    let mut code = enc.take_buffer();
+    let (bytes, n) = d.moved_to(slot)?;
+    let mut code = bytes[..n].to_vec();
     let next = site.wrapping_add(d.len as u64);
     if d.insn.code() == Code::Syscall {
         // syscall leaves the address of the following instruction in rcx; make it the original one.
@@ -46,7 +45,7 @@ fn rel32(from: u64, to: u64, d: &Decoded) -> Result<i32, XolError> {
 /// registered again gets its old slot back, so add/remove cycles do not consume slots.
 #[derive(Default)]
 pub struct Slots {
-    written: std::collections::HashMap<(u64, [u8; 16]), SlotMap>,
+    written: crate::runtime::hash::FastMap<(u64, [u8; 16]), SlotMap>,
 }
 
 impl Slots {
@@ -65,10 +64,10 @@ impl Slots {
         }
         let slot = areas.alloc_near(site, SLOT_SIZE as u64, 16, maps)?;
         let code = slot_code(d, site, slot)?;
-        let len = relocated_len(d, slot)?;
+        let len = d.len;
         let mut padded = code.clone();
         padded.resize(SLOT_SIZE, 0xcc); // the whole slot: consecutive slots are written at once
-        areas.stage(slot, &padded);
+        areas.stage(slot, padded);
         let m = SlotMap {
             start: slot,
             len: len as u32,
@@ -93,12 +92,6 @@ impl Slots {
         v.sort_by_key(|m| m.start);
         v
     }
-}
-
-/// The length of the relocated copy of `d` at `slot`.
-fn relocated_len(d: &Decoded, slot: u64) -> Result<usize, XolError> {
-    let mut enc = Encoder::new(64);
-    enc.encode(&d.insn, slot).map_err(|e| XolError::Relocate { insn: d.text(), why: e.to_string() })
 }
 
 #[cfg(test)]
