@@ -107,7 +107,7 @@ fn map_rings() -> Result<(), String> {
     rec::PID.store(sys::getpid(), Ordering::Relaxed);
     if rec::RING_POOL.load(Ordering::Acquire).is_null() {
         let len = RINGS * std::mem::size_of::<Ring>();
-        let pool = sys::mmap_anon(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_NORESERVE)
+        let pool = sys::mmap_far(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_NORESERVE)
             .map_err(|e| format!("cannot map {} KiB of event rings: {e}", len / 1024))?;
         // Zeroed memory is RINGS free, empty rings.
         rec::RING_POOL.store(pool as *mut Ring, Ordering::Release);

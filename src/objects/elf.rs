@@ -88,8 +88,7 @@ impl Bytes {
         let base = if len == 0 {
             0
         } else {
-            sys::mmap_anon(
-                0,
+            sys::mmap_far(
                 len.next_multiple_of(sys::PAGE),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_NORESERVE,

@@ -28,7 +28,7 @@ static PLACED: Mutex<Vec<Placed>> = Mutex::new(Vec::new());
 pub fn enable(maps: &[MapEntry]) -> Result<(), String> {
     if stacks::TABLE.load(Ordering::Acquire).is_null() {
         let len = ENTRIES * std::mem::size_of::<Entry>();
-        let t = sys::mmap_anon(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_NORESERVE)
+        let t = sys::mmap_far(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_NORESERVE)
             .map_err(|e| format!("cannot map {} KiB for stacks: {e}", len / 1024))?;
         stacks::TABLE.store(t as *mut Entry, Ordering::Release);
     }

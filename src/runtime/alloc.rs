@@ -59,11 +59,29 @@ impl Allocator {
     }
 }
 
+/// The smallest class that holds `layout` (every class is a multiple of 16, so any alignment up
+/// to 16 is met). Computed, not searched: a process's setup allocates tens of thousands of times
+/// (iced's decoder tables alone, twenty thousand boxes).
 fn class_of(layout: &Layout) -> Option<usize> {
-    if layout.align() > 16 {
+    let size = layout.size();
+    if layout.align() > 16 || size > CLASSES[N_CLASSES - 1] {
         return None;
     }
-    CLASSES.iter().position(|&c| c >= layout.size() && c % layout.align() == 0)
+    if size <= 64 {
+        // 16, 32, 48, 64
+        return Some(size.max(1).div_ceil(16) - 1);
+    }
+    // Above 64: two classes an octave (2^k * 1.0 is the previous octave's top, 1.5 * 2^k, 2^(k+1))
+    // up to 4096, then powers of two.
+    let k = usize::BITS - 1 - (size - 1).leading_zeros(); // 2^k < size <= 2^(k+1)
+    let k = k as usize;
+    if size > 4096 {
+        return Some(15 + (k + 1 - 12));
+    }
+    let half = (1usize << k) + (1usize << (k - 1)); // 1.5 * 2^k
+                                                    // k = 6: 96 (4), 128 (5); k = 7: 192 (6), 256 (7); ... k = 11: 3072 (14), 4096 (15)
+    let base = 4 + 2 * (k - 6);
+    Some(if size <= half { base } else { base + 1 })
 }
 
 fn pages(size: usize) -> usize {
@@ -92,7 +110,7 @@ unsafe impl GlobalAlloc for Allocator {
         }
         let (mut at, mut end) = h.bump[c];
         if at + size > end {
-            match sys::mmap_anon(0, REFILL, RW, 0) {
+            match sys::mmap_far(REFILL, RW, 0) {
                 Ok(p) => (at, end) = (p, p + REFILL),
                 Err(_) => return null_mut(),
             }
@@ -177,3 +195,21 @@ unsafe impl GlobalAlloc for Allocator {
 /// The allocator of everything libuprobe allocates.
 #[global_allocator]
 pub static ALLOCATOR: Allocator = Allocator::new();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The computed class is the smallest one that holds the size, for every size and alignment.
+    #[test]
+    fn every_size_gets_the_smallest_class() {
+        for align in [1, 2, 4, 8, 16, 32] {
+            for size in 0..=CLASSES[N_CLASSES - 1] + 17 {
+                let Ok(layout) = Layout::from_size_align(size, align) else { continue };
+                let searched =
+                    (align <= 16).then(|| CLASSES.iter().position(|&c| c >= size)).flatten();
+                assert_eq!(class_of(&layout), searched, "size {size} align {align}");
+            }
+        }
+    }
+}

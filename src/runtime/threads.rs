@@ -85,7 +85,7 @@ pub fn spawn(name: &'static str, body: Body) -> Result<(), SpawnError> {
 }
 
 fn spawn_locked(threads: &mut Threads, name: &'static str, body: Body) -> Result<(), SpawnError> {
-    let stack = sys::mmap_anon(0, STACK, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_NORESERVE)
+    let stack = sys::mmap_far(STACK, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_NORESERVE)
         .map_err(|errno| SpawnError::Stack { name, errno })?;
     if !thread::add_runtime_stack(stack as u64, (stack + STACK) as u64) {
         // SAFETY: the stack was never used.

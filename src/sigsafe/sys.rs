@@ -128,6 +128,42 @@ pub fn mmap_anon(hint: usize, len: usize, prot: i32, extra: i32) -> Result<usize
     Ok(ret)
 }
 
+/// The next address of the far zone (0: not chosen yet). See [`mmap_far`].
+static FAR_NEXT: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Map `len` bytes of libuprobe's own memory (event rings, thread blocks, runtime stacks, the
+/// allocator's chunks) far from the program's code: 32 GiB below libuprobe's text (and so below
+/// the libraries the loader put beside it), not where the kernel would put it, right under them.
+/// There it would take the room that punned jumps' stubs need, which is fixed by the program's
+/// bytes to within 2 GiB of its code (a 92 MiB event pool turned a few dozen of libc's functions
+/// into traps, `_setjmp` among them, where libuprobe's own threads then trapped at their start).
+/// Anywhere the kernel likes if the zone is taken. Async-signal-safe: an atomic bump and mmap.
+pub fn mmap_far(len: usize, prot: i32, extra: i32) -> Result<usize, Errno> {
+    use core::sync::atomic::Ordering;
+    let len = len.next_multiple_of(PAGE);
+    if FAR_NEXT.load(Ordering::Relaxed) == 0 {
+        let own = mmap_far as *const () as usize;
+        let zone = own.saturating_sub(32 << 30) & !((1 << 30) - 1);
+        let _ =
+            FAR_NEXT.compare_exchange(0, zone.max(1 << 32), Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..4 {
+        let at = FAR_NEXT.fetch_add(len + PAGE, Ordering::Relaxed); // a page apart: no merging
+        if at < 1 << 32 || at.checked_add(len).is_none_or(|end| end > 0x7fff_0000_0000) {
+            break;
+        }
+        match mmap_anon(at, len, prot, extra) {
+            Ok(a) => return Ok(a),
+            // Something of the program's is there: the zone goes on a gigabyte further.
+            Err(Errno(libc::EEXIST)) => {
+                FAR_NEXT.fetch_add(1 << 30, Ordering::Relaxed);
+            }
+            Err(_) => break,
+        }
+    }
+    mmap_anon(0, len, prot, extra)
+}
+
 /// Replace `[addr, addr + len)`, which must be a mapping of the caller's own, with fresh
 /// anonymous memory (MAP_FIXED). `extra` adds flags (MAP_POPULATE).
 pub fn map_fixed_anon(addr: usize, len: usize, prot: i32, extra: i32) -> Result<usize, Errno> {
@@ -543,12 +579,13 @@ pub fn read_bytes_safely(addr: u64, buf: &mut [u8]) -> bool {
     let end = addr.wrapping_add(buf.len() as u64);
     while word < end {
         let Some(v) = read_u64_safely(word) else { return false };
-        for (i, b) in v.to_le_bytes().iter().enumerate() {
-            let a = word + i as u64;
-            if a >= addr && a < end {
-                if let Some(slot) = buf.get_mut((a - addr) as usize) {
-                    *slot = *b;
-                }
+        // The word's bytes that are wanted: all of them but at the ends.
+        let (lo, hi) = (addr.max(word), end.min(word + 8));
+        let (from, to) = ((lo - word) as usize, (lo - addr) as usize);
+        let bytes = v.to_le_bytes();
+        for i in 0..(hi - lo) as usize {
+            if let (Some(d), Some(s)) = (buf.get_mut(to + i), bytes.get(from + i)) {
+                *d = *s;
             }
         }
         word += 8;

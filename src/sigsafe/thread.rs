@@ -221,13 +221,9 @@ fn claim(tid: i32) -> Option<&'static Block> {
     for slot in &CHUNKS {
         let mut chunk = slot.load(Ordering::Acquire);
         if chunk == 0 {
-            let fresh = sys::mmap_anon(
-                0,
-                CHUNK_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_NORESERVE,
-            )
-            .ok()?;
+            let fresh =
+                sys::mmap_far(CHUNK_SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_NORESERVE)
+                    .ok()?;
             match slot.compare_exchange(0, fresh, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => chunk = fresh,
                 Err(other) => {
