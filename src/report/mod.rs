@@ -60,7 +60,12 @@ static OUT: Mutex<Option<OutFile>> = Mutex::new(None);
 /// Write to the report file, opening it on first use. It stays open, so that a program that
 /// drops its privileges (a daemon) can still write its report; a descriptor that is no longer
 /// the file (the program closed it, and the number was reused) is never written to.
-fn write_report_file(template: &str, head: &[u8], text: &[u8]) -> Result<(), sys::Errno> {
+fn write_report_file(
+    template: &str,
+    head: &[u8],
+    text: &[u8],
+    pad: bool,
+) -> Result<(), sys::Errno> {
     let pid = sys::getpid();
     let mut out = OUT.lock();
     let same = |o: &OutFile| {
@@ -90,7 +95,46 @@ fn write_report_file(template: &str, head: &[u8], text: &[u8]) -> Result<(), sys
         }
     }
     let fd = out.as_ref().map_or(-1, |o| o.fd);
-    sys::write_all(fd, text)
+    write_whole_lines(fd, text, pad)
+}
+
+/// Write `text` (whole lines) so that a kill leaves whole lines: the kernel checks for a fatal
+/// signal between the pages of a write to a file, so a batch of events written at once could end
+/// in the middle of one (a Chrome trace that no longer parses). Each write ends at a line end and,
+/// where the line fits, at or before the file's next page boundary. With `pad` (a Chrome trace,
+/// where whitespace between events is allowed), a write that stops short of the boundary because
+/// the next line would cross it is filled up to the boundary with a line of spaces, so that no
+/// line ever crosses one; without, a line that crosses one can still be cut, in the microseconds
+/// it takes to copy it.
+fn write_whole_lines(fd: i32, text: &[u8], pad: bool) -> Result<(), sys::Errno> {
+    const PAGE: usize = sys::PAGE;
+    let mut rest = text;
+    let mut buf = Vec::new();
+    while !rest.is_empty() {
+        let size = sys::fstat(fd).map_or(0, |st| st.st_size.max(0) as usize);
+        let room = PAGE - size % PAGE;
+        if rest.len() <= room {
+            return sys::write_all(fd, rest);
+        }
+        let cut = match rest[..room].iter().rposition(|&b| b == b'\n') {
+            Some(i) => i + 1,
+            // (A line longer than a page goes as it is: it crosses a boundary anyway.)
+            None if pad && room < PAGE => 0,
+            // No whole line fits before the boundary: the first line alone.
+            None => rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |i| i + 1),
+        };
+        if pad && cut < room && !(cut == 0 && room == PAGE) {
+            buf.clear();
+            buf.extend_from_slice(&rest[..cut]);
+            buf.resize(room - 1, b' ');
+            buf.push(b'\n');
+            sys::write_all(fd, &buf)?;
+        } else {
+            sys::write_all(fd, &rest[..cut])?;
+        }
+        rest = &rest[cut..];
+    }
+    Ok(())
 }
 
 /// Fork: the report file's lock is held across it (see runtime::fork).
@@ -133,7 +177,8 @@ fn write_out(text: &str, head: &[u8]) {
         let _ = sys::write_all(fd, text.as_bytes());
         return;
     };
-    if let Err(e) = write_report_file(template, head, text.as_bytes()) {
+    // A Chrome trace (the only report with a head) may hold whitespace between events.
+    if let Err(e) = write_report_file(template, head, text.as_bytes(), !head.is_empty()) {
         let path = template.replace("%p", &sys::getpid().to_string());
         if !OUTPUT_FAILED.swap(true, Ordering::Relaxed) {
             let msg = format!(
