@@ -74,8 +74,13 @@ fn dir() -> Option<String> {
 /// The cached bytes of `kind` for the file `key`, if any.
 pub fn get(key: &Key, kind: &str) -> Option<Vec<u8>> {
     let path = format!("{}/{}", dir()?, key.name(kind));
-    let data = fs::read(&path).ok()?;
-    data.strip_prefix(MAGIC.as_slice()).map(<[u8]>::to_vec)
+    let mut data = fs::read(&path).ok()?;
+    if !data.starts_with(MAGIC) {
+        return None;
+    }
+    // In place: libc's entry is 200 KiB, and a copy is a fresh mapping to fill.
+    data.drain(..MAGIC.len());
+    Some(data)
 }
 
 /// Keep `data` as `kind` for the file `key` (best effort).

@@ -83,3 +83,56 @@ pub fn find(maps: &[MapEntry], addr: u64) -> Option<&MapEntry> {
     let i = maps.partition_point(|m| m.end <= addr);
     maps.get(i).filter(|m| m.contains(addr))
 }
+
+/// Which pages of a private file mapping still hold the file's bytes, from `/proc/self/pagemap`:
+/// a page not yet faulted in, or one that is the file's own page (`PM_FILE`), has the file's
+/// bytes; a page that copy-on-write replaced (anything written to it: libuprobe's own patches,
+/// a debugger's breakpoint, a kernel uprobe, another tool's hook) is anonymous and may not. The
+/// code of a pristine page is the file's, read in place instead of from the file (reading
+/// libc's two megabytes of code from the file was a twentieth of setting up `libc.so.6:*`).
+pub struct Pristine {
+    start: u64,
+    entries: Vec<u64>,
+}
+
+impl Pristine {
+    /// The pages of `m` (None if pagemap cannot be read: then nothing is taken for pristine).
+    pub fn of(m: &MapEntry) -> Option<Pristine> {
+        const PAGE: u64 = crate::sigsafe::sys::PAGE as u64;
+        let pages = ((m.end - m.start) / PAGE) as usize;
+        let fd = fs::Fd::open("/proc/self/pagemap", libc::O_RDONLY).ok()?;
+        let mut raw = vec![0u8; pages * 8];
+        let n = crate::sigsafe::sys::pread(fd.0, &mut raw, m.start / PAGE * 8).ok()?;
+        if n != raw.len() {
+            return None;
+        }
+        let entries = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        Some(Pristine { start: m.start, entries })
+    }
+
+    /// Is this the pages of `m` (the same start and length)?
+    pub fn covers(&self, m: &MapEntry) -> bool {
+        self.start == m.start
+            && self.entries.len() as u64 * crate::sigsafe::sys::PAGE as u64 == m.end - m.start
+    }
+
+    /// Do `[addr, addr + len)` lie in pages that hold the file's bytes?
+    pub fn holds(&self, addr: u64, len: u64) -> bool {
+        const PAGE: u64 = crate::sigsafe::sys::PAGE as u64;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const FILE: u64 = 1 << 61;
+        if addr < self.start || len == 0 {
+            return false;
+        }
+        let (first, last) = ((addr - self.start) / PAGE, (addr + len - 1 - self.start) / PAGE);
+        (first..=last).all(|p| match self.entries.get(p as usize) {
+            Some(&e) if e & PRESENT != 0 => e & FILE != 0,
+            Some(&e) => e & SWAPPED == 0,
+            None => false,
+        })
+    }
+}

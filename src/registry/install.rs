@@ -119,17 +119,28 @@ impl Registry {
         if m.prot & libc::PROT_READ == 0 {
             return Err(ProbeError::ExecuteOnly { path: m.path.clone(), addr: m.start });
         }
-        let obj = LoadedObject {
-            id: key.file,
-            path: m.path.trim_end_matches(" (deleted)").to_string(),
-            is_main: false,
-            is_self: false,
-        };
-        let elf = self.resolver.elf(&obj, maps)?;
-        let mut bytes = [0x90u8; 16];
-        let from_file = elf.bytes_at(key.offset, 16)?;
-        bytes[..from_file.len()].copy_from_slice(from_file);
         let avail = ((m.end - addr) as usize).min(16);
+        let mut bytes = [0x90u8; 16];
+        // Where the page still is the file's (and all 16 bytes are mapped, so that they are the
+        // same 16 either way), its code is read in place; elsewhere from the file.
+        if !self.pristine.as_ref().is_some_and(|p| p.covers(m)) {
+            self.pristine = objects::maps::Pristine::of(m);
+        }
+        let in_place = avail == 16
+            && self.pristine.as_ref().is_some_and(|p| p.holds(addr, 16))
+            && patch::read(addr, &mut bytes).is_ok();
+        if !in_place {
+            let obj = LoadedObject {
+                id: key.file,
+                path: m.path.trim_end_matches(" (deleted)").to_string(),
+                is_main: false,
+                is_self: false,
+            };
+            let elf = self.resolver.elf(&obj, maps)?;
+            bytes = [0x90u8; 16];
+            let from_file = elf.bytes_at(key.offset, 16)?;
+            bytes[..from_file.len()].copy_from_slice(from_file);
+        }
         let d = xol::decode(&bytes[..avail.max(1)], addr)
             .map_err(|source| ProbeError::Instruction { symbol: format!("{addr:#x}"), source })?;
         // The code in memory must be the file's: an int3 of someone else's, or code patched by
@@ -240,6 +251,8 @@ impl Registry {
             return Vec::new();
         }
         let mut writer = TextWriter::new();
+        // What is written now makes pages copies of their own: read pagemap again next time.
+        self.pristine = None;
         if let Err(errno) = self.areas.flush(&mut writer) {
             // Without its code, no site planned since the last flush can resume anywhere.
             return self.fail_all(new_installs, spec, ProbeError::Patch { addr: 0, source: errno });

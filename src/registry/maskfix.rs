@@ -137,6 +137,7 @@ impl Registry {
         if !matches!(self.mask_fix, State::NotYet) {
             return;
         }
+        self.pristine = None;
         let loaded = objects::loaded_objects(maps);
         let Some(libc) = loaded.into_iter().find(|o| {
             let name = o.path.rsplit('/').next().unwrap_or("");
@@ -231,6 +232,7 @@ impl Registry {
     /// Put libuprobe's own breakpoint on the loader's `r_brk` (`_dl_debug_state`), which the
     /// loader calls on every change to the link map, whoever asked for it.
     pub fn install_link_map_hook(&mut self, r_brk: u64) -> Result<(), ProbeError> {
+        self.pristine = None;
         let maps = objects::read_maps().map_err(|source| ProbeError::Maps { source })?;
         let m = objects::maps::find(&maps, r_brk)
             .filter(|m| m.is_exec() && m.file.is_some())

@@ -19,7 +19,7 @@ mod install;
 mod maskfix;
 mod publish;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -111,12 +111,15 @@ pub struct Registry {
     trap_reasons: install::TrapReasons,
     /// Counter indexes by (site, is the return counter): kept when a site goes, so that it gets
     /// the same counter back (and its probes' baselines stay right).
-    counters: HashMap<(SiteKey, bool), u32>,
+    counters: crate::runtime::hash::FastMap<(SiteKey, bool), u32>,
     next_counter: u32,
     next_id: ProbeId,
     mask_fix: maskfix::State,
     /// A spec waits for an IFUNC to be resolvable (its object was being loaded).
     ifunc_pending: bool,
+    /// Which pages of the mapping planned last still hold the file's bytes (until the next
+    /// writes: see `install`).
+    pristine: Option<objects::maps::Pristine>,
 }
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
@@ -234,7 +237,7 @@ impl Registry {
         // where a trap may be hit. With one thread on the jump path (the constructor), every
         // site gets its final bytes at once and no thread runs them meanwhile: the mask fixes
         // (a third of setting up one probe) go in only if some site stays a trap.
-        let lazy = Self::mask_fix_may_wait(texts);
+        let lazy = Self::mask_fix_may_wait();
         if !lazy {
             self.ensure_mask_fix(&maps);
         }
@@ -305,6 +308,8 @@ impl Registry {
         mut reuse: Option<ProbeId>,
         in_loader: bool,
     ) -> (Vec<ProbeId>, Vec<Problem>, bool) {
+        // Pagemap is read afresh for each batch: pages written since are copies now.
+        self.pristine = None;
         let mut ids = Vec::new();
         let mut problems = Vec::new();
         // (object, symbol, error) of each probe that could not be set up.
@@ -326,8 +331,12 @@ impl Registry {
                 }
             }
         }
-        let mut new_installs = Vec::new();
+        let mut new_installs = Vec::with_capacity(resolved.len());
         let mut reused_counters = false;
+        // `libc.so.6:*` is two thousand sites: the tables grow once, not a dozen times.
+        self.counters.reserve(resolved.len());
+        self.probes.reserve(resolved.len());
+        self.jumps.reserve(resolved.len());
         for r in resolved {
             let counter = match self.counter_for(r.key, spec.ret) {
                 Ok((c, reused)) => {
@@ -472,6 +481,7 @@ impl Registry {
             // done, rescans.
             return Vec::new();
         }
+        self.pristine = None;
         let Ok(maps) = objects::read_maps() else { return Vec::new() };
         objects::unwind::refresh(&maps);
         // Still mapped: the same file at the same place, whatever the protection is now (a
@@ -557,20 +567,19 @@ impl Registry {
         problems
     }
 
-    /// Can the mask fixes wait for a site that needs a trap (jump path, one thread, and `specs`
-    /// name functions, not globs: the more sites, the likelier one stays a trap, and the mask
-    /// fixes are best placed before the sites, whose jumps then keep clear of them)?
-    fn mask_fix_may_wait(specs: &[&str]) -> bool {
-        config::get().path == config::PathMode::Jump
-            && install::single_threaded()
-            && !specs.iter().any(|t| t.contains(['*', '?', '[']))
+    /// Can the mask fixes wait for a site that needs a trap (jump path, one thread)? Then the
+    /// program's sites go first, in one batch: their stubs and bodies are written straight into
+    /// fresh memory, not through `/proc/self/mem` into areas that the mask fixes' batch made
+    /// executable first. A jump that a mask fix then lies in becomes a trap, as it would have
+    /// had the mask fix been first.
+    fn mask_fix_may_wait() -> bool {
+        config::get().path == config::PathMode::Jump && install::single_threaded()
     }
 
     /// The mask fixes now, unless they may wait for `UPROBES`'s sites (see
     /// [`Registry::register_many`]).
     pub fn ensure_mask_fix_unless_lazy(&mut self, maps: &[MapEntry]) {
-        let specs = crate::spec::split_specs(&config::get().specs);
-        if !Self::mask_fix_may_wait(&specs) {
+        if !Self::mask_fix_may_wait() {
             self.ensure_mask_fix(maps);
         }
     }

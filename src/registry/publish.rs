@@ -16,6 +16,9 @@ impl Registry {
         // Code planned since the last write (bodies for a site's new counter) goes in first.
         let _ = self.areas.flush(&mut TextWriter::new());
         let mut t = Table::default();
+        let installs: usize = self.sites.values().map(|s| s.installs.len()).sum();
+        t.entries.reserve(installs + self.tombstones.len());
+        t.consumers.reserve(self.sites.values().map(|s| s.consumers.len()).sum());
         for site in self.sites.values() {
             let first = t.consumers.len() as u32;
             t.consumers.extend(site.consumers.iter().map(|(_, c)| c.clone()));

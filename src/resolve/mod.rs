@@ -6,7 +6,7 @@ mod boundary;
 mod ifunc;
 pub mod refuse;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::error::ProbeError;
@@ -47,7 +47,7 @@ pub enum NotYet {
 /// The resolver: the ELF files read so far, by identity.
 #[derive(Default)]
 pub struct Resolver {
-    files: HashMap<FileId, Arc<ElfFile>>,
+    files: crate::runtime::hash::FastMap<FileId, Arc<ElfFile>>,
 }
 
 impl Resolver {

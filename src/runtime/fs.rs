@@ -34,7 +34,20 @@ impl Fd {
         let mut len = 0;
         loop {
             if len == out.len() {
-                out.resize(len * 2, 0);
+                // Full: is there more? Asked with a small read first, so that a file as long as
+                // fstat said (a cache entry) is not copied into a buffer twice its size.
+                let mut more = [0u8; 256];
+                match sys::read(self.0, &mut more) {
+                    Ok(0) => return Ok(out),
+                    Ok(n) => {
+                        out.resize(len * 2, 0);
+                        out[len..len + n].copy_from_slice(&more[..n]);
+                        len += n;
+                    }
+                    Err(Errno(libc::EINTR)) => {}
+                    Err(e) => return Err(e),
+                }
+                continue;
             }
             match sys::read(self.0, &mut out[len..]) {
                 Ok(0) => {
