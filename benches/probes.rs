@@ -58,10 +58,11 @@ fn wall(n: usize, mut make: impl FnMut() -> Command) -> Duration {
         .unwrap_or_default()
 }
 
-/// The JSON summary's `setup_ns` of a run of `bench nothing` with `specs` (minimum of `n`).
-fn setup_ns(lib: &Path, specs: &str, path: &str, n: usize) -> f64 {
+/// The JSON summary's `setup_ns` of runs of `bench nothing` with `specs`: the minimum and the
+/// median of `n`.
+fn setup_ns(lib: &Path, specs: &str, path: &str, n: usize) -> (f64, f64) {
     let out = std::env::temp_dir().join(format!("uprobe-bench-{}.jsonl", std::process::id()));
-    let mut best = f64::MAX;
+    let mut all = Vec::new();
     for _ in 0..n {
         let _ = std::fs::remove_file(&out);
         let status = Command::new(bench_exe())
@@ -80,10 +81,11 @@ fn setup_ns(lib: &Path, specs: &str, path: &str, n: usize) -> f64 {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .find_map(|v| v["setup_ns"].as_f64())
             .expect("setup_ns in the summary");
-        best = best.min(ns);
+        all.push(ns);
     }
     let _ = std::fs::remove_file(&out);
-    best
+    all.sort_by(f64::total_cmp);
+    (all[0], all[all.len() / 2])
 }
 
 fn main() {
@@ -173,14 +175,16 @@ fn main() {
     );
 
     // Setup: registering every function of libc.
-    let setup_jump = setup_ns(&lib, "libc.so.6:*", "jump", 5);
+    let setup_jump = setup_ns(&lib, "libc.so.6:*", "jump", 9);
     let setup_trap = setup_ns(&lib, "libc.so.6:*", "trap", 5);
-    let setup_one = setup_ns(&lib, "libc.so.6:malloc", "jump", 5);
+    let setup_one = setup_ns(&lib, "libc.so.6:malloc", "jump", 15);
     println!(
-        "  setup of libc.so.6:* (2,200 sites): {:.1} ms on the jump path, {:.1} ms traps only; libc.so.6:malloc {:.2} ms",
-        setup_jump / 1e6,
-        setup_trap / 1e6,
-        setup_one / 1e6
+        "  setup of libc.so.6:* (2,200 sites): {:.1} ms on the jump path (median {:.1}), {:.1} ms traps only; libc.so.6:malloc {:.2} ms (median {:.2})",
+        setup_jump.0 / 1e6,
+        setup_jump.1 / 1e6,
+        setup_trap.0 / 1e6,
+        setup_one.0 / 1e6,
+        setup_one.1 / 1e6
     );
     let start = |lib: Option<&Path>, specs: Option<&str>| {
         let lib = lib.map(Path::to_path_buf);
