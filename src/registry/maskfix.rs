@@ -152,23 +152,20 @@ impl Registry {
                 return;
             }
         };
-        // Scanned in memory, where libc's code is already (the file's bytes, as `plan_install`
-        // checks for each site found), once per libc file: kept in the cache.
+        // Scanned in the file's bytes, not in memory: the program's own probes may be written
+        // there already (on the jump path they go first), and a jump over a `mov eax, NR` would
+        // hide its system call. Once per libc file: kept in the cache.
         let found = match elf.cached("maskfix").and_then(|c| decode_sites(&c)) {
             Some(found) => found,
             None => {
                 let mut found = Vec::new();
                 for m in maps.iter().filter(|m| m.file == Some(libc.id) && m.is_exec()) {
-                    if m.prot & libc::PROT_READ == 0 {
-                        continue;
-                    }
-                    // SAFETY: a readable mapping of libc, which is never unmapped (and the
-                    // loader waits for the registry before it unmaps anything).
-                    let code = unsafe {
-                        core::slice::from_raw_parts(
-                            m.start as *const u8,
-                            (m.end - m.start) as usize,
-                        )
+                    let code = match elf.bytes_at(m.offset, (m.end - m.start) as usize) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            self.mask_fix = State::Failed(e.to_string());
+                            return;
+                        }
                     };
                     found.extend(find_sites(code, m.offset));
                 }

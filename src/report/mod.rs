@@ -110,6 +110,11 @@ fn write_whole_lines(fd: i32, text: &[u8], pad: bool) -> Result<(), sys::Errno> 
     const PAGE: usize = sys::PAGE;
     let mut rest = text;
     let mut buf = Vec::new();
+    // Pages matter in a regular file only (a pipe or a terminal has no size to go by).
+    let regular = sys::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+    if !regular {
+        return sys::write_all(fd, text);
+    }
     while !rest.is_empty() {
         let size = sys::fstat(fd).map_or(0, |st| st.st_size.max(0) as usize);
         let room = PAGE - size % PAGE;

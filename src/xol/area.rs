@@ -416,10 +416,12 @@ impl Areas {
     /// hundreds, each made read + execute at the next flush. A region is reserved, not used:
     /// only the pages stubs are written to take memory.)
     fn map_stub_region(&mut self, page: u64) -> Option<Area> {
-        const REGIONS: [u64; 2] = [64 << 20, 2 << 20];
+        // With strict overcommit (`vm.overcommit_memory=2`) MAP_NORESERVE is ignored: a writable
+        // region is charged whole, and stays charged once it has pages. There, 2 MiB regions.
+        let sizes: &[u64] = if strict_overcommit() { &[2 << 20] } else { &[64 << 20, 2 << 20] };
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         let zones = self.taken.zones;
-        for size in REGIONS {
+        for &size in sizes {
             let base = page & !(size - 1);
             let free = base >= 0x10000
                 && base + size <= USER_END
@@ -438,6 +440,22 @@ impl Areas {
         let at = sys::mmap_anon(page as usize, PAGE as usize, rw, 0).ok()? as u64;
         self.taken.add(at, at + PAGE);
         Some(Area { base: at, len: PAGE, used: 0, fresh: true })
+    }
+}
+
+/// Does the kernel charge every writable private mapping, MAP_NORESERVE or not?
+fn strict_overcommit() -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static STRICT: AtomicU8 = AtomicU8::new(0); // 0: not read yet; 1: no; 2: yes
+    match STRICT.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let mode = crate::runtime::fs::read_string("/proc/sys/vm/overcommit_memory");
+            let strict = mode.is_ok_and(|m| m.trim() == "2");
+            STRICT.store(if strict { 2 } else { 1 }, Ordering::Relaxed);
+            strict
+        }
     }
 }
 
