@@ -762,8 +762,14 @@ impl Registry {
     }
 
     fn probe_mut(&mut self, id: ProbeId) -> &mut Probe {
-        // Probes are kept in id order (ids only grow; removal keeps the order).
-        let i = self.probes.binary_search_by_key(&id, |p| p.id).unwrap_or(self.probes.len() - 1);
+        // Probes are kept in id order (ids only grow; removal keeps the order). The one just
+        // made, the usual case, is the last.
+        let last = self.probes.len() - 1;
+        let i = if self.probes[last].id == id {
+            last
+        } else {
+            self.probes.binary_search_by_key(&id, |p| p.id).unwrap_or(last)
+        };
         &mut self.probes[i]
     }
 }
