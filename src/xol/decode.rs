@@ -247,9 +247,14 @@ mod tests {
     use super::*;
 
     fn dec(bytes: &[u8]) -> Result<Decoded, XolError> {
+        dec_at(bytes, 0x1000)
+    }
+
+    /// `bytes` (padded with nops to 16) decoded at `ip`.
+    fn dec_at(bytes: &[u8], ip: u64) -> Result<Decoded, XolError> {
         let mut b = bytes.to_vec();
         b.resize(16, 0x90);
-        decode(&b, 0x1000)
+        decode(&b, ip)
     }
 
     #[test]
@@ -323,9 +328,7 @@ mod tests {
             &[0x48, 0x89, 0xe5],                         // mov rbp, rsp: as it is
         ];
         for bytes in cases {
-            let mut b = bytes.to_vec();
-            b.resize(16, 0x90);
-            let d = decode(&b, site).unwrap();
+            let d = dec_at(bytes, site).unwrap();
             for at in [site + 0x1000, site - 0x4000_0000, site + 0x7000_0000] {
                 let Ok((moved, n)) = d.moved_to(at) else {
                     // Only a target out of rel32 reach from `at` is refused.
