@@ -148,8 +148,12 @@ impl Registry {
         // the instruction: they are compared too.)
         let checked = d.len.max(JMP_LEN).min(avail);
         let mut mem = [0u8; 16];
-        patch::read(addr, &mut mem[..checked])
-            .map_err(|source| ProbeError::Patch { addr, source })?;
+        if in_place {
+            mem = bytes; // read from memory just now: the same bytes
+        } else {
+            patch::read(addr, &mut mem[..checked])
+                .map_err(|source| ProbeError::Patch { addr, source })?;
+        }
         if mem[0] == INT3 && bytes[0] != INT3 {
             return Err(ProbeError::AlreadyInt3 { addr });
         }
