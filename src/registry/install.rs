@@ -58,6 +58,10 @@ impl Install {
     }
 }
 
+/// An install planned and not written yet: its site and address. (A site's installs are
+/// consecutive in a batch.)
+pub type NewInstall = (SiteKey, u64);
+
 /// Did planning or writing fail because the code went away (or was being mapped) meanwhile? Such a
 /// site waits for its file to be mapped again, as after any dlclose, instead of failing.
 pub fn vanished(e: &ProbeError) -> bool {
@@ -90,7 +94,9 @@ impl Registry {
         counters: Counters,
         jump_ok: bool,
     ) -> Result<Vec<Install>, ProbeError> {
-        let mut installs = Vec::new();
+        // Nearly always one mapping: room for one (an empty vector grows to four at its first
+        // push, 576 bytes a site that `libc.so.6:*` keeps for two thousand sites).
+        let mut installs = Vec::with_capacity(1);
         for m in maps.iter().filter(|m| m.file == Some(key.file) && m.is_exec()) {
             if let Some(addr) = m.addr_of(key.offset) {
                 installs.push(self.plan_install(key, m, addr, maps, counters, jump_ok)?);
@@ -246,11 +252,7 @@ impl Registry {
 
     /// Publish sites with new installs, then write their patches; a site whose writes fail is
     /// undone entirely and its probes marked failed.
-    pub(super) fn install(
-        &mut self,
-        new_installs: Vec<(SiteKey, Vec<Install>)>,
-        spec: &str,
-    ) -> Vec<Problem> {
+    pub(super) fn install(&mut self, new_installs: Vec<NewInstall>, spec: &str) -> Vec<Problem> {
         if new_installs.is_empty() && self.demote.is_empty() {
             return Vec::new();
         }
@@ -272,15 +274,12 @@ impl Registry {
         let alone = consistent && single_threaded();
         // (address, bytes, how many): int3, or with one thread a jump's final bytes.
         let mut patches: Vec<(u64, [u8; JMP_LEN], usize)> = Vec::new();
-        for (key, installs) in &new_installs {
-            for i in installs {
-                let jump =
-                    if alone { self.find_install(*key, i.addr).and_then(|f| f.jump) } else { None };
-                patches.push(match jump {
-                    Some(j) => (i.addr, j.bytes, j.len as usize),
-                    None => (i.addr, [INT3; JMP_LEN], 1),
-                });
-            }
+        for &(key, addr) in &new_installs {
+            let jump = if alone { self.find_install(key, addr).and_then(|f| f.jump) } else { None };
+            patches.push(match jump {
+                Some(j) => (addr, j.bytes, j.len as usize),
+                None => (addr, [INT3; JMP_LEN], 1),
+            });
         }
         let writes: Vec<(u64, &[u8])> = patches.iter().map(|(a, b, n)| (*a, &b[..*n])).collect();
         let results = if consistent {
@@ -297,9 +296,8 @@ impl Registry {
         // The jumps, for the sites whose int3 is in.
         let jumps: Vec<Install> = new_installs
             .iter()
-            .flat_map(|(k, is)| is.iter().map(move |i| (*k, i.addr)))
             .filter(|(_, a)| !failed.contains_key(a))
-            .filter_map(|(k, a)| self.find_install(k, a))
+            .filter_map(|&(k, a)| self.find_install(k, a))
             .filter(|i| i.jump.is_some() && !alone)
             .collect();
         if alone {
@@ -311,9 +309,10 @@ impl Registry {
         // A failed write takes its whole site down, its other mappings included.
         let mut problems = Vec::new();
         let mut undone = false;
-        for (key, installs) in new_installs {
-            let Some(error) = installs.iter().find_map(|i| failed.get(&i.addr)) else { continue };
-            let addrs: Vec<u64> = installs.iter().map(|i| i.addr).collect();
+        for site in new_installs.chunk_by(|a, b| a.0 == b.0) {
+            let key = site[0].0;
+            let Some(error) = site.iter().find_map(|(_, a)| failed.get(a)) else { continue };
+            let addrs: Vec<u64> = site.iter().map(|&(_, a)| a).collect();
             let ok: Vec<Install> = addrs
                 .iter()
                 .filter(|a| !failed.contains_key(a))
@@ -351,13 +350,14 @@ impl Registry {
     /// Every new install failed before anything was written: forget them.
     fn fail_all(
         &mut self,
-        new_installs: Vec<(SiteKey, Vec<Install>)>,
+        new_installs: Vec<NewInstall>,
         spec: &str,
         error: ProbeError,
     ) -> Vec<Problem> {
         let mut problems = Vec::new();
-        for (key, installs) in new_installs {
-            let addrs: Vec<u64> = installs.iter().map(|i| i.addr).collect();
+        for site in new_installs.chunk_by(|a, b| a.0 == b.0) {
+            let key = site[0].0;
+            let addrs: Vec<u64> = site.iter().map(|&(_, a)| a).collect();
             self.drop_installs(key, &addrs);
             if let Some(site) = self.sites.get(&key) {
                 if site.installs.is_empty() && !site.link_map_hook && site.mask_fix.is_none() {
@@ -392,7 +392,7 @@ impl Registry {
 
     /// Turn the jumps that a newly planned site lies in back into traps, before anything of the
     /// new site is written. A jump planned in this same batch is simply not written.
-    fn demote_pending(&mut self, w: &mut TextWriter, batch: &[(SiteKey, Vec<Install>)]) {
+    fn demote_pending(&mut self, w: &mut TextWriter, batch: &[NewInstall]) {
         let demote = std::mem::take(&mut self.demote);
         if demote.is_empty() {
             return;
@@ -403,7 +403,7 @@ impl Registry {
             let Some(i) = self.find_install(key, addr).filter(|i| i.jump.is_some()) else {
                 continue;
             };
-            let new = batch.iter().any(|(k, is)| *k == key && is.iter().any(|n| n.addr == addr));
+            let new = batch.contains(&(key, addr));
             if !new {
                 written.push(i);
             }

@@ -188,18 +188,19 @@ impl Registry {
             }
             match self.plan_site(key, maps, Counters::NONE, true) {
                 Ok(installs) => {
+                    new_installs.extend(installs.iter().map(|i| (key, i.addr)));
                     self.sites.insert(
                         key,
                         Site {
                             consumers: Vec::new(),
-                            installs: installs.clone(),
+                            installs,
                             link_map_hook: false,
                             mask_fix: Some(fix),
                             counter: NO_COUNTER,
                             ret_counter: NO_COUNTER,
                         },
                     );
-                    new_installs.push((key, installs));
+
                     n += 1;
                 }
                 Err(e) => {
@@ -258,7 +259,7 @@ impl Registry {
                 ret_counter: NO_COUNTER,
             },
         );
-        let problems = self.install(vec![(key, vec![install])], "link-map hook");
+        let problems = self.install(vec![(key, install.addr)], "link-map hook");
         problems.into_iter().next().map_or(Ok(()), |p| Err(p.error))
     }
 }

@@ -405,20 +405,28 @@ impl Registry {
             }
             let changed = site.counters() != before;
             site.consumers.push((id, consumer));
-            site.installs.extend_from_slice(&installs);
             for i in &installs {
                 self.tombstones.remove(&i.addr);
+                new_installs.push((r.key, i.addr));
             }
-            if changed && installs.is_empty() {
+            let none = installs.is_empty();
+            if site.installs.is_empty() {
+                site.installs = installs; // as planned: room for one, usually all it needs
+            } else {
+                site.installs.extend(installs);
+            }
+            if changed && none {
                 // An existing site gets a new counter (a return probe where there were entry
                 // probes, or the reverse): new bodies for its jumps.
                 self.rebody(r.key, maps);
             }
-            new_installs.push((r.key, installs));
             ids.push(id);
         }
         // `baseline` held the counter index until here: the counters' sums now.
         self.set_baselines(&ids, reused_counters);
+        // Probes added to sites that exist have nothing to write, but consumers (and maybe
+        // bodies) to publish.
+        let attached = !ids.is_empty();
         for (object, symbol, error) in failed {
             let id = match reuse.take() {
                 Some(id) => {
@@ -432,7 +440,13 @@ impl Registry {
             ids.push(id);
             problems.push(Problem { spec: spec.text.clone(), error });
         }
-        problems.extend(self.install(new_installs, &spec.text));
+        if new_installs.is_empty() && self.demote.is_empty() {
+            if attached {
+                self.publish();
+            }
+        } else {
+            problems.extend(self.install(new_installs, &spec.text));
+        }
         (ids, problems, true)
     }
 
@@ -533,7 +547,7 @@ impl Registry {
                         if let Some(s) = self.sites.get_mut(&key) {
                             s.installs.push(i);
                         }
-                        new_installs.push((key, vec![i]));
+                        new_installs.push((key, i.addr));
                     }
                     Err(error) if install::vanished(&error) => {}
                     Err(error) => problems

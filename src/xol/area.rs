@@ -36,12 +36,21 @@ impl Area {
     }
 }
 
-/// A page of stubs at fixed addresses.
+/// A page of stubs at fixed addresses. Most hold one stub (a punned jump's window is a page at
+/// most), so the taken bytes are a short list of ranges, not a bitmap a byte (512 bytes a page,
+/// a thousand pages for `libc.so.6:*`).
+#[derive(Default)]
 struct StubPage {
-    /// Which bytes are taken, one bit a byte.
-    bits: [u64; 64],
+    /// Taken byte ranges `[start, end)` within the page, unordered.
+    taken: Vec<(u16, u16)>,
     /// Offset of the byte after the highest stub.
     next: u64,
+}
+
+impl StubPage {
+    fn is_free(&self, from: u64, to: u64) -> bool {
+        self.taken.iter().all(|&(s, e)| to <= s as u64 || e as u64 <= from)
+    }
 }
 
 /// Every area. Owned by the registry (under its lock).
@@ -49,13 +58,16 @@ struct StubPage {
 pub struct Areas {
     code: Vec<Area>,
     data: Vec<Area>,
-    /// Stub pages by page address: which of their bytes are taken (one bit a byte).
-    stubs: BTreeMap<u64, Box<StubPage>>,
+    /// Stub pages by page address: which of their bytes are taken.
+    stubs: BTreeMap<u64, StubPage>,
     /// Where stub pages are mapped: 64 MiB or 2 MiB regions (most stubs of one object fall in a few, one
     /// mapping each), or single pages where a region does not fit.
     regions: Vec<Area>,
-    /// Code written since the last [`Areas::flush`], by address.
+    /// Code to write at the next [`Areas::flush`] (where it may be running), by address.
     pending: Vec<(u64, Vec<u8>)>,
+    /// Code written into fresh areas since the last flush (for tests).
+    #[cfg(test)]
+    written: Vec<(u64, Vec<u8>)>,
     /// What is mapped, for finding free room: the registry's snapshot of the mappings, and what
     /// libuprobe mapped since.
     taken: Taken,
@@ -151,16 +163,35 @@ impl Areas {
         Ok(base)
     }
 
-    /// Write `code` at `at` (memory handed out by this `Areas`, never run yet) at the next
-    /// [`Areas::flush`].
-    pub fn stage(&mut self, at: u64, code: Vec<u8>) {
-        self.pending.push((at, code));
+    /// Write `code` at `at` (memory handed out by this `Areas`, never run yet): at once where
+    /// the area is fresh (mapped read-write, run by no one until the next [`Areas::flush`] makes
+    /// it executable), at the next flush otherwise. (`libc.so.6:*` stages two thousand bodies:
+    /// kept until the flush, they were a megabyte of heap.)
+    pub fn stage(&mut self, at: u64, code: &[u8]) {
+        let end = at + code.len() as u64;
+        let fresh = self
+            .code
+            .iter()
+            .rev()
+            .chain(self.regions.iter().rev())
+            .any(|a| a.fresh && a.base <= at && end <= a.base + a.len);
+        if fresh {
+            // SAFETY: a fresh area is ours, mapped read-write, and no thread runs it yet.
+            unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), at as *mut u8, code.len()) };
+            #[cfg(test)]
+            self.written.push((at, code.to_vec()));
+        } else {
+            self.pending.push((at, code.to_vec()));
+        }
     }
 
-    /// Write the staged code: into fresh memory directly (which then becomes read + execute), into
-    /// memory that may be running through `/proc/self/mem`, one write per contiguous run.
+    /// Make the fresh areas read + execute (their code is written already), and write the staged
+    /// code into memory that may be running, through `/proc/self/mem`, one write per contiguous
+    /// run.
     pub fn flush(&mut self, w: &mut TextWriter) -> Result<(), sys::Errno> {
         let mut pending = std::mem::take(&mut self.pending);
+        #[cfg(test)]
+        self.written.clear();
         // No two stagings share an address (memory is handed out once): sorted, runs form.
         pending.sort_unstable_by_key(|(at, _)| *at);
         let mut fresh_ranges: Vec<(u64, u64)> = self
@@ -174,17 +205,6 @@ impl Areas {
         let mut run: Option<(u64, Vec<u8>)> = None;
         let mut live = Vec::new();
         for (at, code) in pending {
-            let end = at + code.len() as u64;
-            let i = fresh_ranges.partition_point(|r| r.0 <= at);
-            let fresh = i
-                .checked_sub(1)
-                .and_then(|i| fresh_ranges.get(i))
-                .is_some_and(|&(lo, hi)| lo <= at && end <= hi);
-            if fresh {
-                // SAFETY: a fresh area is ours, mapped read-write, and no thread runs it yet.
-                unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), at as *mut u8, code.len()) };
-                continue;
-            }
             match &mut run {
                 Some((start, bytes)) if *start + bytes.len() as u64 == at => {
                     bytes.extend_from_slice(&code)
@@ -220,10 +240,11 @@ impl Areas {
         Ok(())
     }
 
-    /// The code staged and not yet written (for tests).
+    /// The code staged since the last flush, written or not (for tests).
     #[cfg(test)]
     pub fn staged(&self) -> Vec<(u64, Vec<u8>)> {
         let mut v = self.pending.clone();
+        v.extend(self.written.iter().cloned());
         v.sort_unstable_by_key(|(at, _)| *at);
         v
     }
@@ -317,7 +338,7 @@ impl Areas {
             let page = a & !(PAGE - 1);
             let end = (at + len).min(page + PAGE);
             let Some(p) = self.stubs.get(&page) else { return false };
-            if (a - page..end - page).any(|i| p.bits[i as usize / 64] & (1 << (i % 64)) != 0) {
+            if !p.is_free(a - page, end - page) {
                 return false;
             }
             a = end;
@@ -331,9 +352,7 @@ impl Areas {
             let page = a & !(PAGE - 1);
             let end = (at + len).min(page + PAGE);
             if let Some(p) = self.stubs.get_mut(&page) {
-                for i in a - page..end - page {
-                    p.bits[i as usize / 64] |= 1 << (i % 64);
-                }
+                p.taken.push(((a - page) as u16, (end - page) as u16));
                 p.next = p.next.max(end - page);
             }
             a = end;
@@ -405,7 +424,7 @@ impl Areas {
                 let Some(region) = self.map_stub_region(p) else { return false };
                 self.regions.push(region);
             }
-            self.stubs.insert(p, Box::new(StubPage { bits: [0; 64], next: 0 }));
+            self.stubs.insert(p, StubPage::default());
         }
         true
     }

@@ -217,7 +217,7 @@ fn write_body(
     }
     // Up to the allocation's end: bodies allocated one after the other are written as one run.
     asm.code.resize(size as usize, 0xcc);
-    areas.stage(at, asm.code);
+    areas.stage(at, &asm.code);
     let insn = at + asm.insn_offset;
     let slot = SlotMap {
         start: insn,
@@ -491,7 +491,7 @@ fn write_stub(
     if class == 1 {
         code.resize(16, 0xcc); // the whole allocation, so that runs of code are written at once
     }
-    areas.stage(stub, code);
+    areas.stage(stub, &code);
     let rel = (stub.wrapping_sub(after) as i64) as i32;
     let mut jmp = [0u8; JMP_LEN];
     jmp[0] = 0xe9;

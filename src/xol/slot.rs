@@ -67,7 +67,7 @@ impl Slots {
         let len = d.len;
         let mut padded = code.clone();
         padded.resize(SLOT_SIZE, 0xcc); // the whole slot: consecutive slots are written at once
-        areas.stage(slot, padded);
+        areas.stage(slot, &padded);
         let m = SlotMap {
             start: slot,
             len: len as u32,
