@@ -243,8 +243,7 @@ impl Registry {
         if let Some((&other, _)) = self.occupied.range(addr + 1..end).next() {
             return Some(format!("a jump would cover the probe at {other:#x}"));
         }
-        let call = d.insn.is_call_near() || d.insn.is_call_near_indirect();
-        if call && sys::shadow_stack_enabled() {
+        if d.call && sys::shadow_stack_enabled() {
             return Some("the CPU's shadow stack is on: a relocated call is not on it".into());
         }
         None

@@ -27,8 +27,10 @@ pub enum XolError {
 }
 
 /// One decoded instruction at a probe site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decoded {
-    pub insn: Instruction,
+    /// Where it sits.
+    pub ip: u64,
     pub len: usize,
     /// What to do with it; `None` means "copy to a slot".
     pub emu: Option<Emu>,
@@ -36,12 +38,26 @@ pub struct Decoded {
     pub bytes: [u8; 15],
     /// Where its RIP-relative disp32 is, in `bytes`, if it has one.
     pub rip_disp_at: Option<u8>,
+    /// The address its RIP-relative operand refers to (with `rip_disp_at`).
+    pub rip_target: u64,
+    /// The RIP-relative operand is EIP-relative (a 0x67 prefix: 32-bit address arithmetic).
+    pub eip: bool,
+    /// `syscall`, which leaves the address of the next instruction in rcx.
+    pub syscall: bool,
+    /// A near call, direct or indirect.
+    pub call: bool,
 }
 
 impl Decoded {
     /// The instruction in Intel syntax, for messages.
     pub fn text(&self) -> String {
-        format_insn(&self.insn)
+        format_insn(&self.insn())
+    }
+
+    /// iced's view of the instruction, decoded again. (Only an indirect branch's operands and
+    /// messages need it; see [`decode`] for why sites keep no `Instruction`.)
+    pub fn insn(&self) -> Instruction {
+        Decoder::with_ip(64, &self.bytes[..self.len], self.ip, DecoderOptions::NONE).decode()
     }
 
     /// The instruction's bytes for running at `at` instead of its own address: the same bytes,
@@ -53,8 +69,8 @@ impl Decoded {
         if let Some(i) = self.rip_disp_at {
             let i = i as usize;
             let end = at.wrapping_add(self.len as u64);
-            let target = self.insn.ip_rel_memory_address();
-            let disp = if self.insn.memory_base() == Register::EIP {
+            let target = self.rip_target;
+            let disp = if self.eip {
                 // 32-bit address arithmetic: any displacement reaches, modulo 4 GiB.
                 (target as u32).wrapping_sub(end as u32) as i32
             } else {
@@ -77,7 +93,91 @@ pub fn format_insn(insn: &Instruction) -> String {
 
 /// Decode the instruction at runtime address `ip` from `bytes` (at least 15 bytes when available)
 /// and decide how it is resumed.
+///
+/// The forms most function entries begin with are recognised by [`decode_common`] first: iced
+/// builds its decoder tables (twenty thousand allocations, half a millisecond) on its first
+/// decode, and a process with one probe, or only the loader's link-map hook, need not pay it.
 pub fn decode(bytes: &[u8], ip: u64) -> Result<Decoded, XolError> {
+    match decode_common(bytes, ip) {
+        Some(d) => Ok(d),
+        None => decode_with_iced(bytes, ip),
+    }
+}
+
+/// A few common forms, decoded by hand: `endbr64`; `ret`; `push r64`; `mov r32, imm32`; `mov`,
+/// `test` and the ALU operations between registers, or with a RIP-relative memory operand; the ALU
+/// operations with an immediate on a register; `lea r64, [rip + disp32]`; `cmp byte [rip +
+/// disp32], imm8` (and the other ALU operations of that form). No legacy prefix but `endbr64`'s;
+/// one optional REX. Anything else is `None`, for iced. (The test `common_forms_decode_as_iced_does`
+/// compares every form accepted here, under every REX and ModRM byte, with iced's result.)
+fn decode_common(b: &[u8], ip: u64) -> Option<Decoded> {
+    let at = |i: usize| b.get(i).copied();
+    if b.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
+        return plain(b, ip, 4, None);
+    }
+    let rex = at(0).filter(|r| r & 0xf0 == 0x40);
+    let o = usize::from(rex.is_some()); // the opcode's index
+    let w = rex.is_some_and(|r| r & 8 != 0);
+    // A ModRM byte at `o + 1`: register-direct, or RIP-relative (mod 00, rm 101).
+    let modrm = |imm: usize| -> Option<(usize, Option<usize>)> {
+        let m = at(o + 1)?;
+        match m >> 6 {
+            3 => Some((o + 2 + imm, None)),
+            0 if m & 7 == 5 => Some((o + 6 + imm, Some(o + 2))),
+            _ => None,
+        }
+    };
+    let (len, disp) = match at(o)? {
+        0xc3 if rex.is_none() => {
+            let mut d = plain(b, ip, 1, None)?;
+            d.emu = Some(Emu::Ret { pop: 0 });
+            return Some(d);
+        }
+        0x50..=0x57 if rex.is_none() || rex == Some(0x41) => (o + 1, None),
+        0xb8..=0xbf if !w => (o + 5, None),
+        // add, or, adc, sbb, and, sub, xor, cmp (r/m, r and r, r/m), test, mov: 32 or 64 bits.
+        0x01 | 0x03 | 0x09 | 0x0b | 0x11 | 0x13 | 0x19 | 0x1b | 0x21 | 0x23 | 0x29 | 0x2b
+        | 0x31 | 0x33 | 0x39 | 0x3b | 0x85 | 0x89 | 0x8b => modrm(0)?,
+        // The same ALU operations with an immediate: imm32, imm8.
+        0x81 => modrm(4)?,
+        0x83 => modrm(1)?,
+        // ... on a byte: only the RIP-relative form (`cmp byte [rip + disp32], imm8`).
+        0x80 => match modrm(1)? {
+            (len, Some(disp)) => (len, Some(disp)),
+            _ => return None,
+        },
+        0x8d if w => match modrm(0)? {
+            (len, Some(disp)) => (len, Some(disp)),
+            _ => return None, // lea with a register operand is invalid
+        },
+        _ => return None,
+    };
+    plain(b, ip, len, disp)
+}
+
+/// A `Decoded` of `len` bytes that runs in a slot, with a RIP-relative disp32 at `disp`.
+fn plain(b: &[u8], ip: u64, len: usize, disp: Option<usize>) -> Option<Decoded> {
+    let mut bytes = [0u8; 15];
+    bytes[..len].copy_from_slice(b.get(..len)?);
+    let next = ip.wrapping_add(len as u64);
+    let rip_target = disp.map_or(0, |i| {
+        let d = i32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        next.wrapping_add(d as i64 as u64)
+    });
+    Some(Decoded {
+        ip,
+        len,
+        emu: None,
+        bytes,
+        rip_disp_at: disp.map(|i| i as u8),
+        rip_target,
+        eip: false,
+        syscall: false,
+        call: false,
+    })
+}
+
+fn decode_with_iced(bytes: &[u8], ip: u64) -> Result<Decoded, XolError> {
     let mut decoder = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
     let insn = decoder.decode();
     if insn.is_invalid() {
@@ -141,7 +241,18 @@ pub fn decode(bytes: &[u8], ip: u64) -> Result<Decoded, XolError> {
             }
         }
     };
-    Ok(Decoded { insn, len, emu, bytes: raw, rip_disp_at })
+    let ip_rel = rip_disp_at.is_some();
+    Ok(Decoded {
+        ip,
+        len,
+        emu,
+        bytes: raw,
+        rip_disp_at,
+        rip_target: if ip_rel { insn.ip_rel_memory_address() } else { 0 },
+        eip: ip_rel && insn.memory_base() == Register::EIP,
+        syscall: insn.code() == Code::Syscall,
+        call: insn.is_call_near() || insn.is_call_near_indirect(),
+    })
 }
 
 fn is_64bit_jcc(code: Code) -> bool {
@@ -332,20 +443,92 @@ mod tests {
             for at in [site + 0x1000, site - 0x4000_0000, site + 0x7000_0000] {
                 let Ok((moved, n)) = d.moved_to(at) else {
                     // Only a target out of rel32 reach from `at` is refused.
-                    let target = d.insn.ip_rel_memory_address();
+                    let target = d.rip_target;
                     assert!(target.abs_diff(at) > 0x7fff_0000, "{bytes:x?} at {at:#x}");
                     continue;
                 };
                 assert_eq!(n, d.len);
                 let copy = decode(&moved[..n], at).unwrap();
-                assert_eq!(copy.insn.code(), d.insn.code(), "{bytes:x?}");
+                assert_eq!(copy.insn().code(), d.insn().code(), "{bytes:x?}");
                 if d.rip_disp_at.is_some() {
-                    assert_eq!(copy.insn.ip_rel_memory_address(), d.insn.ip_rel_memory_address());
+                    assert_eq!(
+                        copy.insn().ip_rel_memory_address(),
+                        d.insn().ip_rel_memory_address()
+                    );
+                    assert_eq!(copy.rip_target, d.rip_target);
                 } else {
                     assert_eq!(moved[..n], bytes[..n]);
                 }
-                assert_eq!(copy.insn.immediate8(), d.insn.immediate8());
+                assert_eq!(copy.insn().immediate8(), d.insn().immediate8());
             }
+        }
+    }
+
+    /// Every instruction `decode_common` accepts decodes as iced decodes it, field for field:
+    /// each REX byte (or none) before each opcode, with each ModRM byte, and random bytes after;
+    /// and random byte strings. Common prologue instructions are among those it accepts.
+    #[test]
+    fn common_forms_decode_as_iced_does() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let ip = 0x7f12_3456_7000u64;
+        let mut accepted = 0;
+        let mut check = |b: &[u8; 16]| {
+            if let Some(fast) = decode_common(b, ip) {
+                let slow = decode_with_iced(b, ip)
+                    .unwrap_or_else(|e| panic!("{b:02x?}: accepted by hand, refused by iced: {e}"));
+                assert_eq!(fast, slow, "{b:02x?} ({})", slow.text());
+                accepted += 1;
+            }
+        };
+        for rex in (0x40..=0x4f).map(Some).chain([None]) {
+            for op in 0..=255u8 {
+                for m in 0..=255u8 {
+                    let mut b = [0u8; 16];
+                    for x in b.chunks_mut(8) {
+                        x.copy_from_slice(&random().to_le_bytes());
+                    }
+                    let mut i = 0;
+                    if let Some(r) = rex {
+                        b[0] = r;
+                        i = 1;
+                    }
+                    (b[i], b[i + 1]) = (op, m);
+                    check(&b);
+                }
+            }
+        }
+        for _ in 0..200_000 {
+            let mut b = [0u8; 16];
+            for x in b.chunks_mut(8) {
+                x.copy_from_slice(&random().to_le_bytes());
+            }
+            check(&b);
+        }
+        assert!(accepted > 50_000, "only {accepted} accepted");
+        // What malloc, free, read, the loader's _dl_debug_state and most entries begin with.
+        for common in [
+            &[0x41, 0x54][..],                           // push r12
+            &[0x55],                                     // push rbp
+            &[0xc3],                                     // ret
+            &[0xf3, 0x0f, 0x1e, 0xfa],                   // endbr64
+            &[0x48, 0x85, 0xff],                         // test rdi, rdi
+            &[0x48, 0x89, 0xe5],                         // mov rbp, rsp
+            &[0x48, 0x81, 0xec, 0xd8, 0, 0, 0],          // sub rsp, 0xd8
+            &[0x80, 0x3d, 0x91, 0x32, 0x0e, 0x00, 0x00], // cmp byte [rip+...], 0
+            &[0x48, 0x8b, 0x05, 0xd1, 0x3c, 0x13, 0x00], // mov rax, [rip+...]
+            &[0x48, 0x8d, 0x15, 0x82, 0xab, 0x00, 0x00], // lea rdx, [rip+...]
+            &[0xb8, 0x01, 0, 0, 0],                      // mov eax, 1
+        ] {
+            let mut b = [0x90u8; 16];
+            b[..common.len()].copy_from_slice(common);
+            let d = decode_common(&b, ip).unwrap_or_else(|| panic!("{common:02x?} not by hand"));
+            assert_eq!(d.len, common.len());
         }
     }
 }

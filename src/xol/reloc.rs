@@ -50,7 +50,7 @@ pub fn relocate(d: &Decoded, site: u64, at: u64) -> Result<Relocated, XolError> 
         None => {
             c.copy()?;
             let n = c.buf.len();
-            if d.insn.code() == Code::Syscall {
+            if d.syscall {
                 syscall = true;
                 c.raw(&[0x48, 0x8d, 0x0d]); // lea rcx, [rip + disp32]
                 c.rel32_to(next, 4)?;
@@ -99,13 +99,13 @@ pub fn relocate(d: &Decoded, site: u64, at: u64) -> Result<Relocated, XolError> 
             c.push_return_address(next);
             let n = c.buf.len();
             // jmp reg: the original instruction's operand, re-encoded as a jump.
-            let reg = d.insn.op0_register();
+            let reg = d.insn().op0_register();
             c.encode(&Instruction::with1(Code::Jmp_rm64, reg).map_err(|e| c.cannot(e))?)?;
             n
         }
         Some(Emu::CallIndirect { op: IndirectOperand::Mem { .. }, .. }) => {
             // push [mem]: the target, read first (a bad pointer faults here, before any change).
-            let push = Instruction::with1(Code::Push_rm64, memory_operand(&d.insn))
+            let push = Instruction::with1(Code::Push_rm64, memory_operand(&d.insn()))
                 .map_err(|e| c.cannot(e))?;
             c.encode(&push)?;
             let n = c.buf.len();

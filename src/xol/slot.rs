@@ -4,8 +4,6 @@
 //! once and never reused for another instruction: a thread preempted inside a slot always finds
 //! the bytes it started.
 
-use iced_x86::Code;
-
 use super::area::Areas;
 use super::decode::{Decoded, XolError};
 use crate::objects::MapEntry;
@@ -21,7 +19,7 @@ pub fn slot_code(d: &Decoded, site: u64, slot: u64) -> Result<Vec<u8>, XolError>
     let (bytes, n) = d.moved_to(slot)?;
     let mut code = bytes[..n].to_vec();
     let next = site.wrapping_add(d.len as u64);
-    if d.insn.code() == Code::Syscall {
+    if d.syscall {
         // syscall leaves the address of the following instruction in rcx; make it the original one.
         let here = slot + code.len() as u64 + 7;
         code.extend_from_slice(&[0x48, 0x8d, 0x0d]); // lea rcx, [rip + disp32]
@@ -74,7 +72,7 @@ impl Slots {
             site,
             site_len: d.len as u32,
             tail: (code.len() - len) as u32,
-            syscall: d.insn.code() == Code::Syscall,
+            syscall: d.syscall,
         };
         self.written.insert((site, bytes), m);
         Ok(m)
