@@ -75,7 +75,7 @@ impl Symbolizer {
         let svma = addr.wrapping_sub(p.bias);
         let short = p.path.rsplit('/').next().unwrap_or(&p.path);
         let mut name = match elf.as_ref().and_then(|f| f.func_containing(svma)) {
-            Some(f) => addr2line::demangle_auto(f.name.as_str().into(), None).into_owned(),
+            Some(f) => addr2line::demangle_auto(f.name.into(), None).into_owned(),
             None => format!("{short}+{svma:#x}"),
         };
         let place = lines.as_ref().and_then(|l| l.find_location(svma).ok().flatten());

@@ -43,7 +43,7 @@ impl Key {
     }
 }
 
-const MAGIC: &[u8; 8] = b"UPRBC\x00\x00\x01";
+const MAGIC: &[u8; 8] = b"UPRBC\x00\x00\x02";
 
 fn dir() -> Option<String> {
     if config::env_bytes("UPROBES_CACHE").is_some_and(|v| v == b"0") {

@@ -28,16 +28,150 @@ pub enum ElfError {
     Parse { path: String, why: String },
 }
 
-/// A function symbol.
-#[derive(Clone, Debug)]
-pub struct FuncSym {
-    pub name: String,
+/// A function symbol, read in place from its file's [`Funcs`].
+#[derive(Clone, Copy, Debug)]
+pub struct FuncSym<'a> {
+    pub name: &'a str,
     /// `name@VERSION` (or `name@@VERSION` for the default version), from .gnu.version.
-    pub versioned: Option<String>,
+    pub versioned: Option<&'a str>,
     pub vaddr: u64,
     pub size: u64,
     pub ifunc: bool,
     pub global: bool,
+}
+
+/// A function symbol as a parse finds it, before it joins its file's [`Funcs`].
+struct RawSym {
+    name: String,
+    versioned: Option<String>,
+    vaddr: u64,
+    size: u64,
+    ifunc: bool,
+    global: bool,
+}
+
+/// A file's function symbols, sorted by address (then name): fixed-size records followed by the
+/// names, in one buffer. It is the form the cache keeps, so that reading a library's symbols
+/// back checks each name in place: decoded into a vector of strings, libc's three thousand were
+/// six thousand allocations and a third of setting up one probe.
+pub struct Funcs {
+    buf: Vec<u8>,
+    /// Where the records start in `buf` (names' offsets count from there too).
+    at: usize,
+    n: usize,
+}
+
+/// vaddr, size (u64); name offset, name length, versioned offset, versioned length (u32, a
+/// length of 0 for none); flags (bit 0 IFUNC, bit 1 global); padding.
+const REC: usize = 40;
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
+}
+
+fn le_u32(b: &[u8], at: usize) -> usize {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or_default()) as usize
+}
+
+impl Funcs {
+    /// The records and names of `raw`.
+    fn build(mut raw: Vec<RawSym>) -> Funcs {
+        raw.sort_by(|a, b| a.vaddr.cmp(&b.vaddr).then_with(|| a.name.cmp(&b.name)));
+        let names: usize =
+            raw.iter().map(|r| r.name.len() + r.versioned.as_ref().map_or(0, |v| v.len())).sum();
+        let mut buf = vec![0u8; raw.len() * REC];
+        buf.reserve(names);
+        for (i, r) in raw.iter().enumerate() {
+            let name_at = buf.len();
+            buf.extend_from_slice(r.name.as_bytes());
+            let ver_at = buf.len();
+            let ver = r.versioned.as_deref().unwrap_or("");
+            buf.extend_from_slice(ver.as_bytes());
+            let rec = &mut buf[i * REC..(i + 1) * REC];
+            rec[0..8].copy_from_slice(&r.vaddr.to_le_bytes());
+            rec[8..16].copy_from_slice(&r.size.to_le_bytes());
+            for (k, v) in [name_at, r.name.len(), ver_at, ver.len()].into_iter().enumerate() {
+                rec[16 + 4 * k..20 + 4 * k].copy_from_slice(&(v as u32).to_le_bytes());
+            }
+            rec[32] = r.ifunc as u8 | (r.global as u8) << 1;
+        }
+        Funcs { buf, at: 0, n: raw.len() }
+    }
+
+    /// `n` records at `at` in `buf`, and their names, if they are whole, valid UTF-8 and sorted.
+    fn view(buf: Vec<u8>, at: usize, n: usize) -> Option<Funcs> {
+        let recs = buf.get(at..at.checked_add(n.checked_mul(REC)?)?)?;
+        let names = &buf[at..];
+        let mut last = 0;
+        for rec in recs.chunks_exact(REC) {
+            let vaddr = le_u64(rec, 0);
+            for k in [16, 24] {
+                let (from, len) = (le_u32(rec, k), le_u32(rec, k + 4));
+                core::str::from_utf8(names.get(from..from.checked_add(len)?)?).ok()?;
+            }
+            if vaddr < last || le_u32(rec, 20) == 0 {
+                return None;
+            }
+            last = vaddr;
+        }
+        Some(Funcs { buf, at, n })
+    }
+
+    /// The records and names, as [`Funcs::view`] reads them.
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.at..]
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    fn vaddr(&self, i: usize) -> u64 {
+        le_u64(&self.buf, self.at + i * REC)
+    }
+
+    pub fn get(&self, i: usize) -> FuncSym<'_> {
+        let names = &self.buf[self.at..];
+        let rec = &names[i * REC..(i + 1) * REC];
+        let text = |k: usize| {
+            let (from, len) = (le_u32(rec, k), le_u32(rec, k + 4));
+            // SAFETY: checked to be UTF-8 when the records were read (`view`) or made from
+            // strings (`build`); the buffer is not written after.
+            unsafe { core::str::from_utf8_unchecked(&names[from..from + len]) }
+        };
+        let versioned = text(24);
+        FuncSym {
+            name: text(16),
+            versioned: (!versioned.is_empty()).then_some(versioned),
+            vaddr: le_u64(rec, 0),
+            size: le_u64(rec, 8),
+            ifunc: rec[32] & 1 != 0,
+            global: rec[32] & 2 != 0,
+        }
+    }
+
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = FuncSym<'_>> + '_ {
+        (0..self.n).map(|i| self.get(i))
+    }
+
+    /// The first index whose address is not `before` (the addresses where `before` holds come
+    /// first).
+    fn partition_point(&self, before: impl Fn(u64) -> bool) -> usize {
+        let (mut lo, mut hi) = (0, self.n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if before(self.vaddr(mid)) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
 }
 
 /// A PT_LOAD segment.
@@ -223,8 +357,7 @@ impl Drop for Bytes {
 pub struct ElfFile {
     pub path: String,
     pub soname: Option<String>,
-    /// Sorted by address.
-    pub funcs: Vec<FuncSym>,
+    pub funcs: Funcs,
     pub segments: Vec<Segment>,
     pub exec_sections: Vec<Section>,
     bytes: Bytes,
@@ -321,7 +454,7 @@ impl ElfFile {
     fn parse(path: &str, bytes: Bytes) -> Result<ElfFile, ElfError> {
         let key = cache::Key::of(bytes.fd.load(core::sync::atomic::Ordering::Relaxed));
         if let Some(cached) = key.and_then(|k| cache::get(&k, "elf")) {
-            if let Some(e) = Self::decode(path, &cached, &bytes) {
+            if let Some(e) = Self::decode(path, cached, &bytes) {
                 return Ok(ElfFile { bytes, ..e });
             }
         }
@@ -364,20 +497,15 @@ impl ElfFile {
             w.u64(s.offset);
             w.u64(s.size);
         }
+        // Last: read back in place (see `Funcs`).
         w.u64(self.funcs.len() as u64);
-        for f in &self.funcs {
-            w.str(&f.name);
-            w.opt_str(f.versioned.as_deref());
-            w.u64(f.vaddr);
-            w.u64(f.size);
-            w.u8(f.ifunc as u8 | (f.global as u8) << 1);
-        }
+        w.0.extend_from_slice(self.funcs.bytes());
         w.0
     }
 
     /// An ElfFile from a cache entry (with an empty `bytes`, which the caller replaces).
-    fn decode(path: &str, data: &[u8], bytes: &Bytes) -> Option<ElfFile> {
-        let mut r = cache::Reader(data);
+    fn decode(path: &str, data: Vec<u8>, bytes: &Bytes) -> Option<ElfFile> {
+        let mut r = cache::Reader(&data);
         let soname = r.opt_str()?;
         let n = r.count(25)?;
         let mut segments = Vec::with_capacity(n);
@@ -391,23 +519,9 @@ impl ElfFile {
             let (name, vaddr, offset, size) = (r.str()?, r.u64()?, r.u64()?, r.u64()?);
             exec_sections.push(Section { name, vaddr, offset, size });
         }
-        let n = r.count(26)?;
-        let mut funcs = Vec::with_capacity(n);
-        for _ in 0..n {
-            let (name, versioned) = (r.str()?, r.opt_str()?);
-            let (vaddr, size, flags) = (r.u64()?, r.u64()?, r.u8()?);
-            funcs.push(FuncSym {
-                name,
-                versioned,
-                vaddr,
-                size,
-                ifunc: flags & 1 != 0,
-                global: flags & 2 != 0,
-            });
-        }
-        if !r.0.is_empty() {
-            return None;
-        }
+        let n = r.count(REC)?;
+        let at = data.len() - r.0.len();
+        let funcs = Funcs::view(data, at, n)?;
         Some(ElfFile {
             path: path.to_string(),
             soname,
@@ -473,7 +587,7 @@ impl ElfFile {
                 }
             }
         }
-        funcs.sort_by(|a, b| a.vaddr.cmp(&b.vaddr).then_with(|| a.name.cmp(&b.name)));
+        let funcs = Funcs::build(funcs);
         let soname = elf.soname.map(str::to_string);
         drop(elf);
         Ok(ElfFile { path: path.to_string(), soname, funcs, segments, exec_sections, bytes })
@@ -503,19 +617,19 @@ impl ElfFile {
     }
 
     /// The function containing `vaddr`, if any (not an IFUNC resolver's symbol).
-    pub fn func_containing(&self, vaddr: u64) -> Option<&FuncSym> {
-        let i = self.funcs.partition_point(|f| f.vaddr <= vaddr);
-        self.funcs[..i]
-            .iter()
+    pub fn func_containing(&self, vaddr: u64) -> Option<FuncSym<'_>> {
+        let i = self.funcs.partition_point(|v| v <= vaddr);
+        (0..i)
             .rev()
+            .map(|i| self.funcs.get(i))
             .take_while(|f| f.vaddr + 0x10_0000 > vaddr)
             .find(|f| !f.ifunc && vaddr >= f.vaddr && vaddr < f.vaddr + f.size.max(1))
     }
 
     /// Every function symbol at exactly `vaddr`.
-    pub fn funcs_at(&self, vaddr: u64) -> impl Iterator<Item = &FuncSym> {
-        let i = self.funcs.partition_point(|f| f.vaddr < vaddr);
-        self.funcs[i..].iter().take_while(move |f| f.vaddr == vaddr)
+    pub fn funcs_at(&self, vaddr: u64) -> impl Iterator<Item = FuncSym<'_>> {
+        let i = self.funcs.partition_point(|v| v < vaddr);
+        (i..self.funcs.len()).map(|i| self.funcs.get(i)).take_while(move |f| f.vaddr == vaddr)
     }
 
     /// The executable section holding `vaddr`.
@@ -524,13 +638,13 @@ impl ElfFile {
     }
 }
 
-fn func_sym(s: &sym::Sym, name: &str) -> Option<FuncSym> {
+fn func_sym(s: &sym::Sym, name: &str) -> Option<RawSym> {
     let ty = s.st_type();
     let ifunc = ty == sym::STT_GNU_IFUNC;
     if !(ty == sym::STT_FUNC || ifunc) || s.st_shndx == 0 || s.st_value == 0 || name.is_empty() {
         return None;
     }
-    Some(FuncSym {
+    Some(RawSym {
         name: name.to_string(),
         versioned: None,
         vaddr: s.st_value,
@@ -553,4 +667,82 @@ fn version_names(elf: &Elf) -> BTreeMap<u16, String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(name: &str, versioned: Option<&str>, vaddr: u64) -> RawSym {
+        RawSym {
+            name: name.into(),
+            versioned: versioned.map(Into::into),
+            vaddr,
+            size: vaddr / 2,
+            ifunc: name.contains("ifunc"),
+            global: !name.starts_with('_'),
+        }
+    }
+
+    fn all(f: &Funcs) -> Vec<(String, Option<String>, u64, u64, bool, bool)> {
+        f.iter()
+            .map(|s| {
+                let v = s.versioned.map(str::to_string);
+                (s.name.to_string(), v, s.vaddr, s.size, s.ifunc, s.global)
+            })
+            .collect()
+    }
+
+    /// Symbols made into records come back sorted, whole, and the same after a trip through the
+    /// bytes the cache keeps; damaged bytes are refused, not read.
+    #[test]
+    fn function_records_read_back_in_place() {
+        let f = Funcs::build(vec![
+            raw("zeta", None, 0x300),
+            raw("malloc", Some("malloc@@GLIBC_2.2.5"), 0x100),
+            raw("_alias", None, 0x100),
+            raw("strlen_ifunc", Some("strlen@GLIBC_2.2.5"), 0x200),
+            raw("é_utf8", None, 0x400),
+        ]);
+        let want = vec![
+            ("_alias".to_string(), None, 0x100, 0x80, false, false),
+            ("malloc".into(), Some("malloc@@GLIBC_2.2.5".to_string()), 0x100, 0x80, false, true),
+            ("strlen_ifunc".into(), Some("strlen@GLIBC_2.2.5".into()), 0x200, 0x100, true, true),
+            ("zeta".into(), None, 0x300, 0x180, false, true),
+            ("é_utf8".into(), None, 0x400, 0x200, false, true),
+        ];
+        assert_eq!(all(&f), want);
+        assert_eq!(f.partition_point(|v| v < 0x200), 2);
+        assert_eq!(f.partition_point(|v| v <= 0x400), 5);
+        let mut cached = b"header".to_vec();
+        cached.extend_from_slice(f.bytes());
+        let back = Funcs::view(cached.clone(), 6, 5).expect("valid records");
+        assert_eq!(all(&back), want);
+        // Too many records for the bytes; a name not UTF-8; names out of order by address.
+        assert!(Funcs::view(cached.clone(), 6, 6 + cached.len() / REC).is_none());
+        let name_at = 6 + le_u32(&cached[6 + 4 * REC..], 16);
+        let mut bad = cached.clone();
+        bad[name_at] = 0xff; // the first byte of "é"
+        assert!(Funcs::view(bad, 6, 5).is_none());
+        let mut unsorted = cached.clone();
+        unsorted[6..14].copy_from_slice(&0x999u64.to_le_bytes());
+        assert!(Funcs::view(unsorted, 6, 5).is_none());
+        let mut long = cached;
+        long[6 + 20..6 + 24].copy_from_slice(&0x10000u32.to_le_bytes());
+        assert!(Funcs::view(long, 6, 5).is_none());
+    }
+
+    /// libc's symbols read from the cache's form are the ones its parse found.
+    #[test]
+    fn a_cache_entry_holds_every_symbol() {
+        let path = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+        let parsed = ElfFile::open_path(path).unwrap();
+        let back = ElfFile::decode(path, parsed.encode(), &parsed.bytes).unwrap();
+        assert!(parsed.funcs.len() > 1000);
+        assert_eq!(all(&back.funcs), all(&parsed.funcs));
+        let malloc = back.funcs.iter().find(|f| f.name == "malloc").unwrap();
+        assert!(malloc.global && malloc.versioned.is_some_and(|v| v.starts_with("malloc@")));
+        assert!(back.funcs_at(malloc.vaddr).any(|f| f.name == "malloc"));
+        assert_eq!(back.func_containing(malloc.vaddr + 1).map(|f| f.vaddr), Some(malloc.vaddr));
+    }
 }

@@ -127,7 +127,7 @@ impl Resolver {
                     .map_err(|e| fail(format!("{vaddr:#x}"), e))])
             }
             Target::Symbol { pattern, offset } => {
-                let matches: Vec<&FuncSym> =
+                let matches: Vec<FuncSym> =
                     elf.funcs.iter().filter(|f| symbol_matches(pattern, f)).collect();
                 if matches.is_empty() {
                     let e = ProbeError::NoFunction {
@@ -137,7 +137,7 @@ impl Resolver {
                     return Ok(vec![Err(fail(pattern.clone(), e))]);
                 }
                 // Aliases (malloc, __libc_malloc, ...) share an address: one site, one name.
-                let mut by_addr: BTreeMap<u64, Vec<&FuncSym>> = BTreeMap::new();
+                let mut by_addr: BTreeMap<u64, Vec<FuncSym>> = BTreeMap::new();
                 for f in matches {
                     by_addr.entry(f.vaddr).or_default().push(f);
                 }
@@ -147,29 +147,29 @@ impl Resolver {
                 for (vaddr, mut names) in by_addr {
                     names.sort_by_key(|f| {
                         (
-                            f.name != *pattern,
+                            *f.name != **pattern,
                             !f.global,
                             f.name.starts_with('_'),
                             f.name.len(),
-                            f.name.clone(),
+                            f.name,
                         )
                     });
                     let f = names[0];
-                    let aliases: Vec<&str> = elf.funcs_at(vaddr).map(|g| g.name.as_str()).collect();
+                    let aliases: Vec<&str> = elf.funcs_at(vaddr).map(|g| g.name).collect();
                     if spec.ret {
                         if let Some(why) = refuse::return_refused(&aliases) {
-                            let e = ProbeError::ReturnRefused { symbol: f.name.clone(), why };
-                            out.push(Err(fail(f.name.clone(), e)));
+                            let e = ProbeError::ReturnRefused { symbol: f.name.to_string(), why };
+                            out.push(Err(fail(f.name.to_string(), e)));
                             continue;
                         }
                     }
                     if f.ifunc && in_loader {
                         return Err(NotYet::Ifunc);
                     }
-                    match self.resolve_function(obj, &elf, f, *offset, maps) {
+                    match self.resolve_function(obj, &elf, &f, *offset, maps) {
                         Ok(r) if !keys.insert(r.key) => {}
                         Ok(r) => out.push(Ok(r)),
-                        Err(e) => out.push(Err(fail(f.name.clone(), e))),
+                        Err(e) => out.push(Err(fail(f.name.to_string(), e))),
                     }
                 }
                 Ok(out)
@@ -197,12 +197,12 @@ impl Resolver {
                         let place = format!("`{}`+{:#x}", f.name, vaddr - f.vaddr);
                         return Err(ProbeError::ReturnNotEntry { addr: vaddr, place });
                     }
-                    let aliases: Vec<&str> = elf.funcs_at(vaddr).map(|g| g.name.as_str()).collect();
+                    let aliases: Vec<&str> = elf.funcs_at(vaddr).map(|g| g.name).collect();
                     if let Some(why) = refuse::return_refused(&aliases) {
-                        return Err(ProbeError::ReturnRefused { symbol: f.name.clone(), why });
+                        return Err(ProbeError::ReturnRefused { symbol: f.name.to_string(), why });
                     }
                 }
-                boundary::check(elf, start, f.size, off - start, &f.name)?;
+                boundary::check(elf, start, f.size, off - start, f.name)?;
                 let _ = maps;
                 Ok((format!("{}+{:#x}", f.name, vaddr - f.vaddr), off))
             }
@@ -228,7 +228,7 @@ impl Resolver {
         let (file, path, start, size, target_elf) = if f.ifunc {
             // Probe the implementation the process actually calls, not the resolver.
             let addr = ifunc::resolve(obj, elf, f, maps).ok_or_else(|| ProbeError::Ifunc {
-                symbol: f.name.clone(),
+                symbol: f.name.to_string(),
                 object: obj.path.clone(),
             })?;
             let m = objects::maps::find(maps, addr);
@@ -237,21 +237,21 @@ impl Resolver {
                 Some(m) => {
                     let what = if m.path.is_empty() { "anonymous memory" } else { m.path.as_str() };
                     return Err(ProbeError::NotAFile {
-                        symbol: f.name.clone(),
+                        symbol: f.name.to_string(),
                         addr,
                         what: what.to_string(),
                     });
                 }
                 None => {
                     return Err(ProbeError::NotAFile {
-                        symbol: f.name.clone(),
+                        symbol: f.name.to_string(),
                         addr,
                         what: "unmapped memory".into(),
                     })
                 }
             };
             let file = m.file.ok_or_else(|| ProbeError::Ifunc {
-                symbol: f.name.clone(),
+                symbol: f.name.to_string(),
                 object: obj.path.clone(),
             })?;
             let off = m.offset_of(addr).unwrap_or(0);
@@ -270,25 +270,26 @@ impl Resolver {
             (file, impl_obj.path, off, size, impl_elf)
         } else {
             let off = elf.file_offset(f.vaddr).ok_or_else(|| ProbeError::SymbolNotExecutable {
-                symbol: f.name.clone(),
+                symbol: f.name.to_string(),
                 object: obj.path.clone(),
             })?;
             (obj.id, obj.path.clone(), off, f.size, self.elf(obj, maps)?)
         };
         if offset != 0 {
-            boundary::check(&target_elf, start, size, offset, &f.name)?;
+            boundary::check(&target_elf, start, size, offset, f.name)?;
         }
-        let symbol = if offset == 0 { f.name.clone() } else { format!("{}+{offset:#x}", f.name) };
+        let symbol =
+            if offset == 0 { f.name.to_string() } else { format!("{}+{offset:#x}", f.name) };
         Ok(Resolved { symbol, key: SiteKey { file, offset: start + offset }, path })
     }
 }
 
 fn symbol_matches(pattern: &str, f: &FuncSym) -> bool {
     if pattern.contains('@') {
-        let Some(v) = &f.versioned else { return false };
+        let Some(v) = f.versioned else { return false };
         // `name@V` also matches the default version `name@@V`.
         return spec::glob_match(pattern, v)
             || spec::glob_match(pattern, &v.replacen("@@", "@", 1));
     }
-    spec::glob_match(pattern, &f.name)
+    spec::glob_match(pattern, f.name)
 }
