@@ -334,7 +334,7 @@ impl Registry {
                     }
                     for id in ids {
                         let p = self.probe_mut(id);
-                        (p.site, p.error) = (None, Some(error.clone()));
+                        (p.site, p.error) = (None, Some(Box::new(error.clone())));
                     }
                 }
             }
@@ -364,7 +364,7 @@ impl Registry {
                     self.sites.remove(&key);
                     for id in ids {
                         let p = self.probe_mut(id);
-                        (p.site, p.error) = (None, Some(error.clone()));
+                        (p.site, p.error) = (None, Some(Box::new(error.clone())));
                     }
                 }
             }

@@ -6,7 +6,6 @@ mod boundary;
 mod ifunc;
 pub mod refuse;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::error::ProbeError;
@@ -136,16 +135,14 @@ impl Resolver {
                     };
                     return Ok(vec![Err(fail(pattern.clone(), e))]);
                 }
-                // Aliases (malloc, __libc_malloc, ...) share an address: one site, one name.
-                let mut by_addr: BTreeMap<u64, Vec<FuncSym>> = BTreeMap::new();
-                for f in matches {
-                    by_addr.entry(f.vaddr).or_default().push(f);
-                }
-                let mut out: Vec<Result<Resolved, Failure>> = Vec::new();
+                // Aliases (malloc, __libc_malloc, ...) share an address: one site, one name. The
+                // symbols are sorted by address, so aliases are neighbours.
+                let mut out: Vec<Result<Resolved, Failure>> = Vec::with_capacity(matches.len());
                 // Two symbols may resolve to one site (an IFUNC and its implementation).
-                let mut keys = std::collections::HashSet::new();
-                for (vaddr, mut names) in by_addr {
-                    names.sort_by_key(|f| {
+                let mut keys = std::collections::HashSet::with_capacity(matches.len());
+                for names in matches.chunk_by(|a, b| a.vaddr == b.vaddr) {
+                    // The name as typed first, then global ones, without underscores, short.
+                    let Some(&f) = names.iter().min_by_key(|f| {
                         (
                             *f.name != **pattern,
                             !f.global,
@@ -153,10 +150,11 @@ impl Resolver {
                             f.name.len(),
                             f.name,
                         )
-                    });
-                    let f = names[0];
-                    let aliases: Vec<&str> = elf.funcs_at(vaddr).map(|g| g.name).collect();
+                    }) else {
+                        continue; // (a chunk is never empty)
+                    };
                     if spec.ret {
+                        let aliases: Vec<&str> = elf.funcs_at(f.vaddr).map(|g| g.name).collect();
                         if let Some(why) = refuse::return_refused(&aliases) {
                             let e = ProbeError::ReturnRefused { symbol: f.name.to_string(), why };
                             out.push(Err(fail(f.name.to_string(), e)));
