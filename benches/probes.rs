@@ -162,12 +162,17 @@ fn main() {
     let ns = n.to_string();
     // The best of five interleaved runs each, and the same without probes: on a VM whose two
     // vCPUs do not always run at once, the unprobed program's own scaling is the baseline.
-    let best = |lib: Option<&Path>, threads: &str| {
+    let once = |lib: Option<&Path>, threads: &str| {
         let env: &[(&str, &str)] = if lib.is_some() { &[("UPROBES", "bench:probed")] } else { &[] };
-        (0..5).map(|_| run(lib, &["threads", &ns, threads], env)["ns"]).fold(f64::MAX, f64::min)
+        run(lib, &["threads", &ns, threads], env)["ns"]
     };
-    let (one, two) = (best(Some(&lib), "1"), best(Some(&lib), "2"));
-    let (plain_one, plain_two) = (best(None, "1"), best(None, "2"));
+    let (mut one, mut two, mut plain_one, mut plain_two) = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        one = one.min(once(Some(&lib), "1"));
+        two = two.min(once(Some(&lib), "2"));
+        plain_one = plain_one.min(once(None, "1"));
+        plain_two = plain_two.min(once(None, "2"));
+    }
     println!(
         "  two threads on one probe: {:.2}x the calls per second of one thread (unprobed: {:.2}x)",
         2.0 * one / two,

@@ -622,8 +622,8 @@ impl ElfFile {
         (0..i)
             .rev()
             .map(|i| self.funcs.get(i))
-            .take_while(|f| f.vaddr + 0x10_0000 > vaddr)
-            .find(|f| !f.ifunc && vaddr >= f.vaddr && vaddr < f.vaddr + f.size.max(1))
+            .take_while(|f| f.vaddr.saturating_add(0x10_0000) > vaddr)
+            .find(|f| !f.ifunc && vaddr >= f.vaddr && vaddr - f.vaddr < f.size.max(1))
     }
 
     /// Every function symbol at exactly `vaddr`.

@@ -106,7 +106,7 @@ pub fn find_vdso_clock() {
     let (Some(shentsize), Some(shnum)) = (le(header, 0x3a, 2), le(header, 0x3c, 2)) else {
         return;
     };
-    if &header[..4] != b"\x7fELF" || shentsize < 64 || shnum > 256 || shoff > 1 << 20 {
+    if &header[..4] != b"\x7fELF" || shentsize != 64 || shnum > 256 || shoff > 1 << 20 {
         return;
     }
     let len = (shoff + shentsize * shnum) as usize;
@@ -128,6 +128,9 @@ fn le(b: &[u8], at: usize, n: usize) -> Option<u64> {
 fn vdso_symbol(image: &[u8], name: &[u8]) -> Option<u64> {
     let (phoff, phentsize, phnum) =
         (le(image, 0x20, 8)? as usize, le(image, 0x36, 2)? as usize, le(image, 0x38, 2)?);
+    if phentsize != 56 || phoff > image.len() {
+        return None;
+    }
     let bias = (0..phnum as usize)
         .map(|i| phoff + i * phentsize)
         .find(|&ph| le(image, ph, 4) == Some(1)) // PT_LOAD
@@ -140,8 +143,8 @@ fn vdso_symbol(image: &[u8], name: &[u8]) -> Option<u64> {
     let (symoff, symsize) = (le(image, dynsym + 0x18, 8)? as usize, le(image, dynsym + 0x20, 8)?);
     let strtab = section(le(image, dynsym + 0x28, 4)? as usize);
     let stroff = le(image, strtab + 0x18, 8)? as usize;
-    for sym in (0..symsize as usize / 24).map(|i| symoff + i * 24) {
-        let at = stroff + le(image, sym, 4)? as usize;
+    for sym in (0..symsize as usize / 24).map_while(|i| symoff.checked_add(i * 24)) {
+        let at = stroff.checked_add(le(image, sym, 4)? as usize)?;
         let s = image.get(at..)?;
         if s.len() > name.len() && s.starts_with(name) && s[name.len()] == 0 {
             return le(image, sym + 8, 8)?.checked_sub(bias);

@@ -13,8 +13,9 @@ impl Registry {
     /// Build and publish the table, then point every jump at the body entry its consumers need.
     /// Called only with the registry lock held (one writer).
     pub(super) fn publish(&mut self) {
-        // Code planned since the last write (bodies for a site's new counter) goes in first.
-        let _ = self.areas.flush(&mut TextWriter::new());
+        // Code planned since the last write (bodies for a site's new counter) goes in first;
+        // if it could not be written, no jump is pointed anywhere new (below).
+        let flushed = self.areas.flush(&mut TextWriter::new()).is_ok();
         let mut t = Table::default();
         let installs: usize = self.sites.values().map(|s| s.installs.len()).sum();
         t.entries.reserve(installs + self.tombstones.len());
@@ -76,6 +77,9 @@ impl Registry {
             drop(unsafe { Box::from_raw(old) });
         }
         // After the table: a hit that takes the full entry finds its consumers there.
+        if !flushed {
+            return;
+        }
         for site in self.sites.values() {
             for i in &site.installs {
                 if let Some(j) = &i.jump {

@@ -189,11 +189,9 @@ impl Areas {
     /// code into memory that may be running, through `/proc/self/mem`, one write per contiguous
     /// run.
     pub fn flush(&mut self, w: &mut TextWriter) -> Result<(), sys::Errno> {
-        let mut pending = std::mem::take(&mut self.pending);
-        #[cfg(test)]
-        self.written.clear();
-        // No two stagings share an address (memory is handed out once): sorted, runs form.
-        pending.sort_unstable_by_key(|(at, _)| *at);
+        // Fresh areas that touch are made read + execute at once (a library's stub regions,
+        // 64 MiB each, mostly do); each stops being fresh as soon as it is (a later `stage` must
+        // not write into it directly), and on a failure the staged code stays staged.
         let mut fresh_ranges: Vec<(u64, u64)> = self
             .code
             .iter()
@@ -202,6 +200,29 @@ impl Areas {
             .map(|a| (a.base, a.base + a.len))
             .collect();
         fresh_ranges.sort_unstable();
+        let mut i = 0;
+        while i < fresh_ranges.len() {
+            let (lo, mut hi) = fresh_ranges[i];
+            i += 1;
+            while i < fresh_ranges.len() && fresh_ranges[i].0 == hi {
+                hi = fresh_ranges[i].1;
+                i += 1;
+            }
+            let rx = libc::PROT_READ | libc::PROT_EXEC;
+            // SAFETY: our own areas; nothing runs them yet, and nothing writes them through this
+            // mapping from now on.
+            unsafe { sys::mprotect(lo as usize, (hi - lo) as usize, rx)? };
+            for a in self.code.iter_mut().chain(self.regions.iter_mut()) {
+                if lo <= a.base && a.base + a.len <= hi {
+                    a.fresh = false;
+                }
+            }
+        }
+        #[cfg(test)]
+        self.written.clear();
+        let mut pending = std::mem::take(&mut self.pending);
+        // No two stagings share an address (memory is handed out once): sorted, runs form.
+        pending.sort_unstable_by_key(|(at, _)| *at);
         let mut run: Option<(u64, Vec<u8>)> = None;
         let mut live = Vec::new();
         for (at, code) in pending {
@@ -216,24 +237,6 @@ impl Areas {
             }
         }
         live.extend(run);
-        // Fresh areas that touch are made read + execute at once (a library's stub regions,
-        // 64 MiB each, mostly do).
-        let mut i = 0;
-        while i < fresh_ranges.len() {
-            let (lo, mut hi) = fresh_ranges[i];
-            i += 1;
-            while i < fresh_ranges.len() && fresh_ranges[i].0 == hi {
-                hi = fresh_ranges[i].1;
-                i += 1;
-            }
-            let rx = libc::PROT_READ | libc::PROT_EXEC;
-            // SAFETY: our own areas; nothing runs them yet, and nothing writes them through this
-            // mapping from now on.
-            unsafe { sys::mprotect(lo as usize, (hi - lo) as usize, rx)? };
-        }
-        for a in self.code.iter_mut().chain(self.regions.iter_mut()) {
-            a.fresh = false;
-        }
         for (start, bytes) in live {
             w.write(start, &bytes)?;
         }
