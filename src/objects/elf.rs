@@ -65,12 +65,13 @@ pub struct Funcs {
 /// length of 0 for none); flags (bit 0 IFUNC, bit 1 global); padding.
 const REC: usize = 40;
 
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
+/// Record fields (records are whole: checked in `view`, made whole in `build`).
+fn le_u64(rec: &[u8], at: usize) -> u64 {
+    super::le(rec, at, 8).unwrap_or(0)
 }
 
-fn le_u32(b: &[u8], at: usize) -> usize {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or_default()) as usize
+fn le_u32(rec: &[u8], at: usize) -> usize {
+    super::le(rec, at, 4).unwrap_or(0) as usize
 }
 
 impl Funcs {

@@ -118,7 +118,7 @@ pub fn find_vdso_clock() {
 }
 
 /// The little-endian integer of `n` bytes at `at` in `b`.
-fn le(b: &[u8], at: usize, n: usize) -> Option<u64> {
+pub(crate) fn le(b: &[u8], at: usize, n: usize) -> Option<u64> {
     let s = b.get(at..at.checked_add(n)?)?;
     Some(s.iter().rev().fold(0, |v, &x| v << 8 | x as u64))
 }

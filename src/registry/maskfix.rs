@@ -200,7 +200,6 @@ impl Registry {
                             ret_counter: NO_COUNTER,
                         },
                     );
-
                     n += 1;
                 }
                 Err(e) => {
