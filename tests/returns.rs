@@ -32,6 +32,10 @@ fn return_values_and_durations_are_recorded_exactly() {
         l["max_ns"].as_u64().unwrap(),
     );
     assert!(min <= p50 && p50 <= p99 && p99 <= max, "{l}");
+    // The shortest and the longest are those of the events.
+    let durations: Vec<u64> = returns.iter().map(|v| v["duration_ns"].as_u64().unwrap()).collect();
+    assert_eq!(min, *durations.iter().min().unwrap(), "{l}");
+    assert_eq!(max, *durations.iter().max().unwrap(), "{l}");
     let in_histogram: u64 =
         l["histogram"].as_array().unwrap().iter().map(|b| b["count"].as_u64().unwrap()).sum();
     assert_eq!(in_histogram, 5);

@@ -79,7 +79,7 @@ impl LatencyInfo {
         if calls == 0 {
             return LatencyInfo::default();
         }
-        let (min_ns, max_ns) = (l.min_ns.load(Ordering::Relaxed), l.max_ns.load(Ordering::Relaxed));
+        let (min_ns, max_ns) = (l.min_ns(), l.max_ns.load(Ordering::Relaxed));
         let percentile = |q: f64| {
             let want = ((calls as f64 * q).ceil() as u64).max(1);
             let mut seen = 0;

@@ -385,7 +385,7 @@ impl Registry {
                 ret: spec.ret,
                 stack: spec.stack || config::get().stacks,
                 missed: Default::default(),
-                latency: latency.then(|| Box::new(Latency::default())),
+                latency: latency.then(Latency::boxed),
             });
             let p = self.probe_mut(id);
             p.site = Some(r.key);
@@ -679,6 +679,7 @@ impl Registry {
                 let counter = site.map(|s| if c.ret { s.ret_counter } else { s.counter });
                 let total =
                     counter.and_then(|i| sums.get(i as usize)).copied().unwrap_or(p.baseline);
+                let hits = total.wrapping_sub(p.baseline);
                 ProbeInfo {
                     id: p.id,
                     spec: p.spec.clone(),
@@ -687,10 +688,17 @@ impl Registry {
                     offset: p.site.map(|k| k.offset),
                     state,
                     error: p.error.as_deref().cloned(),
-                    hits: total.wrapping_sub(p.baseline),
+                    hits,
                     ret: c.ret || p.pending.as_ref().is_some_and(|s| s.ret),
                     missed: c.missed.load(Ordering::Relaxed),
-                    latency: c.latency.as_deref().map(LatencyInfo::of),
+                    // A probe not hit has an empty table: not read (its pages were never touched).
+                    latency: c.latency.as_deref().map(|l| {
+                        if hits == 0 {
+                            LatencyInfo::default()
+                        } else {
+                            LatencyInfo::of(l)
+                        }
+                    }),
                     path: site.filter(|_| installed).map(|s| {
                         if s.installs.iter().all(|i| i.jump.is_some()) {
                             "jump"

@@ -88,6 +88,29 @@ fn pages(size: usize) -> usize {
     (size.max(1) + sys::PAGE - 1) & !(sys::PAGE - 1)
 }
 
+impl Allocator {
+    /// A block of class `c`, and whether it is fresh from the kernel (never handed out: zero).
+    fn block(&self, c: usize) -> (*mut u8, bool) {
+        let size = CLASSES[c];
+        let mut h = self.heap.lock();
+        let head = h.free[c];
+        if head != 0 {
+            // SAFETY: a free block's first word links to the next free block of its class.
+            h.free[c] = unsafe { *(head as *const usize) };
+            return (head as *mut u8, false);
+        }
+        let (mut at, mut end) = h.bump[c];
+        if at + size > end {
+            match sys::mmap_far(REFILL, RW, 0) {
+                Ok(p) => (at, end) = (p, p + REFILL),
+                Err(_) => return (null_mut(), false),
+            }
+        }
+        h.bump[c] = (at + size, end);
+        (at as *mut u8, true)
+    }
+}
+
 // SAFETY: blocks of a class are disjoint pieces of our own mappings, handed out once until freed;
 // large blocks are whole mappings of their own, page-aligned (which satisfies any alignment up to
 // a page; larger alignments are refused with null).
@@ -100,40 +123,23 @@ unsafe impl GlobalAlloc for Allocator {
             return sys::mmap_anon(0, pages(layout.size()), RW, POPULATE)
                 .map_or(null_mut(), |p| p as *mut u8);
         };
-        let size = CLASSES[c];
-        let mut h = self.heap.lock();
-        let head = h.free[c];
-        if head != 0 {
-            // SAFETY: a free block's first word links to the next free block of its class.
-            h.free[c] = unsafe { *(head as *const usize) };
-            return head as *mut u8;
-        }
-        let (mut at, mut end) = h.bump[c];
-        if at + size > end {
-            match sys::mmap_far(REFILL, RW, 0) {
-                Ok(p) => (at, end) = (p, p + REFILL),
-                Err(_) => return null_mut(),
-            }
-        }
-        h.bump[c] = (at + size, end);
-        at as *mut u8
+        self.block(c).0
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if class_of(&layout).is_none() && layout.align() <= sys::PAGE {
+        let Some(c) = class_of(&layout) else {
+            if layout.align() > sys::PAGE {
+                return null_mut();
+            }
             // A fresh mapping is zero already; populated at once (one system call instead of a
             // fault a page: a file read into it touches every page anyway).
-            return sys::mmap_anon(
-                0,
-                pages(layout.size()),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_POPULATE,
-            )
-            .map_or(null_mut(), |p| p as *mut u8);
-        }
-        // SAFETY: the caller's contract, passed on.
-        let p = unsafe { self.alloc(layout) };
-        if !p.is_null() {
+            return sys::mmap_anon(0, pages(layout.size()), RW, POPULATE)
+                .map_or(null_mut(), |p| p as *mut u8);
+        };
+        // A block never handed out is zero already, and left untouched: its pages are taken
+        // only when written (a return probe's latency table, 4 KiB, by its first return).
+        let (p, fresh) = self.block(c);
+        if !p.is_null() && !fresh {
             // SAFETY: `p` is valid for `layout.size()` bytes.
             unsafe { core::ptr::write_bytes(p, 0, layout.size()) };
         }
@@ -199,6 +205,24 @@ pub static ALLOCATOR: Allocator = Allocator::new();
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A zeroed block is zero whether it is fresh (left untouched) or reused (cleared).
+    #[test]
+    fn zeroed_blocks_are_zero_fresh_or_reused() {
+        let a = Allocator::new();
+        let layout = Layout::from_size_align(4128, 8).unwrap();
+        // SAFETY: blocks of `layout` from `a`, used within their size, freed once.
+        unsafe {
+            let fresh = a.alloc_zeroed(layout);
+            assert!(core::slice::from_raw_parts(fresh, 4128).iter().all(|&b| b == 0));
+            core::ptr::write_bytes(fresh, 0xa5, 4128);
+            a.dealloc(fresh, layout);
+            let reused = a.alloc_zeroed(layout);
+            assert_eq!(reused, fresh, "the freed block is reused");
+            assert!(core::slice::from_raw_parts(reused, 4128).iter().all(|&b| b == 0));
+            a.dealloc(reused, layout);
+        }
+    }
 
     /// The computed class is the smallest one that holds the size, for every size and alignment.
     #[test]
