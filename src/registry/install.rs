@@ -370,6 +370,9 @@ impl Registry {
             }
             problems.push(Problem { spec: spec.to_string(), error: error.clone() });
         }
+        // Probes of the same batch added to sites that were already in (nothing to write for
+        // them) still get into the table.
+        self.publish();
         problems
     }
 
