@@ -88,6 +88,14 @@ fn pages(size: usize) -> usize {
     (size.max(1) + sys::PAGE - 1) & !(sys::PAGE - 1)
 }
 
+/// A block larger than every class: a mapping of its own (see [`POPULATE`]).
+fn large(layout: &Layout) -> *mut u8 {
+    if layout.align() > sys::PAGE {
+        return null_mut();
+    }
+    sys::mmap_anon(0, pages(layout.size()), RW, POPULATE).map_or(null_mut(), |p| p as *mut u8)
+}
+
 impl Allocator {
     /// A block of class `c`, and whether it is fresh from the kernel (never handed out: zero).
     fn block(&self, c: usize) -> (*mut u8, bool) {
@@ -116,25 +124,15 @@ impl Allocator {
 // a page; larger alignments are refused with null).
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let Some(c) = class_of(&layout) else {
-            if layout.align() > sys::PAGE {
-                return null_mut();
-            }
-            return sys::mmap_anon(0, pages(layout.size()), RW, POPULATE)
-                .map_or(null_mut(), |p| p as *mut u8);
-        };
-        self.block(c).0
+        match class_of(&layout) {
+            Some(c) => self.block(c).0,
+            None => large(&layout),
+        }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         let Some(c) = class_of(&layout) else {
-            if layout.align() > sys::PAGE {
-                return null_mut();
-            }
-            // A fresh mapping is zero already; populated at once (one system call instead of a
-            // fault a page: a file read into it touches every page anyway).
-            return sys::mmap_anon(0, pages(layout.size()), RW, POPULATE)
-                .map_or(null_mut(), |p| p as *mut u8);
+            return large(&layout); // a fresh mapping is zero already
         };
         // A block never handed out is zero already, and left untouched: its pages are taken
         // only when written (a return probe's latency table, 4 KiB, by its first return).
