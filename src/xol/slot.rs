@@ -13,30 +13,15 @@ use crate::sigsafe::table::SlotMap;
 /// `jmp rel32`, padded.
 pub const SLOT_SIZE: usize = 32;
 
-/// The bytes of the slot at `slot` for instruction `d`, which sits at `site`.
+/// The bytes of the slot at `slot` for instruction `d`, which sits at `site`: its relocation
+/// (the instruction moved, `syscall`'s rcx fix-up, the jump back).
 pub fn slot_code(d: &Decoded, site: u64, slot: u64) -> Result<Vec<u8>, XolError> {
     debug_assert!(d.emu.is_none());
-    let (bytes, n) = d.moved_to(slot)?;
-    let mut code = bytes[..n].to_vec();
-    let next = site.wrapping_add(d.len as u64);
-    if d.syscall {
-        // syscall leaves the address of the following instruction in rcx; make it the original one.
-        let here = slot + code.len() as u64 + 7;
-        code.extend_from_slice(&[0x48, 0x8d, 0x0d]); // lea rcx, [rip + disp32]
-        code.extend_from_slice(&rel32(here, next, d)?.to_le_bytes());
-    }
-    let here = slot + code.len() as u64 + 5;
-    code.push(0xe9); // jmp rel32
-    code.extend_from_slice(&rel32(here, next, d)?.to_le_bytes());
+    let code = super::reloc::relocate(d, site, slot)?.code;
     if code.len() > SLOT_SIZE {
         return Err(XolError::Relocate { insn: d.text(), why: "slot too small".into() });
     }
     Ok(code)
-}
-
-fn rel32(from: u64, to: u64, d: &Decoded) -> Result<i32, XolError> {
-    i32::try_from(to.wrapping_sub(from) as i64)
-        .map_err(|_| XolError::Relocate { insn: d.text(), why: "slot out of rel32 reach".into() })
 }
 
 /// Every XOL slot written so far, by (site address, original bytes): a site that is removed and
