@@ -130,9 +130,16 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
     }
     let _rt = InRuntime::enter();
     let started = sigsafe::sys::monotonic_ns();
-    owner::take();
     let problems = config::init(envp as *const *const c_char);
     let config = config::get();
+    if config.idle {
+        // A secure-execution process without the administrator's file: nothing of libuprobe
+        // runs, and every interposed function passes straight through (see runtime::config).
+        runtime::IDLE.store(true, Ordering::Release);
+        hooks::table::resolve_all();
+        return;
+    }
+    owner::take();
     if config.attached {
         // Loaded by `uprobe attach`: nothing goes to the program's stderr (see report::emit).
     } else if config.output.is_none() {

@@ -495,7 +495,7 @@ pub fn unlock_in_child() {
 
 /// In a forked child, once its locks are its own: a drain thread of its own.
 pub fn start_in_child() -> Result<(), threads::SpawnError> {
-    if DRAINING.load(Ordering::Acquire) {
+    if DRAINING.load(Ordering::Acquire) && !threads::retired() {
         threads::spawn("uprobe-events", drain_thread)?;
     }
     Ok(())

@@ -10,8 +10,10 @@
 //! | [`spawn`] | vfork and posix_spawn children, which borrow their parent's memory |
 //! | [`signals`] | the program's own dispositions; SIGTRAP kept out of every mask |
 //! | [`ns`] | unshare and setns, which need a single-threaded process |
+//! | [`creds`] | per-thread privilege changes (capset, prctl, seccomp, raw setuid calls): libuprobe's threads follow them |
 //! | [`unwind`] | unwinders see real return addresses, never the return trampoline |
 
+pub mod creds;
 pub mod dl;
 pub mod exec;
 pub mod ns;

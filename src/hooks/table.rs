@@ -6,7 +6,7 @@
 
 use core::ffi::{c_char, c_int, c_long, c_void};
 
-use super::{dl, exec, ns, signals, spawn};
+use super::{creds, dl, exec, ns, signals, spawn};
 
 macro_rules! interpose {
     ($( fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $body:path; )*) => {
@@ -44,9 +44,17 @@ macro_rules! interpose {
             /// # Safety
             /// As the real function's.
             #[no_mangle]
+            #[allow(unreachable_code, clippy::diverging_sub_expression, reason = "`_exit` and `_Exit` never return")]
             pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+                let real = $name::real();
+                if crate::runtime::idle() {
+                    if let Some(real) = real {
+                        // SAFETY: forwarding the caller's arguments under the caller's contract.
+                        return unsafe { real($($arg),*) };
+                    }
+                }
                 // SAFETY: forwarding the caller's arguments under the caller's contract.
-                unsafe { $body($name::real(), $($arg),*) }
+                unsafe { $body(real, $($arg),*) }
             }
         )*
 
@@ -104,4 +112,11 @@ interpose! {
     // Calls the kernel refuses to a multithreaded process (hooks::ns).
     fn unshare(flags: c_int) -> c_int => ns::unshare;
     fn setns(fd: c_int, nstype: c_int) -> c_int => ns::setns;
+    // Per-thread privileges: libuprobe's threads follow the thread that changes them
+    // (hooks::creds). prctl and syscall are variadic: read as the words the kernel takes.
+    fn capset(hdr: *mut c_void, data: *const c_void) -> c_int => creds::capset;
+    fn setfsuid(id: libc::uid_t) -> c_int => creds::setfsuid;
+    fn setfsgid(id: libc::gid_t) -> c_int => creds::setfsgid;
+    fn prctl(option: c_int, a2: libc::c_ulong, a3: libc::c_ulong, a4: libc::c_ulong, a5: libc::c_ulong) -> c_int => creds::prctl;
+    fn syscall(nr: c_long, a1: c_long, a2: c_long, a3: c_long, a4: c_long, a5: c_long, a6: c_long) -> c_long => creds::syscall;
 }

@@ -13,11 +13,22 @@ pub mod lock;
 pub mod mark;
 pub mod mem;
 pub mod owner;
+pub mod places;
 pub mod threads;
 
 pub use mark::{in_runtime, InRuntime};
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+
+/// libuprobe does nothing in this process (see `config`: a secure-execution process without the
+/// administrator's file). Every interposed function then calls the real one and nothing else.
+pub static IDLE: AtomicBool = AtomicBool::new(false);
+
+/// Is libuprobe idle in this process?
+pub fn idle() -> bool {
+    IDLE.load(Ordering::Relaxed)
+}
 
 /// Functions that wake a runtime thread from its wait.
 type Wakers = lock::Mutex<Vec<fn()>>;

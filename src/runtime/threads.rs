@@ -28,6 +28,8 @@ pub enum SpawnError {
     Create { name: &'static str, code: i32 },
     #[error("too many runtime threads")]
     Full,
+    #[error("thread {name} is not started: the program installed a seccomp filter")]
+    Retired { name: &'static str },
 }
 
 /// A runtime thread's body: runs until `stopping()` says so, then returns.
@@ -49,6 +51,25 @@ struct Threads {
 
 static THREADS: Mutex<Threads> = Mutex::new(Threads { running: Vec::new(), stopped: Vec::new() });
 static STOPPING: AtomicBool = AtomicBool::new(false);
+/// No runtime thread may start any more in this process (nor in its forked children): the
+/// program installed a seccomp filter (see hooks::creds).
+static RETIRED: AtomicBool = AtomicBool::new(false);
+
+/// Have the runtime threads ended for good?
+pub fn retired() -> bool {
+    RETIRED.load(Ordering::Acquire)
+}
+
+/// No runtime thread starts again: the stopped ones are forgotten, and [`spawn`] refuses. True the
+/// first time. Makes no system call (it may run where only `read`, `write` and `exit` are left),
+/// and is meant for a process whose threads [`stop_all`] stopped.
+pub fn retire() -> bool {
+    if RETIRED.swap(true, Ordering::AcqRel) {
+        return false;
+    }
+    THREADS.lock().stopped.clear();
+    true
+}
 
 /// Runtime thread bodies poll this and return when it is set.
 pub fn stopping() -> bool {
@@ -85,6 +106,9 @@ pub fn spawn(name: &'static str, body: Body) -> Result<(), SpawnError> {
 }
 
 fn spawn_locked(threads: &mut Threads, name: &'static str, body: Body) -> Result<(), SpawnError> {
+    if retired() {
+        return Err(SpawnError::Retired { name });
+    }
     let stack = sys::mmap_far(STACK, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_NORESERVE)
         .map_err(|errno| SpawnError::Stack { name, errno })?;
     if !thread::add_runtime_stack(stack as u64, (stack + STACK) as u64) {
