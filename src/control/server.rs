@@ -31,6 +31,9 @@ const MAX_INPUT: usize = 64 * 1024;
 
 struct Client {
     fd: i32,
+    /// What `fd` is (device, inode): if the program closed the number and reused it, it is no
+    /// longer this client's, and is never read, written or closed again.
+    id: (u64, u64),
     input: Vec<u8>,
     output: Vec<u8>,
     /// When it last sent something, or read some of its answers.
@@ -40,9 +43,17 @@ struct Client {
     events: Option<Format>,
 }
 
+impl Client {
+    fn ours(&self) -> bool {
+        sys::fstat(self.fd).is_ok_and(|st| (st.st_dev, st.st_ino) == self.id)
+    }
+}
+
 impl Drop for Client {
     fn drop(&mut self) {
-        sys::close(self.fd);
+        if self.ours() {
+            sys::close(self.fd);
+        }
         if let Some(f) = self.events {
             if consumers::events::unsubscribe(f) {
                 registry::with_registry(|r| r.retarget());
@@ -76,8 +87,14 @@ static CLIENTS: Mutex<Vec<Client>> = Mutex::new(Vec::new());
 /// The server thread's body.
 pub fn serve() {
     while !threads::stopping() {
-        let listener = LISTENER.load(Ordering::Acquire);
-        let wake = WAKE.load(Ordering::Acquire);
+        // Our descriptors may have been closed by the program, their numbers reused for its own
+        // files: checked at each round, and made again elsewhere (never touching that number).
+        if LISTENER.raw() >= 0 && LISTENER.get().is_none() {
+            super::rebind();
+        }
+        super::ensure_wake();
+        let listener = LISTENER.raw();
+        let wake = WAKE.raw();
         let mut fds = vec![
             libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
@@ -95,7 +112,7 @@ pub fn serve() {
             sys::sleep_ns(10_000_000);
             continue;
         }
-        if fds[0].revents != 0 {
+        if fds[0].revents != 0 && WAKE.get() == Some(wake) {
             let mut b = [0u8; 8];
             let _ = sys::read(wake, &mut b);
         }
@@ -110,7 +127,7 @@ pub fn serve() {
             let problems = registry::with_registry(|r| r.rescan(false)).unwrap_or_default();
             crate::report::problems(&problems);
         }
-        if fds[1].revents != 0 && listener >= 0 {
+        if fds[1].revents != 0 && listener >= 0 && LISTENER.get() == Some(listener) {
             accept_all(listener);
         }
         let now = sys::monotonic_ns();
@@ -138,9 +155,10 @@ pub fn serve() {
 fn accept_all(listener: i32) {
     loop {
         let fd = match sock::accept(listener) {
-            Ok(fd) => fd,
+            Ok(fd) => crate::runtime::fs::keep_high(fd),
             Err(_) => return,
         };
+        let Ok(st) = sys::fstat(fd) else { continue };
         if let Err(reason) = check_peer(fd) {
             refuse(fd, &reason);
             crate::report::problem("control socket", &reason);
@@ -154,6 +172,7 @@ fn accept_all(listener: i32) {
         }
         clients.push(Client {
             fd,
+            id: (st.st_dev, st.st_ino),
             input: Vec::new(),
             output: Vec::new(),
             last: sys::monotonic_ns(),
@@ -185,6 +204,11 @@ fn check_peer(fd: i32) -> Result<(), String> {
 }
 
 fn read_input(c: &mut Client, now: u64) {
+    if !c.ours() {
+        c.closing = true;
+        c.output.clear();
+        return;
+    }
     let mut buf = [0u8; 8192];
     while c.input.len() < MAX_INPUT {
         match sys::read(c.fd, &mut buf) {
@@ -273,6 +297,11 @@ fn subscribe(c: &mut Client, format: Format) -> serde_json::Value {
 }
 
 fn flush(c: &mut Client) {
+    if !c.output.is_empty() && !c.ours() {
+        c.closing = true;
+        c.output.clear();
+        return;
+    }
     while !c.output.is_empty() {
         match sock::send(c.fd, &c.output) {
             Ok(n) => {

@@ -3,12 +3,15 @@
 //! same file (a child after exec, the next run) reads it in a fraction of the time: a probe on
 //! `malloc` costs a process its ELF parse only once.
 //!
-//! The cache is `$XDG_RUNTIME_DIR/uprobe/cache`, else `/tmp/uprobe-<uid>/cache` (the control
-//! sockets' directories), made 0700 and used only if it belongs to this user. An entry's name is
-//! the file's device, inode, size, modification and change times: a file changed in any way is a
-//! new entry. Entries are written whole to a temporary name and renamed, never read half
-//! written; anything that does not decode is ignored (the file is parsed again).
-//! `UPROBES_CACHE=0` turns it off.
+//! The cache is `cache` in libuprobe's private directory of this user (`$XDG_RUNTIME_DIR/uprobe`,
+//! else `/tmp/uprobe-<uid>`, else the fallback: `runtime::places`), opened by descriptor and
+//! checked like it (this user's, nobody else's to enter, not a symbolic link), and used only through
+//! that descriptor; an entry is read only if it is a regular file of this user's. An entry's name
+//! is the file's device, inode, size, modification and change times: a file changed in any way is
+//! a new entry. Entries are written whole to a temporary name and renamed, never read half
+//! written, and carry an integrity check; anything damaged or that does not decode is ignored (the
+//! file is parsed again). What an entry says is checked against the file before it decides where
+//! code is written. `UPROBES_CACHE=0` turns it off.
 
 use crate::runtime::{config, fs};
 use crate::sigsafe::sys;
@@ -43,59 +46,73 @@ impl Key {
     }
 }
 
-const MAGIC: &[u8; 8] = b"UPRBC\x00\x00\x02";
+const MAGIC: &[u8; 8] = b"UPRBC\x00\x00\x03";
 
-fn dir() -> Option<String> {
-    if config::env_bytes("UPROBES_CACHE").is_some_and(|v| v == b"0") {
+/// The largest entry read back (libc's is about 200 KiB).
+const MAX_ENTRY: usize = 64 << 20;
+
+/// The cache directory, opened by descriptor and checked (see `runtime::fs::private_dir`), or
+/// None when off or not usable.
+fn dir() -> Option<fs::Dir> {
+    let config = config::get();
+    if !config.cache {
         return None;
     }
     let uid = sys::geteuid();
-    let base = match config::env_bytes("XDG_RUNTIME_DIR").and_then(|b| String::from_utf8(b).ok()) {
-        Some(x) if !x.is_empty() => format!("{x}/uprobe"),
-        _ => format!("/tmp/uprobe-{uid}"),
-    };
-    let dir = format!("{base}/cache");
-    for d in [&base, &dir] {
-        match sys::stat(&fs::cpath(d), 0) {
-            Ok(st) if st.st_uid == uid && st.st_mode & 0o022 == 0 => {}
-            Ok(_) => return None, // someone else's, or writable by others: not trusted
-            Err(_) => {
-                sys::mkdir(&fs::cpath(d), 0o700).ok()?;
-                let st = sys::stat(&fs::cpath(d), 0).ok()?;
-                if st.st_uid != uid {
-                    return None;
-                }
-            }
-        }
-    }
-    Some(dir)
+    let base = fs::base_dir(uid, config.runtime_dir.as_deref()).ok()?;
+    fs::private_dir(base.fd, "cache", &format!("{}/cache", base.path), uid, true).ok()
 }
 
-/// The cached bytes of `kind` for the file `key`, if any.
+/// The integrity check of an entry's payload: against an entry damaged or cut short (a full
+/// disk, a crash in the middle of a write by another tool), not against someone able to write
+/// the directory, which only this user can (what an entry says about code is checked against
+/// the file itself before it is used: see `ElfFile::verify_cached`).
+fn check(payload: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = crate::runtime::hash::FxHasher::default();
+    h.write_u64(payload.len() as u64);
+    h.write(payload);
+    h.finish()
+}
+
+/// The cached bytes of `kind` for the file `key`, if any, whole and undamaged.
 pub fn get(key: &Key, kind: &str) -> Option<Vec<u8>> {
-    let path = format!("{}/{}", dir()?, key.name(kind));
-    let mut data = fs::read(&path).ok()?;
-    if !data.starts_with(MAGIC) {
+    let dir = dir()?;
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let fd = fs::Fd(sys::openat(dir.fd, &fs::cpath(&key.name(kind)), flags, 0).ok()?);
+    let st = sys::fstat(fd.0).ok()?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG
+        || st.st_uid != sys::geteuid()
+        || st.st_size as usize > MAX_ENTRY
+    {
         return None;
     }
+    let mut data = fd.read_to_end().ok()?;
+    let head = data.get(..MAGIC.len() + 8)?;
+    if !head.starts_with(MAGIC) {
+        return None;
+    }
+    let sum = u64::from_le_bytes(head[MAGIC.len()..].try_into().ok()?);
     // In place: libc's entry is 200 KiB, and a copy is a fresh mapping to fill.
-    data.drain(..MAGIC.len());
-    Some(data)
+    data.drain(..MAGIC.len() + 8);
+    (check(&data) == sum).then_some(data)
 }
 
-/// Keep `data` as `kind` for the file `key` (best effort).
+/// Keep `data` as `kind` for the file `key` (best effort): written whole under a name of its
+/// own, then renamed into place.
 pub fn put(key: &Key, kind: &str, data: &[u8]) {
     let Some(dir) = dir() else { return };
-    let path = format!("{dir}/{}", key.name(kind));
-    let tmp = format!("{path}.{}", sys::getpid());
-    let Ok(fd) = sys::open(&fs::cpath(&tmp), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o600)
-    else {
-        return;
-    };
-    let ok = sys::write_all(fd, MAGIC).is_ok() && sys::write_all(fd, data).is_ok();
+    let name = key.name(kind);
+    let tmp = fs::cpath(&format!("{name}.{}", sys::getpid()));
+    let _ = sys::unlinkat(dir.fd, &tmp, 0); // left by a killed process whose pid this one has
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+    let Ok(fd) = sys::openat(dir.fd, &tmp, flags, 0o600) else { return };
+    let ok = sys::write_all(fd, MAGIC).is_ok()
+        && sys::write_all(fd, &check(data).to_le_bytes()).is_ok()
+        && sys::write_all(fd, data).is_ok();
     sys::close(fd);
-    if !ok || sys::rename(&fs::cpath(&tmp), &fs::cpath(&path)).is_err() {
-        let _ = sys::unlink(&fs::cpath(&tmp));
+    if !ok || sys::renameat(dir.fd, &tmp, dir.fd, &fs::cpath(&name)).is_err() {
+        let _ = sys::unlinkat(dir.fd, &tmp, 0);
     }
 }
 

@@ -48,7 +48,16 @@ struct RawSym {
     size: u64,
     ifunc: bool,
     global: bool,
+    /// Where it came from: the symbol table ([`DYNSYM`] or [`SYMTAB`]) and its index there, so
+    /// that a record read back from the cache can be checked against the file.
+    table: u8,
+    index: u32,
 }
+
+/// A record's table: `.dynsym`.
+const DYNSYM: u8 = 1;
+/// A record's table: `.symtab`.
+const SYMTAB: u8 = 2;
 
 /// A file's function symbols, sorted by address (then name): fixed-size records followed by the
 /// names, in one buffer. It is the form the cache keeps, so that reading a library's symbols
@@ -62,7 +71,8 @@ pub struct Funcs {
 }
 
 /// vaddr, size (u64); name offset, name length, versioned offset, versioned length (u32, a
-/// length of 0 for none); flags (bit 0 IFUNC, bit 1 global); padding.
+/// length of 0 for none); flags (bit 0 IFUNC, bit 1 global); the symbol table it came from
+/// ([`DYNSYM`], [`SYMTAB`]); its index there (u32); padding.
 const REC: usize = 40;
 
 /// Record fields (records are whole: checked in `view`, made whole in `build`).
@@ -95,6 +105,8 @@ impl Funcs {
                 rec[16 + 4 * k..20 + 4 * k].copy_from_slice(&(v as u32).to_le_bytes());
             }
             rec[32] = r.ifunc as u8 | (r.global as u8) << 1;
+            rec[33] = r.table;
+            rec[34..38].copy_from_slice(&r.index.to_le_bytes());
         }
         Funcs { buf, at: 0, n: raw.len() }
     }
@@ -133,6 +145,11 @@ impl Funcs {
 
     fn vaddr(&self, i: usize) -> u64 {
         le_u64(&self.buf, self.at + i * REC)
+    }
+
+    /// Record `i`'s bytes.
+    fn record(&self, i: usize) -> &[u8] {
+        &self.buf[self.at + i * REC..self.at + (i + 1) * REC]
     }
 
     pub fn get(&self, i: usize) -> FuncSym<'_> {
@@ -202,7 +219,7 @@ struct Bytes {
     /// An anonymous mapping the size of the file: zero where not read yet.
     base: usize,
     len: usize,
-    /// The open file (numbered 900 or above, close-on-exec), reopened if the program closed it.
+    /// The open file (numbered high, close-on-exec), reopened if the program closed it.
     fd: core::sync::atomic::AtomicI32,
     id: FileId,
     opened: String,
@@ -229,7 +246,8 @@ impl Bytes {
                 libc::MAP_NORESERVE,
             )?
         };
-        let high = sys::dup_cloexec_at_least(fd.0, 900).unwrap_or(-1);
+        let high =
+            sys::dup_cloexec_at_least(fd.0, crate::runtime::fs::high_fd_floor()).unwrap_or(-1);
         let fd = if high >= 0 { high } else { core::mem::replace(&mut { fd }.0, -1) };
         let chunks = len.div_ceil(CHUNK);
         Ok(Bytes {
@@ -334,7 +352,7 @@ impl Bytes {
         if file_id(fd.0)? != self.id {
             return Err(Errno(libc::ESTALE));
         }
-        let high = sys::dup_cloexec_at_least(fd.0, 900)?;
+        let high = sys::dup_cloexec_at_least(fd.0, crate::runtime::fs::high_fd_floor())?;
         // The old number is not ours any more (the program closed it, maybe reused it).
         self.fd.store(high, core::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -456,7 +474,11 @@ impl ElfFile {
         let key = cache::Key::of(bytes.fd.load(core::sync::atomic::Ordering::Relaxed));
         if let Some(cached) = key.and_then(|k| cache::get(&k, "elf")) {
             if let Some(e) = Self::decode(path, cached, &bytes) {
-                return Ok(ElfFile { bytes, ..e });
+                // What the entry says decides where code is written: it must be what the file
+                // says (else the file is parsed, and the entry written again).
+                if e.verify_cached(&bytes).is_some() {
+                    return Ok(ElfFile { bytes, ..e });
+                }
             }
         }
         let e = Self::parse_file(path, bytes)?;
@@ -533,6 +555,135 @@ impl ElfFile {
         })
     }
 
+    /// Check a decoded cache entry against the file's own bytes: its segments, executable
+    /// sections and soname, and each function record against the symbol it names (its table and
+    /// index: address, size, type, binding, name). Some(()) if everything holds. (A record's
+    /// `name@VERSION` is not checked: it only chooses between symbols that are.)
+    fn verify_cached(&self, b: &Bytes) -> Option<()> {
+        let u = |d: &[u8], at: usize, n: usize| super::le(d, at, n);
+        let head = b.get(0, 64).ok()?;
+        if head.get(..4)? != b"\x7fELF" || head[4] != 2 || u(head, 0x12, 2)? != 62 {
+            return None;
+        }
+        let (phoff, shoff) = (u(head, 0x20, 8)? as usize, u(head, 0x28, 8)? as usize);
+        let (phentsize, phnum) = (u(head, 0x36, 2)? as usize, u(head, 0x38, 2)? as usize);
+        let (shentsize, shnum) = (u(head, 0x3a, 2)? as usize, u(head, 0x3c, 2)? as usize);
+        let shstrndx = u(head, 0x3e, 2)? as usize;
+        if phentsize < 56 || shentsize < 64 {
+            return None;
+        }
+        // Segments: every PT_LOAD, in order.
+        let phdrs = b.get(phoff, phentsize.checked_mul(phnum)?).ok()?;
+        let mut segs = self.segments.iter();
+        for ph in phdrs.chunks_exact(phentsize) {
+            if u(ph, 0, 4)? != 1 {
+                continue;
+            }
+            let s = segs.next()?;
+            let exec = u(ph, 4, 4)? & 1 != 0;
+            if (s.vaddr, s.offset, s.filesz, s.exec)
+                != (u(ph, 0x10, 8)?, u(ph, 8, 8)?, u(ph, 0x20, 8)?, exec)
+            {
+                return None;
+            }
+        }
+        if segs.next().is_some() {
+            return None;
+        }
+        let shdrs = b.get(shoff, shentsize.checked_mul(shnum)?).ok()?;
+        let shdr = |i: usize| shdrs.get(i.checked_mul(shentsize)?..(i + 1).checked_mul(shentsize)?);
+        // (type, flags, addr, offset, size, link) of section `i`.
+        let sec = |i: usize| -> Option<(u64, u64, u64, u64, u64, u64)> {
+            let h = shdr(i)?;
+            Some((
+                u(h, 4, 4)?,
+                u(h, 8, 8)?,
+                u(h, 0x10, 8)?,
+                u(h, 0x18, 8)?,
+                u(h, 0x20, 8)?,
+                u(h, 0x28, 4)?,
+            ))
+        };
+        // A NUL-terminated string at `at` in section `i` equals `want`.
+        let string_is = |i: usize, at: u64, want: &str| -> Option<bool> {
+            let (_, _, _, off, size, _) = sec(i)?;
+            if at.checked_add(want.len() as u64)? >= size {
+                return Some(false);
+            }
+            let bytes = b.get(off.checked_add(at)? as usize, want.len() + 1).ok()?;
+            Some(bytes.get(..want.len())? == want.as_bytes() && bytes.get(want.len()) == Some(&0))
+        };
+        // Executable sections, in order.
+        let mut execs = self.exec_sections.iter();
+        for i in 0..shnum {
+            let (_, flags, addr, off, size, _) = sec(i)?;
+            if flags & SHF_EXECINSTR as u64 == 0 || size == 0 {
+                continue;
+            }
+            let s = execs.next()?;
+            let name_at = u(shdr(i)?, 0, 4)?;
+            if (s.vaddr, s.offset, s.size) != (addr, off, size)
+                || !string_is(shstrndx, name_at, &s.name)?
+            {
+                return None;
+            }
+        }
+        if execs.next().is_some() {
+            return None;
+        }
+        // The soname, from the dynamic section.
+        let dynamic = (0..shnum).find(|&i| sec(i).is_some_and(|s| s.0 == 6));
+        let mut soname = None;
+        if let Some(d) = dynamic {
+            let (_, _, _, off, size, link) = sec(d)?;
+            let entries = b.get(off as usize, size as usize).ok()?;
+            for e in entries.chunks_exact(16) {
+                match u(e, 0, 8)? {
+                    0 => break,
+                    14 => soname = Some((link as usize, u(e, 8, 8)?)),
+                    _ => {}
+                }
+            }
+        }
+        match (&self.soname, soname) {
+            (None, None) => {}
+            (Some(name), Some((strtab, at))) if string_is(strtab, at, name)? => {}
+            _ => return None,
+        }
+        // Every function record.
+        let table_of = |ty: u64| (0..shnum).find(|&i| sec(i).is_some_and(|s| s.0 == ty));
+        let (dynsym, symtab) = (table_of(11), table_of(2));
+        for i in 0..self.funcs.len() {
+            let rec = self.funcs.record(i);
+            let (table, index) = (rec[33], le_u32(rec, 34) as u64);
+            let t = match table {
+                DYNSYM => dynsym?,
+                SYMTAB => symtab?,
+                _ => return None,
+            };
+            let (_, _, _, off, size, link) = sec(t)?;
+            if index.checked_add(1)?.checked_mul(24)? > size {
+                return None;
+            }
+            let sym = b.get((off + index * 24) as usize, 24).ok()?;
+            let f = self.funcs.get(i);
+            let (info, shndx) = (sym[4], u(sym, 6, 2)?);
+            let ty = info & 0xf;
+            let global = info >> 4 != sym::STB_LOCAL;
+            if u(sym, 8, 8)? != f.vaddr
+                || u(sym, 16, 8)? != f.size
+                || shndx == 0
+                || global != f.global
+                || (ty == sym::STT_GNU_IFUNC) != f.ifunc
+                || !(ty == sym::STT_FUNC || ty == sym::STT_GNU_IFUNC)
+                || !string_is(link as usize, u(sym, 0, 4)?, f.name)?
+            {
+                return None;
+            }
+        }
+        Some(())
+    }
+
     fn parse_file(path: &str, bytes: Bytes) -> Result<ElfFile, ElfError> {
         let read_err = |errno| ElfError::Read { path: path.to_string(), errno };
         load_metadata(&bytes).map_err(read_err)?;
@@ -569,7 +720,7 @@ impl ElfFile {
         let mut funcs = Vec::new();
         for (i, s) in elf.dynsyms.iter().enumerate() {
             let Some(name) = elf.dynstrtab.get_at(s.st_name) else { continue };
-            let Some(mut f) = func_sym(&s, name) else { continue };
+            let Some(mut f) = func_sym(&s, name, DYNSYM, i) else { continue };
             if let Some(vs) = elf.versym.as_ref().and_then(|v| v.get_at(i)) {
                 if let Some(v) = version_names.get(&vs.version()) {
                     let sep = if vs.is_hidden() { "@" } else { "@@" };
@@ -580,9 +731,9 @@ impl ElfFile {
         }
         let mut seen: std::collections::HashSet<(String, u64)> =
             funcs.iter().map(|f| (f.name.clone(), f.vaddr)).collect();
-        for s in elf.syms.iter() {
+        for (i, s) in elf.syms.iter().enumerate() {
             let Some(name) = elf.strtab.get_at(s.st_name) else { continue };
-            if let Some(f) = func_sym(&s, name) {
+            if let Some(f) = func_sym(&s, name, SYMTAB, i) {
                 if seen.insert((f.name.clone(), f.vaddr)) {
                     funcs.push(f);
                 }
@@ -639,7 +790,7 @@ impl ElfFile {
     }
 }
 
-fn func_sym(s: &sym::Sym, name: &str) -> Option<RawSym> {
+fn func_sym(s: &sym::Sym, name: &str, table: u8, index: usize) -> Option<RawSym> {
     let ty = s.st_type();
     let ifunc = ty == sym::STT_GNU_IFUNC;
     if !(ty == sym::STT_FUNC || ifunc) || s.st_shndx == 0 || s.st_value == 0 || name.is_empty() {
@@ -652,6 +803,8 @@ fn func_sym(s: &sym::Sym, name: &str) -> Option<RawSym> {
         size: s.st_size,
         ifunc,
         global: s.st_bind() != sym::STB_LOCAL,
+        table,
+        index: u32::try_from(index).ok()?,
     })
 }
 
@@ -682,6 +835,8 @@ mod tests {
             size: vaddr / 2,
             ifunc: name.contains("ifunc"),
             global: !name.starts_with('_'),
+            table: DYNSYM,
+            index: vaddr as u32,
         }
     }
 
@@ -731,6 +886,41 @@ mod tests {
         let mut long = cached;
         long[6 + 20..6 + 24].copy_from_slice(&0x10000u32.to_le_bytes());
         assert!(Funcs::view(long, 6, 5).is_none());
+    }
+
+    /// A cache entry decides where code is written only if the file says the same: libc's entry
+    /// passes; with one function moved by 12 bytes (still a well-formed entry: the move keeps the
+    /// order), or a segment or section changed, it is refused.
+    #[test]
+    fn a_cache_entry_is_checked_against_the_file() {
+        let path = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+        let parsed = ElfFile::open_path(path).unwrap();
+        let good = parsed.encode();
+        let back = ElfFile::decode(path, good.clone(), &parsed.bytes).unwrap();
+        assert!(back.verify_cached(&parsed.bytes).is_some());
+        // The records start after the segments and sections; find malloc's.
+        let at = good.len() - parsed.funcs.bytes().len();
+        let i = (0..parsed.funcs.len()).find(|&i| parsed.funcs.get(i).name == "malloc").unwrap();
+        let (vaddr, next) = (parsed.funcs.vaddr(i), parsed.funcs.vaddr(i + 1));
+        assert!(vaddr + 12 <= next, "malloc is followed by a function within 12 bytes");
+        let mut moved = good.clone();
+        moved[at + i * REC..at + i * REC + 8].copy_from_slice(&(vaddr + 12).to_le_bytes());
+        let back = ElfFile::decode(path, moved, &parsed.bytes).expect("a well-formed entry");
+        assert!(back.verify_cached(&parsed.bytes).is_none(), "a moved function was believed");
+        // A segment's offset (the first u64 after the soname and the count).
+        let mut seg = good.clone();
+        let soname_len = 1 + 8 + parsed.soname.as_ref().map_or(0, |s| s.len());
+        seg[soname_len + 8 + 8] ^= 0x10;
+        let back = ElfFile::decode(path, seg, &parsed.bytes).unwrap();
+        assert!(back.verify_cached(&parsed.bytes).is_none(), "a moved segment was believed");
+        // A record's table index pointing at another symbol.
+        let mut idx = good;
+        idx[at + i * REC + 34] ^= 1;
+        let back = ElfFile::decode(path, idx, &parsed.bytes).unwrap();
+        assert!(
+            back.verify_cached(&parsed.bytes).is_none(),
+            "a record of another symbol was believed"
+        );
     }
 
     /// libc's symbols read from the cache's form are the ones its parse found.

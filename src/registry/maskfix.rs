@@ -107,6 +107,15 @@ pub fn find_sites(code: &[u8], base: u64) -> Vec<(u64, MaskFix)> {
     out
 }
 
+/// Is there, at file offset `off` of `elf`, the system call [`find_sites`] finds, with `fix`?
+fn site_holds(elf: &objects::ElfFile, off: u64, fix: MaskFix) -> bool {
+    let from = off.saturating_sub(24);
+    let Ok(code) = elf.bytes_at(from, (off + 2 - from) as usize) else { return false };
+    find_sites(code, from)
+        .iter()
+        .any(|&(o, f)| o == off && f.mask_reg == fix.mask_reg && f.size_reg == fix.size_reg)
+}
+
 fn encode_sites(found: &[(u64, MaskFix)]) -> Vec<u8> {
     let mut w = crate::objects::cache::Writer::default();
     w.u64(found.len() as u64);
@@ -155,7 +164,12 @@ impl Registry {
         // Scanned in the file's bytes, not in memory: the program's own probes may be written
         // there already (on the jump path they go first), and a jump over a `mov eax, NR` would
         // hide its system call. Once per libc file: kept in the cache.
-        let found = match elf.cached("maskfix").and_then(|c| decode_sites(&c)) {
+        let cached = elf.cached("maskfix").and_then(|c| decode_sites(&c));
+        // Each cached site is checked in the file's bytes, as the scan would find it, before a
+        // probe goes there: a damaged entry is scanned again.
+        let cached =
+            cached.filter(|found| found.iter().all(|&(off, fix)| site_holds(&elf, off, fix)));
+        let found = match cached {
             Some(found) => found,
             None => {
                 let mut found = Vec::new();

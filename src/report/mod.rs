@@ -6,19 +6,26 @@
 pub mod json;
 pub mod text;
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::consumers::events;
 use crate::error::ProbeError;
 use crate::registry::{self, Problem};
 use crate::runtime::config::{self, Format, TraceFormat};
-use crate::runtime::{fs, lock::Mutex, InRuntime};
+use crate::runtime::{fs, lock::Mutex, places, InRuntime};
 use crate::sigsafe::sys;
 use crate::spec;
 
 /// A duplicate of the stderr the program started with. Many programs close stderr on their way
 /// out (gnulib's `close_stdout` does, in every coreutils program), before our destructor runs.
-static STDERR: AtomicI32 = AtomicI32::new(2);
+/// Checked before each write: a program that closed it (`closerange`) and reused the number for a
+/// file of its own never gets the report in that file.
+static STDERR: fs::Kept = fs::Kept::new();
+
+/// Where text for stderr goes: the duplicate while it is ours, else the program's stderr now.
+fn stderr_fd() -> i32 {
+    STDERR.get().unwrap_or(2)
+}
 /// `UPROBES_OUTPUT` could not be written, and that was said.
 static OUTPUT_FAILED: AtomicBool = AtomicBool::new(false);
 
@@ -29,8 +36,10 @@ pub static SETUP_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 /// Keep the program's stderr for the report: a close-on-exec duplicate, numbered high so that it
 /// never takes a descriptor number the program expects `open` to return.
 pub fn keep_stderr() {
-    if let Ok(fd) = sys::dup_cloexec_at_least(2, 900).or_else(|_| sys::dup_cloexec_at_least(2, 3)) {
-        STDERR.store(fd, Ordering::Relaxed);
+    let fd = sys::dup_cloexec_at_least(2, fs::high_fd_floor())
+        .or_else(|_| sys::dup_cloexec_at_least(2, 3));
+    if let Ok(fd) = fd {
+        STDERR.set(fd);
         sys::MESSAGE_FD.store(fd, Ordering::Relaxed);
     }
 }
@@ -40,14 +49,14 @@ pub fn keep_stderr() {
 /// exit, in every process).
 pub fn reserve_descriptors() {
     for fd in 0..3 {
-        if let Ok(high) = sys::dup_cloexec_at_least(fd, 900) {
+        if let Ok(high) = sys::dup_cloexec_at_least(fd, fs::high_fd_floor()) {
             sys::close(high);
             return;
         }
     }
 }
 
-/// The report file, open: its descriptor (close-on-exec, numbered 900 or above, like the stderr
+/// The report file, open: its descriptor (close-on-exec, numbered high, like the stderr
 /// duplicate), its identity, and the pid it was opened for (`%p`).
 struct OutFile {
     fd: i32,
@@ -60,12 +69,7 @@ static OUT: Mutex<Option<OutFile>> = Mutex::new(None);
 /// Write to the report file, opening it on first use. It stays open, so that a program that
 /// drops its privileges (a daemon) can still write its report; a descriptor that is no longer
 /// the file (the program closed it, and the number was reused) is never written to.
-fn write_report_file(
-    template: &str,
-    head: &[u8],
-    text: &[u8],
-    pad: bool,
-) -> Result<(), sys::Errno> {
+fn write_report_file(template: &str, head: &[u8], text: &[u8], pad: bool) -> Result<(), String> {
     let pid = sys::getpid();
     let mut out = OUT.lock();
     let same = |o: &OutFile| {
@@ -80,22 +84,29 @@ fn write_report_file(
             }
         }
         let path = template.replace("%p", &pid.to_string());
-        let fd =
-            sys::open(&fs::cpath(&path), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o666)?;
-        let high = sys::dup_cloexec_at_least(fd, 900).unwrap_or(fd);
-        if high != fd {
-            sys::close(fd);
-        }
-        let st = sys::fstat(high)?;
+        let high = open_report(&path)?;
+        let st = sys::fstat(high).map_err(|e| e.to_string())?;
         *out = Some(OutFile { fd: high, id: (st.st_dev, st.st_ino), pid });
         // A file that starts here starts with its head (a Chrome trace's `[`); a file shared
         // with a parent, or an earlier image of an exec chain, has it already.
         if st.st_size == 0 && !head.is_empty() {
-            sys::write_all(high, head)?;
+            sys::write_all(high, head).map_err(|e| e.to_string())?;
         }
     }
     let fd = out.as_ref().map_or(-1, |o| o.fd);
-    write_whole_lines(fd, text, pad)
+    write_whole_lines(fd, text, pad).map_err(|e| e.to_string())
+}
+
+/// Open a report file (`UPROBES_OUTPUT`, `UPROBES_FOLDED`) for appending, creating it: never
+/// through a symbolic link, nor into a file, that another user planted in a sticky directory
+/// (`fs::open_protected`). Its descriptor, numbered high.
+fn open_report(path: &str) -> Result<i32, String> {
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND;
+    let (fd, _dir) = fs::open_protected(path, places::Last::File { flags, mode: 0o666 })
+        .map_err(|e| e.strip_prefix(&format!("{path}: ")).map(str::to_string).unwrap_or(e))?;
+    let high = fs::keep_high(fd.0);
+    core::mem::forget(fd);
+    Ok(high)
 }
 
 /// Write `text` (whole lines) so that a kill leaves whole lines: the kernel checks for a fatal
@@ -159,7 +170,7 @@ pub fn emit(text: &str) {
     let config = config::get();
     if config.trace && config.trace_format == TraceFormat::Chrome {
         if !config.attached {
-            let _ = sys::write_all(STDERR.load(Ordering::Relaxed), text.as_bytes());
+            let _ = sys::write_all(stderr_fd(), text.as_bytes());
         }
         return;
     }
@@ -175,7 +186,7 @@ fn write_out(text: &str, head: &[u8]) {
         return;
     }
     let Some(template) = &config.output else {
-        let fd = STDERR.load(Ordering::Relaxed);
+        let fd = stderr_fd();
         if !head.is_empty() && !STDERR_HEAD.swap(true, Ordering::Relaxed) {
             let _ = sys::write_all(fd, head);
         }
@@ -190,9 +201,9 @@ fn write_out(text: &str, head: &[u8]) {
                 "libuprobe: cannot write the report to UPROBES_OUTPUT={path}: {e}; writing it to \
                  stderr instead\n"
             );
-            let _ = sys::write_all(STDERR.load(Ordering::Relaxed), msg.as_bytes());
+            let _ = sys::write_all(stderr_fd(), msg.as_bytes());
         }
-        let _ = sys::write_all(STDERR.load(Ordering::Relaxed), text.as_bytes());
+        let _ = sys::write_all(stderr_fd(), text.as_bytes());
     }
 }
 
@@ -261,14 +272,9 @@ fn write_folded(template: &str, pid: i32, stacks: &Stacks) {
         }
     }
     let path = template.replace("%p", &pid.to_string());
-    let r = sys::open(
-        &fs::cpath(&path),
-        libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC,
-        0o666,
-    )
-    .and_then(|fd| {
+    let r = open_report(&path).and_then(|fd| {
         let fd = fs::Fd(fd);
-        sys::write_all(fd.0, text.as_bytes())
+        sys::write_all(fd.0, text.as_bytes()).map_err(|e| e.to_string())
     });
     if let Err(e) = r {
         problem("UPROBES_FOLDED", &format!("cannot write {path}: {e}"));

@@ -256,6 +256,11 @@ pub fn pwrite(fd: i32, buf: &[u8], off: u64) -> Result<usize, Errno> {
 
 /// `openat(AT_FDCWD, path, flags | O_CLOEXEC, mode)`. `path` must end in NUL.
 pub fn open(path: &[u8], flags: i32, mode: u32) -> Result<i32, Errno> {
+    openat(libc::AT_FDCWD, path, flags, mode)
+}
+
+/// `openat(dir, path, flags | O_CLOEXEC, mode)`. `path` must end in NUL.
+pub fn openat(dir: i32, path: &[u8], flags: i32, mode: u32) -> Result<i32, Errno> {
     if path.last() != Some(&0) {
         return Err(Errno(libc::EINVAL));
     }
@@ -264,7 +269,7 @@ pub fn open(path: &[u8], flags: i32, mode: u32) -> Result<i32, Errno> {
         call(
             libc::SYS_openat,
             [
-                libc::AT_FDCWD as usize,
+                dir as usize,
                 path.as_ptr() as usize,
                 (flags | libc::O_CLOEXEC) as usize,
                 mode as usize,
@@ -292,6 +297,11 @@ pub fn fstat(fd: i32) -> Result<libc::stat, Errno> {
 
 /// `newfstatat(AT_FDCWD, path, flags)`. `path` must end in NUL.
 pub fn stat(path: &[u8], flags: i32) -> Result<libc::stat, Errno> {
+    statat(libc::AT_FDCWD, path, flags)
+}
+
+/// `newfstatat(dir, path, flags)`. `path` must end in NUL.
+pub fn statat(dir: i32, path: &[u8], flags: i32) -> Result<libc::stat, Errno> {
     if path.last() != Some(&0) {
         return Err(Errno(libc::EINVAL));
     }
@@ -302,7 +312,7 @@ pub fn stat(path: &[u8], flags: i32) -> Result<libc::stat, Errno> {
         call(
             libc::SYS_newfstatat,
             [
-                libc::AT_FDCWD as usize,
+                dir as usize,
                 path.as_ptr() as usize,
                 &mut st as *mut _ as usize,
                 flags as usize,
@@ -339,6 +349,12 @@ pub fn access(path: &[u8], mode: i32) -> Result<(), Errno> {
 
 /// `readlinkat(AT_FDCWD, path, buf)`. `path` must end in NUL.
 pub fn readlink(path: &[u8], buf: &mut [u8]) -> Result<usize, Errno> {
+    readlinkat(libc::AT_FDCWD, path, buf)
+}
+
+/// `readlinkat(dir, path, buf)` (an empty `path`, b"\0", reads the link `dir` was opened as with
+/// `O_PATH|O_NOFOLLOW`). `path` must end in NUL.
+pub fn readlinkat(dir: i32, path: &[u8], buf: &mut [u8]) -> Result<usize, Errno> {
     if path.last() != Some(&0) {
         return Err(Errno(libc::EINVAL));
     }
@@ -346,56 +362,103 @@ pub fn readlink(path: &[u8], buf: &mut [u8]) -> Result<usize, Errno> {
     unsafe {
         call(
             libc::SYS_readlinkat,
-            [
-                libc::AT_FDCWD as usize,
-                path.as_ptr() as usize,
-                buf.as_mut_ptr() as usize,
-                buf.len(),
-                0,
-                0,
-            ],
+            [dir as usize, path.as_ptr() as usize, buf.as_mut_ptr() as usize, buf.len(), 0, 0],
         )
     }
 }
 
 /// `unlinkat(AT_FDCWD, path, 0)`. `path` must end in NUL.
 pub fn unlink(path: &[u8]) -> Result<(), Errno> {
+    unlinkat(libc::AT_FDCWD, path, 0)
+}
+
+/// `unlinkat(dir, path, flags)`. `path` must end in NUL.
+pub fn unlinkat(dir: i32, path: &[u8], flags: i32) -> Result<(), Errno> {
     if path.last() != Some(&0) {
         return Err(Errno(libc::EINVAL));
     }
     // SAFETY: NUL-terminated path.
     unsafe {
-        call(libc::SYS_unlinkat, [libc::AT_FDCWD as usize, path.as_ptr() as usize, 0, 0, 0, 0])
+        call(libc::SYS_unlinkat, [dir as usize, path.as_ptr() as usize, flags as usize, 0, 0, 0])
     }
     .map(drop)
 }
 
 /// `renameat(AT_FDCWD, from, AT_FDCWD, to)`. Both paths must end in NUL.
 pub fn rename(from: &[u8], to: &[u8]) -> Result<(), Errno> {
+    renameat(libc::AT_FDCWD, from, libc::AT_FDCWD, to)
+}
+
+/// `renameat(from_dir, from, to_dir, to)`. Both paths must end in NUL.
+pub fn renameat(from_dir: i32, from: &[u8], to_dir: i32, to: &[u8]) -> Result<(), Errno> {
     if from.last() != Some(&0) || to.last() != Some(&0) {
         return Err(Errno(libc::EINVAL));
     }
-    let cwd = libc::AT_FDCWD as usize;
     // SAFETY: NUL-terminated paths.
     unsafe {
-        call(libc::SYS_renameat, [cwd, from.as_ptr() as usize, cwd, to.as_ptr() as usize, 0, 0])
+        call(
+            libc::SYS_renameat,
+            [
+                from_dir as usize,
+                from.as_ptr() as usize,
+                to_dir as usize,
+                to.as_ptr() as usize,
+                0,
+                0,
+            ],
+        )
     }
     .map(drop)
 }
 
 /// `mkdirat(AT_FDCWD, path, mode)`. `path` must end in NUL.
 pub fn mkdir(path: &[u8], mode: u32) -> Result<(), Errno> {
+    mkdirat(libc::AT_FDCWD, path, mode)
+}
+
+/// `mkdirat(dir, path, mode)`. `path` must end in NUL.
+pub fn mkdirat(dir: i32, path: &[u8], mode: u32) -> Result<(), Errno> {
     if path.last() != Some(&0) {
         return Err(Errno(libc::EINVAL));
     }
     // SAFETY: NUL-terminated path.
     unsafe {
+        call(libc::SYS_mkdirat, [dir as usize, path.as_ptr() as usize, mode as usize, 0, 0, 0])
+    }
+    .map(drop)
+}
+
+/// `fchmodat(dir, path, mode)`. `path` must end in NUL.
+pub fn fchmodat(dir: i32, path: &[u8], mode: u32) -> Result<(), Errno> {
+    if path.last() != Some(&0) {
+        return Err(Errno(libc::EINVAL));
+    }
+    // SAFETY: NUL-terminated path.
+    unsafe {
+        call(libc::SYS_fchmodat, [dir as usize, path.as_ptr() as usize, mode as usize, 0, 0, 0])
+    }
+    .map(drop)
+}
+
+/// `symlinkat(target, dir, path)`. Both must end in NUL.
+pub fn symlinkat(target: &[u8], dir: i32, path: &[u8]) -> Result<(), Errno> {
+    if target.last() != Some(&0) || path.last() != Some(&0) {
+        return Err(Errno(libc::EINVAL));
+    }
+    // SAFETY: NUL-terminated paths.
+    unsafe {
         call(
-            libc::SYS_mkdirat,
-            [libc::AT_FDCWD as usize, path.as_ptr() as usize, mode as usize, 0, 0, 0],
+            libc::SYS_symlinkat,
+            [target.as_ptr() as usize, dir as usize, path.as_ptr() as usize, 0, 0, 0],
         )
     }
     .map(drop)
+}
+
+/// `getrandom(buf, 0)`: bytes from the kernel's generator.
+pub fn getrandom(buf: &mut [u8]) -> Result<usize, Errno> {
+    // SAFETY: `buf` is writable.
+    unsafe { call(libc::SYS_getrandom, [buf.as_mut_ptr() as usize, buf.len(), 0, 0, 0, 0]) }
 }
 
 /// `fchmod(2)`.
