@@ -18,7 +18,7 @@
 //!   ptrace_scope), a debugger already attached, a static or 32-bit program, a seccomp filter, a
 //!   process that exits meanwhile.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// What `attach` found or did.
@@ -503,7 +503,7 @@ fn try_thread(
 }
 
 /// Wait for the socket of `pid` to appear (the library's constructor starts it).
-pub fn wait_socket(find: impl Fn() -> Option<PathBuf>, timeout: Duration) -> Option<PathBuf> {
+pub fn wait_socket<T>(find: impl Fn() -> Option<T>, timeout: Duration) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(p) = find() {

@@ -25,7 +25,7 @@ pub fn draw(stacks: &BTreeMap<String, u64>, svg: &Path, title: &str) -> Result<(
     let mut opts = inferno::flamegraph::Options::default();
     opts.title = title.to_string();
     opts.count_name = "hits".to_string();
-    let file = std::fs::File::create(svg).map_err(|e| format!("{}: {e}", svg.display()))?;
+    let file = super::files::create(svg)?;
     let out = std::io::BufWriter::new(file);
     inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), out)
         .map_err(|e| format!("cannot draw the flame graph into {}: {e}", svg.display()))
@@ -33,8 +33,8 @@ pub fn draw(stacks: &BTreeMap<String, u64>, svg: &Path, title: &str) -> Result<(
 
 /// Run `cmd` (already set up with the probes) to its end, then draw.
 pub fn run_and_draw(mut cmd: Command, svg: &Path, title: String) -> Result<Infallible, String> {
-    let dir = std::env::temp_dir().join(format!("uprobe-folded-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // A directory nobody else can enter or guess: the stacks in it become the picture.
+    let dir = super::files::private_temp_dir("uprobe-folded-")?;
     cmd.env("UPROBES_STACKS", "1").env("UPROBES_FOLDED", dir.join("%p.folded"));
     // Ctrl-C is the program's: this process waits for it, then draws.
     // SAFETY: ignoring two signals in a single-threaded process; the child gets them back.

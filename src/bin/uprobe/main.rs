@@ -6,18 +6,20 @@
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
-#[path = "../../control/socket_path.rs"]
-#[expect(dead_code, reason = "default_socket is the runtime's half of the shared file")]
-mod socket_path;
+#[path = "../../runtime/places.rs"]
+#[allow(dead_code, reason = "the runtime's half of the shared file")]
+mod places;
 
 mod attach;
+mod client;
 mod exporter;
+mod files;
 mod flame;
 mod trace;
 
@@ -61,6 +63,15 @@ enum Cmd {
         /// Address and port to listen on (loopback by default: see README before exposing it).
         #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR:PORT")]
         listen: String,
+        /// Only processes with this command name (repeatable).
+        #[arg(long, value_name = "NAME")]
+        comm: Vec<String>,
+        /// Only this process (repeatable).
+        #[arg(long, value_name = "PID")]
+        pid: Vec<i32>,
+        /// Only probes whose symbol or spec matches this glob (repeatable).
+        #[arg(long, value_name = "GLOB")]
+        probe: Vec<String>,
     },
 }
 
@@ -229,10 +240,12 @@ fn run(args: RunArgs) -> Result<std::convert::Infallible, String> {
         // Truncate now: the runtime appends, so that every process of a tree can share one file.
         let path = out.to_string_lossy().replace("%p", "");
         if !out.to_string_lossy().contains("%p") {
-            std::fs::File::create(&path).map_err(|e| format!("cannot create {path}: {e}"))?;
+            use std::io::Write;
+            let mut f = files::create(std::path::Path::new(&path))
+                .map_err(|e| format!("cannot create {e}"))?;
             if args.trace_format.as_deref() == Some("chrome") {
                 // The trace's head now: a trace without events is an empty array, not a file.
-                std::fs::write(&path, "[\n").map_err(|e| format!("cannot write {path}: {e}"))?;
+                f.write_all(b"[\n").map_err(|e| format!("cannot write {path}: {e}"))?;
             }
         }
         let absolute = std::path::absolute(out).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -266,112 +279,6 @@ fn run(args: RunArgs) -> Result<std::convert::Infallible, String> {
     }
     let err = cmd.exec();
     Err(format!("cannot run {}: {err}", args.program[0].to_string_lossy()))
-}
-
-fn uid() -> u32 {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-/// The directories where the socket of `pid` may be: this user's, and (for root, or a process
-/// attached to) the process's own user's, with its XDG_RUNTIME_DIR.
-fn socket_dirs_for(pid: i32) -> Vec<PathBuf> {
-    let mut dirs =
-        socket_path::socket_dirs(uid(), std::env::var("XDG_RUNTIME_DIR").ok().as_deref());
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let their_uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().nth(1).and_then(|u| u.parse::<u32>().ok()));
-    let their_xdg = std::fs::read(format!("/proc/{pid}/environ")).ok().and_then(|env| {
-        env.split(|&b| b == 0).find_map(|e| {
-            e.strip_prefix(b"XDG_RUNTIME_DIR=").map(|v| String::from_utf8_lossy(v).into_owned())
-        })
-    });
-    if let Some(u) = their_uid {
-        for d in socket_path::socket_dirs(u, their_xdg.as_deref()) {
-            if !dirs.contains(&d) {
-                dirs.push(d);
-            }
-        }
-    }
-    dirs
-}
-
-/// The socket of `pid`, wherever its process put it.
-fn find_socket(pid: i32) -> Result<PathBuf, String> {
-    let dirs = socket_dirs_for(pid);
-    for d in &dirs {
-        let p = d.join(format!("{pid}.sock"));
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    let looked: Vec<String> =
-        dirs.iter().map(|d| d.join(format!("{pid}.sock")).display().to_string()).collect();
-    let why = if Path::new(&format!("/proc/{pid}")).exists() {
-        "libuprobe is not loaded in it (start it with `uprobe run`, or `uprobe attach` it), or UPROBES_SOCKET put its socket elsewhere (use --socket)"
-    } else {
-        "there is no such process"
-    };
-    Err(format!("process {pid} has no control socket ({why}); looked for {}", looked.join(" and ")))
-}
-
-/// Send one request, read one answer.
-/// Write to a control socket without SIGPIPE (which this command leaves at its default, so
-/// that `uprobe ctl ... | head` stops quietly): a server that refused us and closed must give an
-/// error to read, not a death by signal.
-pub fn send_all(stream: &std::os::unix::net::UnixStream, mut buf: &[u8]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    while !buf.is_empty() {
-        // SAFETY: a valid descriptor and buffer.
-        let n = unsafe {
-            libc::send(stream.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        buf = &buf[n as usize..];
-    }
-    Ok(())
-}
-
-fn request(socket: &Path, line: &str) -> Result<Value, String> {
-    use std::io::{BufRead, BufReader};
-    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => {
-            format!("{}: permission denied (the process belongs to another user)", socket.display())
-        }
-        std::io::ErrorKind::ConnectionRefused => {
-            format!("{}: connection refused (the process has exited?)", socket.display())
-        }
-        _ => format!("{}: {e}", socket.display()),
-    })?;
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
-        .map_err(|e| e.to_string())?;
-    // A server that refuses us answers at once and closes: the write may then fail (EPIPE) with
-    // the refusal already waiting to be read, so read whatever came back before giving up.
-    let written = send_all(&stream, format!("{line}\n").as_bytes());
-    let mut answer = String::new();
-    let read = BufReader::new(stream).read_line(&mut answer);
-    if answer.is_empty() {
-        if let Err(e) = written {
-            return Err(format!("{}: {e}", socket.display()));
-        }
-        read.map_err(|e| format!("{}: {e}", socket.display()))?;
-    }
-    if answer.is_empty() {
-        return Err(format!(
-            "{}: the process closed the connection without an answer",
-            socket.display()
-        ));
-    }
-    serde_json::from_str(&answer).map_err(|e| format!("bad answer {answer:?}: {e}"))
 }
 
 fn str_of(v: &Value) -> String {
@@ -419,8 +326,8 @@ fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
         return ps();
     }
     let socket = match (&args.socket, args.pid) {
-        (Some(s), _) => s.clone(),
-        (None, Some(pid)) => find_socket(pid)?,
+        (Some(s), _) => client::Target::explicit(s),
+        (None, Some(pid)) => client::find(pid)?,
         (None, None) => return Err("a PID or --socket is needed".into()),
     };
     if let Some(CtlOp::Metrics) = &args.op {
@@ -435,7 +342,7 @@ fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
         Some(CtlOp::Stats { reset: false }) => "stats".into(),
         Some(CtlOp::Stats { reset: true }) => "stats reset".into(),
     };
-    let answer = request(&socket, &line)?;
+    let answer = client::request(&socket, &line)?;
     if args.json {
         println!("{answer}");
     } else if answer["ok"] != true {
@@ -493,28 +400,12 @@ fn printable_command(cmdline: &[u8]) -> String {
     args.join(" ")
 }
 
-/// The processes this user can reach: live sockets in the socket directories.
-/// Every control socket in this user's socket directories, by pid.
-fn reachable_sockets() -> Vec<(i32, PathBuf)> {
-    let mut found: Vec<(i32, PathBuf)> = Vec::new();
-    for dir in socket_path::socket_dirs(uid(), std::env::var("XDG_RUNTIME_DIR").ok().as_deref()) {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        found.extend(entries.filter_map(|e| e.ok()).filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name.strip_suffix(".sock")?.parse().ok()?;
-            Some((pid, e.path()))
-        }));
-    }
-    found.sort();
-    found
-}
-
 fn ps() -> Result<ExitCode, String> {
     println!("{:>8}  {:>6}  {:>12}  {:<40}  COMMAND", "PID", "PROBES", "HITS", "SOCKET");
     {
-        for (pid, path) in reachable_sockets() {
-            let Ok(answer) = request(&path, "stats") else {
-                remove_if_stale(pid, &path);
+        for (pid, target) in client::reachable() {
+            let Ok(answer) = client::request(&target, "stats") else {
+                target.remove_if_stale();
                 continue;
             };
             let comm = std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -524,29 +415,17 @@ fn ps() -> Result<ExitCode, String> {
             println!(
                 "{pid:>8}  {probes:>6}  {:>12}  {:<40}  {comm}",
                 str_of(&answer["hits"]),
-                path.display()
+                target.path.display()
             );
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// A socket left by a process that was killed (or ended without exit handlers before libuprobe
-/// followed `_exit`) is removed: nobody listens on it and its process is gone.
-fn remove_if_stale(pid: i32, path: &Path) {
-    let refused = matches!(
-        std::os::unix::net::UnixStream::connect(path),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-    );
-    if refused && !Path::new(&format!("/proc/{pid}")).exists() {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
 /// Load libuprobe into `pid` unless it is there; its socket.
-fn attach_cmd(pid: i32, force: bool) -> Result<PathBuf, String> {
-    if let Ok(p) = find_socket(pid) {
-        if request(&p, "help").is_ok() {
+fn attach_cmd(pid: i32, force: bool) -> Result<client::Target, String> {
+    if let Ok(p) = client::find(pid) {
+        if client::request(&p, "help").is_ok() {
             return Ok(p); // preloaded, or attached before
         }
     }
@@ -554,7 +433,7 @@ fn attach_cmd(pid: i32, force: bool) -> Result<PathBuf, String> {
     match attach::attach(pid, &lib, force)? {
         attach::Attached::Already | attach::Attached::Loaded => {}
     }
-    attach::wait_socket(|| find_socket(pid).ok(), std::time::Duration::from_secs(10)).ok_or_else(|| {
+    attach::wait_socket(|| client::find(pid).ok(), std::time::Duration::from_secs(10)).ok_or_else(|| {
         format!(
             "libuprobe is loaded in process {pid}, but its control socket did not appear (UPROBES_SOCKET \
              in its environment may have put it elsewhere, or turned it off)"
@@ -563,8 +442,8 @@ fn attach_cmd(pid: i32, force: bool) -> Result<PathBuf, String> {
 }
 
 fn detach(pid: i32) -> Result<ExitCode, String> {
-    let socket = find_socket(pid)?;
-    let answer = request(&socket, "remove all")?;
+    let socket = client::find(pid)?;
+    let answer = client::request(&socket, "remove all")?;
     if answer["ok"] != true {
         eprintln!("uprobe: {}", str_of(&answer["error"]));
         return Ok(ExitCode::from(1));
@@ -582,7 +461,7 @@ fn trace_cmd(args: TraceArgs) -> Result<ExitCode, String> {
     let socket = attach_cmd(args.pid, args.force)?;
     let code = trace::trace(
         trace::TraceArgs { socket: &socket, specs: &args.specs, duration, json: args.json },
-        request,
+        client::request,
     )?;
     Ok(ExitCode::from(code))
 }
@@ -604,13 +483,14 @@ fn main() -> ExitCode {
         Cmd::Ctl(args) => ctl(args),
         Cmd::Ps => ps(),
         Cmd::Attach(args) => attach_cmd(args.pid, args.force).map(|p| {
-            println!("attached: process {}, control socket {}", args.pid, p.display());
+            println!("attached: process {}, control socket {}", args.pid, p.path.display());
             ExitCode::SUCCESS
         }),
         Cmd::Detach { pid } => detach(pid),
         Cmd::Trace(args) => trace_cmd(args),
-        Cmd::Exporter { listen } => {
-            exporter::serve(&listen, reachable_sockets).map(|_| ExitCode::SUCCESS)
+        Cmd::Exporter { listen, comm, pid, probe } => {
+            let filters = exporter::Filters { comm, pid, probe };
+            exporter::serve(&listen, filters, client::reachable).map(|_| ExitCode::SUCCESS)
         }
     };
     match result {

@@ -3,14 +3,17 @@
 //! histograms; then remove the probes, which leaves the process with its original bytes.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::client::{send_all, Target};
+
 static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The longest event line believed.
+const MAX_EVENT_LINE: usize = 1 << 20;
 
 extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -38,7 +41,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub struct TraceArgs<'a> {
-    pub socket: &'a Path,
+    pub socket: &'a Target,
     pub specs: &'a [String],
     pub duration: Option<Duration>,
     pub json: bool,
@@ -47,7 +50,7 @@ pub struct TraceArgs<'a> {
 /// Run the trace session; Ok(exit code).
 pub fn trace(
     args: TraceArgs,
-    request: impl Fn(&Path, &str) -> Result<Value, String>,
+    request: impl Fn(&Target, &str) -> Result<Value, String>,
 ) -> Result<u8, String> {
     let added = request(args.socket, &format!("add {}", args.specs.join(";")))?;
     if added["ok"] != true {
@@ -97,14 +100,16 @@ pub fn trace(
 
 /// Print the events until asked to stop, the duration is over, or the process goes away.
 fn stream(args: &TraceArgs) -> Result<(), String> {
-    let s =
-        UnixStream::connect(args.socket).map_err(|e| format!("{}: {e}", args.socket.display()))?;
+    let s = args.socket.connect(Duration::from_secs(10))?;
     let format = if args.json { "json" } else { "text" };
-    super::send_all(&s, format!("events {format}\n").as_bytes()).map_err(|e| e.to_string())?;
+    send_all(&s, format!("events {format}\n").as_bytes()).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
     let mut r = BufReader::new(s);
     let mut first = String::new();
     loop {
+        if first.len() > MAX_EVENT_LINE {
+            return Err(format!("the process sent an answer longer than {MAX_EVENT_LINE} bytes"));
+        }
         match r.read_line(&mut first) {
             Ok(0) => return Err("the process closed the connection".into()),
             Ok(_) => break,
@@ -122,6 +127,11 @@ fn stream(args: &TraceArgs) -> Result<(), String> {
     loop {
         if STOP.load(Ordering::SeqCst) || args.duration.is_some_and(|d| start.elapsed() >= d) {
             return Ok(());
+        }
+        if line.len() > MAX_EVENT_LINE {
+            return Err(format!(
+                "the process sent an event line longer than {MAX_EVENT_LINE} bytes"
+            ));
         }
         match r.read_line(&mut line) {
             Ok(0) => return Err("the process closed the connection (it exited?)".into()),
