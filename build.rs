@@ -73,6 +73,8 @@ const FIXTURES: &[Fixture] = &[
     },
     Fixture { out: "faults", sources: &["faults.S", "faults_main.c"], flags: &[] },
     Fixture { out: "jumps", sources: &["jumps.S", "jumps_main.c"], flags: &["-pthread"] },
+    Fixture { out: "secure", sources: &["secure.c"], flags: &[] },
+    Fixture { out: "creds", sources: &["creds.c"], flags: &["-pthread"] },
 ];
 
 fn main() {
