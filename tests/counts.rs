@@ -189,3 +189,39 @@ fn text_report_to_stderr_by_default_and_pid_in_output_path() {
     assert!(text.contains(&format!("pid {pid}")), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Defect: a program started through a symbolic link (Debian's `redis-server` is a link to
+/// `redis-check-rdb`) could not be probed by the name it was started as: `redis-server:call` stayed
+/// pending. The main program answers to that name too, by path and through PATH.
+#[test]
+fn a_program_started_through_a_link_answers_to_its_name() {
+    let dir = scratch("link");
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("started-as");
+    std::os::unix::fs::symlink(fixture("counts"), &link).unwrap();
+    let plain = run_plain("counts", &["321"]);
+    for (program, path) in [(link.to_str().unwrap(), None), ("started-as", Some(&dir))] {
+        let report = scratch("link.jsonl");
+        let mut cmd = std::process::Command::new(program);
+        cmd.arg("321")
+            .env("LD_PRELOAD", lib())
+            .env("UPROBES", "started-as:leaf;counts:loop_body")
+            .env("UPROBES_FORMAT", "json")
+            .env("UPROBES_OUTPUT", &report);
+        if let Some(d) = path {
+            let old = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{old}", d.display()));
+        }
+        let (stdout, stderr, status) = run_command(cmd);
+        assert_eq!((status.code(), &stdout), (plain.status.code(), &plain.stdout), "{stderr}");
+        let text = std::fs::read_to_string(&report).unwrap();
+        let summary: serde_json::Value =
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).find(|v: &serde_json::Value| v["type"] == "summary").unwrap();
+        let probe = &summary["probes"][0];
+        assert_eq!((probe["state"].as_str(), probe["hits"].as_u64()), (Some("active"), Some(321)), "{program}: {summary}");
+        // Its own file name still matches.
+        assert_eq!(summary["probes"][1]["hits"], 1, "{summary}");
+        std::fs::remove_file(&report).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -84,6 +84,33 @@ pub fn object_matches(pattern: &str, path: &str, soname: Option<&str>) -> bool {
     })
 }
 
+/// The names the main program was started as, when they are not its file's: the file name of
+/// the path given to `execve` (`AT_EXECFN`), when that path is a symbolic link to the program
+/// (Debian's `redis-server` is a link to `redis-check-rdb`). Read once.
+pub fn main_aliases() -> &'static [String] {
+    static ALIASES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    ALIASES.get_or_init(|| {
+        // SAFETY: getauxval cannot fail; AT_EXECFN is a NUL-terminated string the kernel put on
+        // the initial stack, there for the life of the process (or 0).
+        let p = unsafe { libc::getauxval(libc::AT_EXECFN) } as *const core::ffi::c_char;
+        if p.is_null() {
+            return Vec::new();
+        }
+        // SAFETY: as above.
+        let execfn = unsafe { core::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned();
+        let exe = fs::read_link("/proc/self/exe").ok();
+        let name = file_name(&execfn).to_string();
+        let same_file = exe.as_deref().is_some_and(|e| {
+            canonical(&execfn).as_deref() == Some(e) && file_name(e) != name
+        });
+        if same_file && !name.is_empty() {
+            vec![name]
+        } else {
+            Vec::new()
+        }
+    })
+}
+
 /// The canonical path of `path` (through /proc/self/fd, without libc's realpath).
 fn canonical(path: &str) -> Option<String> {
     let fd = fs::Fd::open(path, libc::O_PATH).ok()?;

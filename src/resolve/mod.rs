@@ -77,11 +77,14 @@ impl Resolver {
         objects: &[LoadedObject],
         maps: &[MapEntry],
     ) -> Vec<LoadedObject> {
-        let by_name: Vec<_> = objects
-            .iter()
-            .filter(|o| objects::object_matches(pattern, &o.path, None))
-            .cloned()
-            .collect();
+        // The main program also goes by the name it was started as (a symbolic link's).
+        let named = |o: &LoadedObject| {
+            objects::object_matches(pattern, &o.path, None)
+                || (o.is_main
+                    && !pattern.contains('/')
+                    && objects::main_aliases().iter().any(|a| objects::object_matches(pattern, a, None)))
+        };
+        let by_name: Vec<_> = objects.iter().filter(|o| named(o)).cloned().collect();
         if !by_name.is_empty() {
             return by_name;
         }
