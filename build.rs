@@ -34,6 +34,24 @@ const FIXTURES: &[Fixture] = &[
             "-Wl,-rpath,$ORIGIN",
         ],
     },
+    // The same library and program with every FDE's CIE pointer damaged (see `damage_eh_frame`).
+    Fixture {
+        out: "libstkbad.so",
+        sources: &["stk_lib.c"],
+        flags: &["-shared", "-fPIC", "-O2", "-fomit-frame-pointer"],
+    },
+    Fixture {
+        out: "stacks_bad",
+        sources: &["stacks.c"],
+        flags: &[
+            "-O2",
+            "-fomit-frame-pointer",
+            "-fno-optimize-sibling-calls",
+            "-L{out}",
+            "-lstkbad",
+            "-Wl,-rpath,$ORIGIN",
+        ],
+    },
     Fixture {
         out: "counts",
         sources: &["counts.c"],
@@ -77,6 +95,42 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "creds", sources: &["creds.c"], flags: &["-pthread"] },
 ];
 
+/// Point every FDE of `lib`'s `.eh_frame` at a CIE far before the section (its CIE pointer made
+/// huge): an unwinder that trusts it reads outside the section (tests/stacks.rs).
+fn damage_eh_frame(lib: &Path) {
+    let mut b = std::fs::read(lib).expect("read the library to damage");
+    let u = |b: &[u8], at: usize, n: usize| -> u64 {
+        b[at..at + n].iter().rev().fold(0, |v, &x| (v << 8) | x as u64)
+    };
+    let (shoff, shentsize, shnum, shstrndx) =
+        (u(&b, 0x28, 8) as usize, u(&b, 0x3a, 2) as usize, u(&b, 0x3c, 2) as usize, u(&b, 0x3e, 2) as usize);
+    let sh = |i: usize| shoff + i * shentsize;
+    let strtab = u(&b, sh(shstrndx) + 0x18, 8) as usize;
+    let eh = (0..shnum)
+        .find(|&i| {
+            let name = strtab + u(&b, sh(i), 4) as usize;
+            b[name..].starts_with(b".eh_frame\0")
+        })
+        .expect("an .eh_frame section");
+    let (off, size) = (u(&b, sh(eh) + 0x18, 8) as usize, u(&b, sh(eh) + 0x20, 8) as usize);
+    let mut at = off;
+    let mut damaged = 0;
+    while at + 8 <= off + size {
+        let len = u(&b, at, 4) as usize;
+        if len == 0 {
+            break;
+        }
+        if u(&b, at + 4, 4) != 0 {
+            // An FDE: its CIE pointer counts back from here.
+            b[at + 4..at + 8].copy_from_slice(&0x4000_0000u32.to_le_bytes());
+            damaged += 1;
+        }
+        at += 4 + len;
+    }
+    assert!(damaged > 0, "no FDE to damage in {}", lib.display());
+    std::fs::write(lib, b).expect("write the damaged library");
+}
+
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("fixtures");
     std::fs::create_dir_all(&out).expect("create fixtures dir");
@@ -107,6 +161,7 @@ fn main() {
             );
         }
     }
+    damage_eh_frame(&out.join("libstkbad.so"));
     println!("cargo:rustc-env=UPROBE_FIXTURES={}", out.display());
     // libuprobe's constructor runs before every other object's (DF_1_INITFIRST), so that the calls
     // other libraries' constructors make are counted.

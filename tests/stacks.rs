@@ -127,3 +127,19 @@ fn run_draws_a_flame_graph() {
     }
     assert!(text.contains("<title>all (40 hits, 100%)</title>"), "the root counts every hit");
 }
+
+/// Defect: a damaged `.eh_frame` (every FDE's CIE pointer out of range, in the library the stacks
+/// go through) made `%stack` read before the section and die of SIGSEGV, while the program
+/// without `%stack` ran fine. The unwinder stays in the section: the stacks end at the damaged
+/// frame, every hit is counted, the program prints and exits as without libuprobe.
+#[test]
+fn a_damaged_eh_frame_ends_the_stack_not_the_program() {
+    let plain = run_plain("stacks_bad", &["30"]);
+    assert_eq!(plain.stdout, run_plain("stacks", &["30"]).stdout);
+    let o = run_probed("stacks_bad", &["30"], "stacks_bad:visit%stack");
+    assert_same_behaviour(&plain, &o);
+    assert_eq!(o.hits("visit"), 40);
+    let stacks = folded(&o, "stacks_bad:visit%stack");
+    assert_eq!(stacks.values().sum::<u64>(), 40, "{stacks:?}");
+    assert!(stacks.keys().all(|s| !s.contains("main")), "unwound through a damaged FDE: {stacks:?}");
+}

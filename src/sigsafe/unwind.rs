@@ -190,6 +190,11 @@ struct Cie {
 }
 
 fn parse_cie(at: u64, m: &Module) -> Option<Cie> {
+    // A damaged CIE pointer must not take the reader out of the section (before it, above all:
+    // what lies there may not be mapped).
+    if at < m.eh_lo || at >= m.eh_hi {
+        return None;
+    }
     let mut c = Cursor { at, end: m.eh_hi };
     let len = u64::from(c.u32()?);
     if len == 0 || len == 0xffff_ffff {
