@@ -244,6 +244,7 @@ impl Registry {
     /// loader calls on every change to the link map, whoever asked for it.
     pub fn install_link_map_hook(&mut self, r_brk: u64) -> Result<(), ProbeError> {
         self.pristine = None;
+        self.link_map_hook_at = Some(r_brk);
         let maps = objects::read_maps().map_err(|source| ProbeError::Maps { source })?;
         let m = objects::maps::find(&maps, r_brk)
             .filter(|m| m.is_exec() && m.file.is_some())

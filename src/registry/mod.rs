@@ -122,6 +122,11 @@ pub struct Registry {
     /// Which pages of the mapping planned last still hold the file's bytes (until the next
     /// writes: see `install`).
     pristine: Option<objects::maps::Pristine>,
+    /// Where the link-map hook goes (the loader's `r_brk`), once it was put there: it is taken
+    /// away with the last probe, and put back with the next (see [`Registry::remove_own_sites`]).
+    link_map_hook_at: Option<u64>,
+    /// The link-map hook is away (no probe left).
+    link_map_hook_away: bool,
 }
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
@@ -222,6 +227,16 @@ impl Registry {
 
     /// Register the probes of several specs, reading the mappings once.
     pub fn register_many(&mut self, texts: &[&str]) -> (Vec<ProbeId>, Vec<Problem>) {
+        let mut hook_problem = None;
+        if self.link_map_hook_away {
+            // The last probe took libuprobe's own hook away: this one brings it back.
+            self.link_map_hook_away = false;
+            if let Some(r_brk) = self.link_map_hook_at {
+                if let Err(error) = self.install_link_map_hook(r_brk) {
+                    hook_problem = Some(Problem { spec: "link-map hook".into(), error });
+                }
+            }
+        }
         let maps = match objects::read_maps() {
             Ok(m) => m,
             Err(errno) => {
@@ -245,7 +260,7 @@ impl Registry {
         }
         let loaded = objects::loaded_objects(&maps);
         let mut ids = Vec::new();
-        let mut problems = Vec::new();
+        let mut problems: Vec<Problem> = hook_problem.into_iter().collect();
         for text in texts {
             let (i, p) = self.register_in(text, &maps, &loaded);
             ids.extend(i);
@@ -657,7 +672,41 @@ impl Registry {
             }
             self.publish();
         }
+        if self.probes.is_empty() {
+            self.remove_own_sites();
+        }
         true
+    }
+
+    /// No probe is left: libuprobe's own sites go too (the mask fixes, which matter only where a
+    /// probe traps, and the link-map hook, which follows objects for probes), so that every byte
+    /// of every object is its file's again. The next probe brings them back.
+    fn remove_own_sites(&mut self) {
+        let own: Vec<SiteKey> = self
+            .sites
+            .iter()
+            .filter(|(_, s)| s.consumers.is_empty() && (s.link_map_hook || s.mask_fix.is_some()))
+            .map(|(k, _)| *k)
+            .collect();
+        if own.is_empty() {
+            return;
+        }
+        let mut writer = crate::patch::TextWriter::new();
+        for key in own {
+            let Some(site) = self.sites.remove(&key) else { continue };
+            if site.link_map_hook {
+                self.link_map_hook_away = true;
+            }
+            install::restore(&mut writer, &site.installs);
+            for i in &site.installs {
+                self.tombstones.insert(i.addr, i.resume);
+                self.occupied.remove(&i.addr);
+                self.trap_reasons.remove(&i.addr);
+            }
+        }
+        self.mask_fix = maskfix::State::NotYet;
+        self.pristine = None;
+        self.publish();
     }
 
     /// Every probe, in id order, with its hits now.
