@@ -27,7 +27,8 @@ static LOST_FREED: AtomicU64 = AtomicU64::new(0);
 static DRAINING: AtomicBool = AtomicBool::new(false);
 
 /// Held while draining: one consumer at a time (the drain thread, or a flush).
-static DRAIN: Mutex<Meta> = Mutex::new(Meta { by_probe: None, chrome: None });
+static DRAIN: Mutex<Meta> =
+    Mutex::new(Meta { by_probe: None, chrome: None, lost: Vec::new(), generation: u64::MAX });
 
 /// Where drained events go.
 pub type Sink = fn(&str);
@@ -41,6 +42,10 @@ type ProbeMeta = (String, String, Vec<ArgType>, bool);
 struct Meta {
     by_probe: Option<HashMap<u32, ProbeMeta>>,
     chrome: Option<Chrome>,
+    /// Every probe's consumer as of registry generation `generation` (kept after the probe is
+    /// removed, so that its last losses are still said), and its losses said so far.
+    lost: Vec<(u32, std::sync::Arc<crate::sigsafe::consumer::Consumer>, u64)>,
+    generation: u64,
 }
 
 /// What the Chrome trace writer remembers: the process and threads already named (`ph: "M"`),
@@ -57,9 +62,64 @@ struct Chrome {
 /// Clients of the control socket that asked for the event stream (`events`), by format (text,
 /// JSON), and where their events go (set by `control`).
 pub static SUBSCRIBERS: [AtomicU32; 3] = [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)];
-static SUBSCRIBER_SINK: std::sync::OnceLock<fn(Format, &str)> = std::sync::OnceLock::new();
+static SUBSCRIBER_SINK: std::sync::OnceLock<SubscriberSink> = std::sync::OnceLock::new();
 /// Events lost because a subscriber did not read them.
 pub static LOST_SLOW_READER: AtomicU64 = AtomicU64::new(0);
+
+/// Where subscribers' events go: the format, the text of the events (whole lines), and where each
+/// line ends with the probe it is of ([`ALL_PROBES`] for a line every subscriber gets).
+pub type SubscriberSink = fn(Format, &str, &[(u32, usize)]);
+
+/// The probe of a line every subscriber gets (a loss).
+pub const ALL_PROBES: u32 = u32::MAX;
+
+/// Why events were lost.
+#[derive(Clone, Copy)]
+pub enum Loss {
+    /// A thread's ring was full (or there was none) when it recorded them.
+    Ring,
+    /// The subscriber did not read them in time.
+    Reader,
+}
+
+/// The line that says, in the stream itself, that `count` events (of probe `probe`, when known)
+/// are missing from it: text `LOST N events[ of probe ID]: WHY`, JSON
+/// `{"type":"lost",["probe":ID,]"count":N,"why":"ring"|"reader"}`, or a Chrome trace's global
+/// instant event named `lost events`.
+pub fn lost_line(format: Format, count: u64, probe: Option<u32>, why: Loss) -> String {
+    let (key, text) = match why {
+        Loss::Ring => ("ring", "a thread recorded them while its ring was full"),
+        Loss::Reader => ("reader", "this connection did not read them in time"),
+    };
+    let (of, field) = match probe {
+        Some(p) => (format!(" of probe {p}"), format!("\"probe\":{p},")),
+        None => (String::new(), String::new()),
+    };
+    match format {
+        Format::Text => format!("LOST {count} events{of}: {text}\n"),
+        Format::Json => {
+            format!("{{\"type\":\"lost\",{field}\"count\":{count},\"why\":\"{key}\"}}\n")
+        }
+        Format::Chrome => {
+            let pid = sys::getpid();
+            format!(
+                "{{\"name\":\"lost events\",\"cat\":\"uprobe\",\"ph\":\"i\",\"s\":\"g\",\"ts\":{},\"pid\":{pid},\"tid\":{pid},\"args\":{{{field}\"count\":{count},\"why\":\"{key}\"}}}},\n",
+                micros(sys::monotonic_ns())
+            )
+        }
+    }
+}
+
+/// Events lost in the rings so far (full rings, threads without one, rings of threads gone).
+fn ring_losses() -> u64 {
+    let mut lost = LOST_FREED.load(Ordering::Relaxed) + rec::LOST_NO_RING.load(Ordering::Relaxed);
+    for i in 0..RINGS {
+        if let Some(r) = rec::ring(i) {
+            lost += r.lost.load(Ordering::Relaxed);
+        }
+    }
+    lost
+}
 
 fn format_index(f: Format) -> usize {
     match f {
@@ -70,7 +130,7 @@ fn format_index(f: Format) -> usize {
 }
 
 /// Where the socket's subscribers get their events.
-pub fn set_subscriber_sink(f: fn(Format, &str)) {
+pub fn set_subscriber_sink(f: SubscriberSink) {
     let _ = SUBSCRIBER_SINK.set(f);
 }
 
@@ -183,14 +243,7 @@ pub fn totals() -> Option<(u64, u64)> {
     if rec::RING_POOL.load(Ordering::Acquire).is_null() {
         return None;
     }
-    let mut lost = LOST_FREED.load(Ordering::Relaxed)
-        + rec::LOST_NO_RING.load(Ordering::Relaxed)
-        + LOST_SLOW_READER.load(Ordering::Relaxed);
-    for i in 0..RINGS {
-        if let Some(r) = rec::ring(i) {
-            lost += r.lost.load(Ordering::Relaxed);
-        }
-    }
+    let lost = ring_losses() + LOST_SLOW_READER.load(Ordering::Relaxed);
     Some((EVENTS_WRITTEN.load(Ordering::Relaxed), lost))
 }
 
@@ -205,6 +258,8 @@ fn drain(meta: &mut Meta) -> usize {
     let pid = sys::getpid();
     let mut text = String::new();
     let mut live_text = [String::new(), String::new(), String::new()];
+    // Where each subscriber line ends, and its probe (subscribers may take only some probes).
+    let mut live_marks: [Vec<(u32, usize)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let mut n = 0;
     for i in 0..RINGS {
         let Some(r) = rec::ring(i) else { break };
@@ -222,9 +277,10 @@ fn drain(meta: &mut Meta) -> usize {
             if let Some((_, format)) = report {
                 format_event(meta, format, pid, &e, &mut text);
             }
-            for (f, out) in live.iter().zip(live_text.iter_mut()) {
+            for ((f, out), marks) in live.iter().zip(live_text.iter_mut()).zip(live_marks.iter_mut()) {
                 if let Some(f) = f {
                     format_event(meta, *f, pid, &e, out);
+                    marks.push((e.probe, out.len()));
                 }
             }
             n += 1;
@@ -241,18 +297,54 @@ fn drain(meta: &mut Meta) -> usize {
             r.owner.store(0, Ordering::Release);
         }
     }
+    // Each probe's events the rings dropped since the last drain are said where its events go.
+    refresh_consumers(meta);
+    for (id, c, said) in meta.lost.iter_mut() {
+        let lost = c.lost.load(Ordering::Relaxed);
+        if lost <= *said {
+            continue;
+        }
+        let n = lost - *said;
+        *said = lost;
+        if let Some((_, format)) = report {
+            text.push_str(&lost_line(format, n, Some(*id), Loss::Ring));
+        }
+        for ((f, out), marks) in live.iter().zip(live_text.iter_mut()).zip(live_marks.iter_mut()) {
+            if let Some(f) = f {
+                out.push_str(&lost_line(*f, n, Some(*id), Loss::Ring));
+                marks.push((*id, out.len()));
+            }
+        }
+    }
     if let (Some((sink, _)), false) = (report, text.is_empty()) {
         sink(&text);
     }
     if let Some(push) = SUBSCRIBER_SINK.get() {
-        for (f, out) in live.iter().zip(&live_text) {
+        for ((f, out), marks) in live.iter().zip(&live_text).zip(&live_marks) {
             if let (Some(f), false) = (f, out.is_empty()) {
-                push(*f, out);
+                push(*f, out, marks);
             }
         }
     }
     EVENTS_WRITTEN.fetch_add(n as u64, Ordering::Relaxed);
     n
+}
+
+/// The consumers whose losses the drain says: refreshed when the registry changed (and it is not
+/// busy: else the next drain does it); removed probes stay.
+fn refresh_consumers(meta: &mut Meta) {
+    let generation = registry::GENERATION.load(Ordering::Acquire);
+    if generation == meta.generation {
+        return;
+    }
+    let Some(now) = registry::try_with_registry(|r| r.consumers()) else { return };
+    for (id, c) in now {
+        match meta.lost.iter_mut().find(|(i, _, _)| *i == id) {
+            Some(entry) => entry.1 = c,
+            None => meta.lost.push((id, c, 0)),
+        }
+    }
+    meta.generation = generation;
 }
 
 fn format_event(meta: &mut Meta, format: Format, pid: i32, e: &Event, out: &mut String) {
@@ -489,8 +581,13 @@ pub fn unlock_in_child() {
     LOST_FREED.store(0, Ordering::Relaxed);
     rec::LOST_NO_RING.store(0, Ordering::Relaxed);
     rec::PID.store(sys::getpid(), Ordering::Relaxed);
-    // SAFETY: taken by lock_for_fork on the forking thread, which is this one.
-    unsafe { DRAIN.unlock_raw() };
+    // SAFETY: taken by lock_for_fork on the forking thread, which is this one; no other thread.
+    unsafe {
+        let meta = DRAIN.get_locked();
+        meta.lost.clear();
+        meta.generation = u64::MAX;
+        DRAIN.unlock_raw();
+    }
 }
 
 /// In a forked child, once its locks are its own: a drain thread of its own.

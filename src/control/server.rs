@@ -41,6 +41,14 @@ struct Client {
     closing: bool,
     /// It asked for the event stream (`events`), in this format.
     events: Option<Format>,
+    /// Only these probes' events (empty: every probe's).
+    only: Vec<u32>,
+    /// `events ... mine`: the probes it adds join `only`.
+    mine: bool,
+    /// Events it did not read in time, not yet said to it.
+    lost: u64,
+    /// It asked for `flush`: answered once the rings are drained into its stream.
+    wants_flush: bool,
 }
 
 impl Client {
@@ -63,17 +71,37 @@ impl Drop for Client {
 }
 
 /// The drain thread's events for the subscribers in `format` (see `consumers::events`): queued
-/// on each, or counted lost for one that does not read them.
-pub(super) fn push_events(format: Format, text: &str) {
+/// on each (the probes it asked for), or counted lost for one that does not read them, which is
+/// said to it in its stream once it reads again.
+pub(super) fn push_events(format: Format, text: &str, marks: &[(u32, usize)]) {
+    use consumers::events::{lost_line, Loss, ALL_PROBES};
     let mut clients = CLIENTS.lock();
     let mut any = false;
     for c in clients.iter_mut().filter(|c| c.events == Some(format) && !c.closing) {
+        let mut from = 0;
+        let mut mine = Vec::new();
+        for &(probe, end) in marks {
+            if (c.only.is_empty() && !c.mine) || probe == ALL_PROBES || c.only.contains(&probe) {
+                mine.push((from, end));
+            }
+            from = end;
+        }
         if c.output.len() >= MAX_PENDING {
-            let n = text.bytes().filter(|&b| b == b'\n').count() as u64;
-            consumers::events::LOST_SLOW_READER.fetch_add(n, Ordering::Relaxed);
+            c.lost += mine.len() as u64;
+            consumers::events::LOST_SLOW_READER.fetch_add(mine.len() as u64, Ordering::Relaxed);
             continue;
         }
-        c.output.extend_from_slice(text.as_bytes());
+        if c.lost > 0 {
+            c.output.extend_from_slice(lost_line(format, c.lost, None, Loss::Reader).as_bytes());
+            c.lost = 0;
+        }
+        if mine.len() == marks.len() {
+            c.output.extend_from_slice(text.as_bytes());
+        } else {
+            for (a, b) in mine {
+                c.output.extend_from_slice(&text.as_bytes()[a..b]);
+            }
+        }
         any = true;
     }
     drop(clients);
@@ -131,6 +159,7 @@ pub fn serve() {
             accept_all(listener);
         }
         let now = sys::monotonic_ns();
+        let mut flush_wanted = false;
         let mut clients = CLIENTS.lock();
         // Read what came, then answer one request of each client, in turn.
         for (c, pfd) in clients.iter_mut().zip(&fds[2..]) {
@@ -141,6 +170,9 @@ pub fn serve() {
         for c in clients.iter_mut() {
             answer_one(c);
             flush(c);
+            if c.wants_flush {
+                flush_wanted = true;
+            }
             // A subscriber may send nothing for hours; it is idle only when it stops reading.
             let idle = now.saturating_sub(c.last) > IDLE;
             if idle && (c.events.is_none() || !c.output.is_empty()) {
@@ -149,6 +181,24 @@ pub fn serve() {
         }
         clients
             .retain(|c| !(c.closing && (c.output.is_empty() || now.saturating_sub(c.last) > IDLE)));
+        drop(clients);
+        if flush_wanted {
+            // Every event recorded so far into the streams (not under the clients' lock: the
+            // drain takes it to queue them), then the answer, after them.
+            consumers::events::flush();
+            let mut clients = CLIENTS.lock();
+            for c in clients.iter_mut().filter(|c| c.wants_flush) {
+                c.wants_flush = false;
+                if let (Some(f), true) = (c.events, c.lost > 0) {
+                    let line =
+                        consumers::events::lost_line(f, c.lost, None, consumers::events::Loss::Reader);
+                    c.output.extend_from_slice(line.as_bytes());
+                    c.lost = 0;
+                }
+                c.output.extend_from_slice(b"{\"ok\":true,\"flushed\":true}\n");
+                flush(c);
+            }
+        }
     }
 }
 
@@ -178,6 +228,10 @@ fn accept_all(listener: i32) {
             last: sys::monotonic_ns(),
             closing: false,
             events: None,
+            only: Vec::new(),
+            mine: false,
+            lost: 0,
+            wants_flush: false,
         });
     }
 }
@@ -255,28 +309,55 @@ fn answer_one(c: &mut Client) {
         c.output.push(b'\n');
         return;
     }
+    if line.trim_ascii() == b"flush" {
+        c.wants_flush = true;
+        return;
+    }
     let answer = if line.len() > MAX_LINE {
         serde_json::json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
-    } else if let Some(format) = events_request(line) {
-        subscribe(c, format)
+    } else if let Some((format, only, mine)) = events_request(line) {
+        subscribe(c, format, only, mine)
     } else {
-        protocol::handle(line)
+        let answer = protocol::handle(line);
+        if c.mine && line.starts_with(b"add ") {
+            // The probes this subscriber adds are its own (queued with the answer, under the
+            // clients' lock: no event of theirs can go by unseen).
+            for p in answer["probes"].as_array().into_iter().flatten() {
+                if let Some(id) = p["id"].as_u64().and_then(|i| u32::try_from(i).ok()) {
+                    c.only.push(id);
+                }
+            }
+        }
+        answer
     };
     c.output.extend_from_slice(format!("{answer}\n").as_bytes());
 }
 
-/// `events`, `events text`, `events json`, `events chrome`: the format asked for.
-fn events_request(line: &[u8]) -> Option<Format> {
-    match std::str::from_utf8(line).ok()?.trim() {
-        "events" | "events text" => Some(Format::Text),
-        "events json" => Some(Format::Json),
-        "events chrome" => Some(Format::Chrome),
-        _ => None,
+/// `events [text|json|chrome] [ID...] [mine]`: the format asked for (text by default), the
+/// probes (every probe's when none is named), and `mine` (the probes this connection adds). None
+/// when the line is not that.
+fn events_request(line: &[u8]) -> Option<(Format, Vec<u32>, bool)> {
+    let mut words = std::str::from_utf8(line).ok()?.split_whitespace();
+    if words.next()? != "events" {
+        return None;
     }
+    let mut format = Format::Text;
+    let mut only = Vec::new();
+    let mut mine = false;
+    for (i, w) in words.enumerate() {
+        match w {
+            "text" if i == 0 => format = Format::Text,
+            "json" if i == 0 => format = Format::Json,
+            "chrome" if i == 0 => format = Format::Chrome,
+            "mine" => mine = true,
+            id => only.push(id.parse().ok()?),
+        }
+    }
+    Some((format, only, mine))
 }
 
 /// The client gets every event from now on, after this answer, until it disconnects.
-fn subscribe(c: &mut Client, format: Format) -> serde_json::Value {
+fn subscribe(c: &mut Client, format: Format, only: Vec<u32>, mine: bool) -> serde_json::Value {
     if c.events.is_some() {
         return serde_json::json!({"ok": false, "error": "this connection already gets the events"});
     }
@@ -287,6 +368,8 @@ fn subscribe(c: &mut Client, format: Format) -> serde_json::Value {
         return serde_json::json!({"ok": false, "error": e});
     }
     c.events = Some(format);
+    c.only = only;
+    c.mine = mine;
     registry::with_registry(|r| r.retarget());
     let name = match format {
         Format::Text => "text",

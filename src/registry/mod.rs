@@ -131,6 +131,19 @@ pub struct Registry {
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
 
+/// Bumped at every publish: the probes (or their sites) changed.
+pub static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// As [`with_registry`], but None at once when the registry is busy.
+pub fn try_with_registry<R>(f: impl FnOnce(&mut Registry) -> R) -> Option<R> {
+    if !owner::owns() {
+        return None;
+    }
+    let _rt = InRuntime::enter();
+    let mut guard = REGISTRY.try_lock()?;
+    Some(run_locked(&mut guard, false, f))
+}
+
 /// Objects may have changed while the registry was busy (or on the trap path): the registry's
 /// holder rescans before it lets go.
 pub fn want_rescan() {
@@ -209,6 +222,7 @@ pub fn unlock_in_child() {
         for p in &mut reg.probes {
             p.baseline = 0;
             p.consumer.missed.store(0, Ordering::Relaxed);
+            p.consumer.lost.store(0, Ordering::Relaxed);
             if let Some(l) = &p.consumer.latency {
                 l.reset();
             }
@@ -400,6 +414,7 @@ impl Registry {
                 ret: spec.ret,
                 stack: spec.stack || config::get().stacks,
                 missed: Default::default(),
+                lost: Default::default(),
                 latency: latency.then(Latency::boxed),
             });
             let p = self.probe_mut(id);
@@ -767,6 +782,11 @@ impl Registry {
     }
 
     /// Symbol and argument types of probe `id`, for formatting its events.
+    /// Every probe's consumer (its lost events are read by the event stream), by id.
+    pub fn consumers(&self) -> Vec<(ProbeId, Arc<Consumer>)> {
+        self.probes.iter().map(|p| (p.id, p.consumer.clone())).collect()
+    }
+
     pub fn event_meta(&self, id: ProbeId) -> Option<(String, Vec<ArgType>, bool)> {
         let p = self.probes.iter().find(|p| p.id == id)?;
         Some((p.symbol.clone(), p.consumer.args.clone(), p.consumer.ret))
@@ -787,6 +807,7 @@ impl Registry {
                 p.baseline = sums.get(c as usize).copied().unwrap_or(0);
             }
             p.consumer.missed.store(0, Ordering::Relaxed);
+            p.consumer.lost.store(0, Ordering::Relaxed);
             if let Some(l) = &p.consumer.latency {
                 l.reset();
             }
@@ -830,6 +851,7 @@ impl Registry {
                 ret: false,
                 stack: false,
                 missed: Default::default(),
+                lost: Default::default(),
                 latency: None,
             }),
             baseline: 0,

@@ -13,6 +13,7 @@ impl Registry {
     /// Build and publish the table, then point every jump at the body entry its consumers need.
     /// Called only with the registry lock held (one writer).
     pub(super) fn publish(&mut self) {
+        super::GENERATION.fetch_add(1, std::sync::atomic::Ordering::Release);
         // Code planned since the last write (bodies for a site's new counter) goes in first;
         // if it could not be written, no jump is pointed anywhere new (below).
         let flushed = self.areas.flush(&mut TextWriter::new()).is_ok();

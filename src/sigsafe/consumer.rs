@@ -30,6 +30,9 @@ pub struct Consumer {
     /// Calls not followed to their return (nested deeper than the per-thread return stack, or
     /// handed back to an unwinder).
     pub missed: AtomicU64,
+    /// This probe's events that found no room (a full ring, or no ring): each stream that could
+    /// have carried them says how many.
+    pub lost: AtomicU64,
     /// Durations, for a return probe when durations are on.
     pub latency: Option<Box<Latency>>,
 }

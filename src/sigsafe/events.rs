@@ -100,15 +100,17 @@ fn my_ring(block: &Block) -> Option<&'static Ring> {
 /// The next free event slot of this thread's ring, or None (counted as lost). The event becomes
 /// visible to the drain thread once the caller [`publish`]es it.
 #[inline(always)]
-fn reserve(block: Option<&Block>) -> Option<(&'static Ring, u64, &'static mut Event)> {
+fn reserve(block: Option<&Block>, c: &Consumer) -> Option<(&'static Ring, u64, &'static mut Event)> {
     let Some(ring) = block.and_then(my_ring) else {
         LOST_NO_RING.fetch_add(1, Ordering::Relaxed);
+        c.lost.fetch_add(1, Ordering::Relaxed);
         return None;
     };
     let mut at = ring.reserved.load(Ordering::Relaxed);
     loop {
         if at.wrapping_sub(ring.tail.load(Ordering::Acquire)) >= RING_EVENTS as u64 {
             ring.lost.fetch_add(1, Ordering::Relaxed);
+            c.lost.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         // A handler that interrupted this thread between the load and here took `at` itself.
@@ -154,7 +156,7 @@ fn publish(ring: &Ring, at: u64) {
 /// Record an entry event for consumer `c`; `args` are rdi, rsi, rdx, rcx, r8, r9.
 #[inline(never)]
 pub fn record_entry(block: Option<&Block>, c: &Consumer, args: [u64; 6]) {
-    let Some((ring, head, e)) = reserve(block) else { return };
+    let Some((ring, head, e)) = reserve(block, c) else { return };
     e.probe = c.id;
     e.kind = ENTRY;
     e.tid = ring.owner.load(Ordering::Relaxed);
@@ -183,7 +185,7 @@ pub fn record_entry(block: Option<&Block>, c: &Consumer, args: [u64; 6]) {
 /// Record a return event for consumer `c`.
 #[inline(never)]
 pub fn record_return(block: Option<&Block>, c: &Consumer, retval: u64, duration: u64, now: u64) {
-    let Some((ring, head, e)) = reserve(block) else { return };
+    let Some((ring, head, e)) = reserve(block, c) else { return };
     e.probe = c.id;
     e.kind = RETURN;
     e.tid = ring.owner.load(Ordering::Relaxed);

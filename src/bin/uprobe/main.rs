@@ -459,10 +459,12 @@ fn detach(pid: i32) -> Result<ExitCode, String> {
 fn trace_cmd(args: TraceArgs) -> Result<ExitCode, String> {
     let duration = args.duration.as_deref().map(trace::parse_duration).transpose()?;
     let socket = attach_cmd(args.pid, args.force)?;
-    let code = trace::trace(
-        trace::TraceArgs { socket: &socket, specs: &args.specs, duration, json: args.json },
-        client::request,
-    )?;
+    let code = trace::trace(trace::TraceArgs {
+        socket: &socket,
+        specs: &args.specs,
+        duration,
+        json: args.json,
+    })?;
     Ok(ExitCode::from(code))
 }
 

@@ -47,12 +47,106 @@ pub struct TraceArgs<'a> {
     pub json: bool,
 }
 
-/// Run the trace session; Ok(exit code).
-pub fn trace(
-    args: TraceArgs,
-    request: impl Fn(&Target, &str) -> Result<Value, String>,
-) -> Result<u8, String> {
-    let added = request(args.socket, &format!("add {}", args.specs.join(";")))?;
+/// The events connection: the stream, and the requests this session makes on it (their answers
+/// come in the stream, after the events queued before them).
+struct Session {
+    r: BufReader<std::os::unix::net::UnixStream>,
+    json: bool,
+    /// Events printed, and the events the process said were lost.
+    events: u64,
+    lost: u64,
+}
+
+impl Session {
+    /// One line (Ok(None): nothing came within the read timeout).
+    fn line(&mut self) -> Result<Option<String>, String> {
+        let mut line = String::new();
+        loop {
+            if line.len() > MAX_EVENT_LINE {
+                return Err(format!("the process sent a line longer than {MAX_EVENT_LINE} bytes"));
+            }
+            match self.r.read_line(&mut line) {
+                Ok(0) => return Err("the process closed the connection (it exited?)".into()),
+                Ok(_) if line.ends_with('\n') => return Ok(Some(line)),
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    if line.is_empty() {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// An answer line (`{"ok":...}`) is not an event.
+    fn answer_of(line: &str) -> Option<Value> {
+        line.starts_with("{\"ok\":").then(|| serde_json::from_str(line).ok()).flatten()
+    }
+
+    /// Print an event line (or count a loss the process said); true if it was one.
+    fn event(&mut self, out: &mut impl Write, line: &str) -> bool {
+        if let Some(n) = lost_count(line) {
+            self.lost += n;
+        } else {
+            self.events += 1;
+        }
+        out.write_all(line.as_bytes()).is_ok()
+    }
+
+    /// Send a request, print the events that come before its answer, and return the answer.
+    fn ask(&mut self, out: &mut impl Write, request: &str) -> Result<Value, String> {
+        send_all(self.r.get_ref(), format!("{request}\n").as_bytes()).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match self.line()? {
+                Some(l) => match Self::answer_of(&l) {
+                    Some(a) => return Ok(a),
+                    None => {
+                        self.event(out, &l);
+                    }
+                },
+                None if Instant::now() > deadline => {
+                    return Err(format!("no answer to `{request}` in two minutes"))
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// The count of a `LOST N events: ...` line, or of a `{"type":"lost","count":N}` one.
+fn lost_count(line: &str) -> Option<u64> {
+    if let Some(rest) = line.strip_prefix("LOST ") {
+        return rest.split_whitespace().next()?.parse().ok();
+    }
+    if line.starts_with("{\"type\":\"lost\"") {
+        let v: Value = serde_json::from_str(line).ok()?;
+        return v["count"].as_u64();
+    }
+    None
+}
+
+/// Run the trace session; Ok(exit code). The probes are added on the events connection itself
+/// (`events FORMAT mine`), so that the stream carries exactly their events, from their first hit;
+/// at the end they are removed, the rings flushed into the stream, and the summary says how many
+/// events came and how many the process lost.
+pub fn trace(args: TraceArgs) -> Result<u8, String> {
+    let stream = args.socket.connect(Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
+    let mut s = Session { r: BufReader::new(stream), json: args.json, events: 0, lost: 0 };
+    let mut out = std::io::stdout().lock();
+    let format = if args.json { "json" } else { "text" };
+    let subscribed = s.ask(&mut out, &format!("events {format} mine"))?;
+    if subscribed["ok"] != true {
+        return Err(super::str_of(&subscribed["error"]));
+    }
+    let added = s.ask(&mut out, &format!("add {}", args.specs.join(";")))?;
     if added["ok"] != true {
         return Err(super::str_of(&added["error"]));
     }
@@ -68,90 +162,60 @@ pub fn trace(
         libc::signal(libc::SIGINT, on_stop as *const () as usize);
         libc::signal(libc::SIGTERM, on_stop as *const () as usize);
     }
-    let streamed = stream(&args);
-    // Whatever ended the stream: the probes go, and the process is as it was.
-    let list = request(args.socket, "list");
+    let streamed = stream_events(&mut s, &mut out, args.duration);
+    if let Err(e) = &streamed {
+        if !e.contains("closed") {
+            return Err(e.clone());
+        }
+        let _ = out.flush();
+        let _ = writeln!(
+            out,
+            "uprobe: the process exited; its last counts are gone with it ({e}); {} events, {} lost",
+            s.events, s.lost
+        );
+        return Ok(0);
+    }
+    // The counts, then the probes go (the process is as it was), then every event recorded
+    // before that into the stream.
+    let list = s.ask(&mut out, "list")?;
     for id in &ids {
-        let _ = request(args.socket, &format!("remove {id}"));
+        let _ = s.ask(&mut out, &format!("remove {id}"));
     }
-    let exited = matches!(&streamed, Err(e) if e.contains("closed"));
-    let mut out = std::io::stdout().lock();
-    match list {
-        Ok(list) => {
-            let mine: Vec<Value> = list["probes"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter(|p| p["id"].as_u64().is_some_and(|i| ids.contains(&i)))
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            let _ = summary(&mut out, &mine, args.json);
-        }
-        Err(e) if exited => {
-            let _ =
-                writeln!(out, "uprobe: the process exited; its last counts are gone with it ({e})");
-        }
-        Err(e) => return Err(e),
-    }
+    let _ = s.ask(&mut out, "flush");
+    let mine: Vec<Value> = list["probes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|p| p["id"].as_u64().is_some_and(|i| ids.contains(&i)))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let (events, lost) = (s.events, s.lost);
+    let _ = summary(&mut out, &mine, s.json, events, lost);
     Ok(0)
 }
 
 /// Print the events until asked to stop, the duration is over, or the process goes away.
-fn stream(args: &TraceArgs) -> Result<(), String> {
-    let s = args.socket.connect(Duration::from_secs(10))?;
-    let format = if args.json { "json" } else { "text" };
-    send_all(&s, format!("events {format}\n").as_bytes()).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
-    let mut r = BufReader::new(s);
-    let mut first = String::new();
-    loop {
-        if first.len() > MAX_EVENT_LINE {
-            return Err(format!("the process sent an answer longer than {MAX_EVENT_LINE} bytes"));
-        }
-        match r.read_line(&mut first) {
-            Ok(0) => return Err("the process closed the connection".into()),
-            Ok(_) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    let answer: Value = serde_json::from_str(&first).map_err(|e| format!("{first:?}: {e}"))?;
-    if answer["ok"] != true {
-        return Err(super::str_of(&answer["error"]));
-    }
+fn stream_events(
+    s: &mut Session,
+    out: &mut impl Write,
+    duration: Option<Duration>,
+) -> Result<(), String> {
     let start = Instant::now();
-    let mut out = std::io::stdout().lock();
-    let mut line = String::new();
     loop {
-        if STOP.load(Ordering::SeqCst) || args.duration.is_some_and(|d| start.elapsed() >= d) {
+        if STOP.load(Ordering::SeqCst) || duration.is_some_and(|d| start.elapsed() >= d) {
             return Ok(());
         }
-        if line.len() > MAX_EVENT_LINE {
-            return Err(format!(
-                "the process sent an event line longer than {MAX_EVENT_LINE} bytes"
-            ));
-        }
-        match r.read_line(&mut line) {
-            Ok(0) => return Err("the process closed the connection (it exited?)".into()),
-            Ok(_) => {
-                if line.ends_with('\n') {
-                    if out.write_all(line.as_bytes()).is_err() {
-                        return Ok(()); // the reader went away
-                    }
-                    line.clear();
+        match s.line()? {
+            Some(l) => {
+                if !s.event(out, &l) {
+                    return Ok(()); // the reader went away
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
-            {
+            None => {
                 let _ = out.flush();
             }
-            Err(e) => return Err(e.to_string()),
         }
     }
 }
@@ -165,11 +229,20 @@ fn human_ns(ns: u64) -> String {
     }
 }
 
-/// The trace's probes, as the summary prints them (text), or as a summary line (JSON).
-fn summary(out: &mut impl Write, probes: &[Value], json: bool) -> std::io::Result<()> {
+/// The trace's probes, as the summary prints them (text), or as a summary line (JSON), with the
+/// events this trace printed and the events the process said it lost.
+fn summary(
+    out: &mut impl Write,
+    probes: &[Value],
+    json: bool,
+    events: u64,
+    lost: u64,
+) -> std::io::Result<()> {
     if json {
-        return writeln!(out, "{}", serde_json::json!({"type": "summary", "probes": probes}));
+        let line = serde_json::json!({"type": "summary", "probes": probes, "events": events, "lost": lost});
+        return writeln!(out, "{line}");
     }
+    writeln!(out, "uprobe: {events} events, {lost} lost")?;
     let s = super::str_of;
     let spec_w = probes.iter().map(|p| s(&p["spec"]).len()).max().unwrap_or(4).max(4);
     writeln!(
