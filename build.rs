@@ -93,6 +93,7 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "jumps", sources: &["jumps.S", "jumps_main.c"], flags: &["-pthread"] },
     Fixture { out: "secure", sources: &["secure.c"], flags: &[] },
     Fixture { out: "creds", sources: &["creds.c"], flags: &["-pthread"] },
+    Fixture { out: "fds", sources: &["fds.c"], flags: &[] },
 ];
 
 /// Point every FDE of `lib`'s `.eh_frame` at a CIE far before the section (its CIE pointer made

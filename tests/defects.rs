@@ -340,3 +340,61 @@ fn a_return_nobody_called_stops_the_program_with_a_message_of_its_own() {
     assert!(line.starts_with("libuprobe: ") && line.ends_with("aborting"), "{:?}", probed.stderr);
     assert!(probed.stderr.contains("aborting\n"), "{:?}", probed.stderr);
 }
+
+/// CPU ticks (user + system) the thread of process `pid` named `name` has used.
+fn thread_ticks(pid: u32, name: &str) -> u64 {
+    let mut total = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        total += fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        total += fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    total
+}
+
+/// Defect: the control socket and its eventfd took descriptors 3 and 4 (the program's first
+/// `open` got 5), and after a daemon's `closerange(3, ~0)` libuprobe's thread accepted the
+/// program's own TCP client, read 8 of 16 bytes from its pipe, and spun on a regular file put
+/// where its listener was. Its descriptors are now high, checked before each use, and made again
+/// elsewhere when the program took them: the program's own are never touched.
+#[test]
+fn the_programs_descriptors_stay_its_own() {
+    use common::served::Served;
+    let mut s = Served::start_program("fds", &[], &[("UPROBES", "fds:target")]);
+    assert_eq!(s.tell("first"), "first 3");
+    assert_eq!(s.tell("daemon"), "daemon pipe 16 tcp 16");
+    assert_eq!(s.tell("first"), "first 3");
+    // The server notices at its next round (a poll in flight keeps a closed descriptor's file).
+    let answered = |s: &Served| {
+        use std::io::{BufRead, Write};
+        let start = std::time::Instant::now();
+        loop {
+            let answer = std::os::unix::net::UnixStream::connect(&s.socket).ok().and_then(|mut c| {
+                c.write_all(b"list\n").ok()?;
+                let mut line = String::new();
+                std::io::BufReader::new(c).read_line(&mut line).ok()?;
+                serde_json::from_str::<serde_json::Value>(&line).ok()
+            });
+            if answer.is_some_and(|v| v["ok"] == true) {
+                return;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(20), "the socket was not served again");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    answered(&s);
+    let before = thread_ticks(s.child.id(), "uprobe-ctl");
+    assert_eq!(s.tell("squat"), "squat offset 0", "libuprobe read the program's file");
+    let spent = thread_ticks(s.child.id(), "uprobe-ctl") - before;
+    assert!(spent < 50, "the server used {spent} ticks in 2.5 seconds: it spun");
+    answered(&s);
+    assert_eq!(s.tell("call 1000"), "done 1000");
+    let report = s.quit();
+    let summary = report.iter().find(|v| v["type"] == "summary").unwrap();
+    assert_eq!(summary["probes"][0]["hits"], 1000, "{summary}");
+}

@@ -282,19 +282,23 @@ pub fn after_failed_exec() {
 }
 
 /// The listener the server polls is no longer ours (the program closed its number, maybe reused
-/// it): bind the socket again, never touching that number.
+/// it): bind the socket again, never touching that number. A failure is said once (the server
+/// tries again at its next round).
 pub(crate) fn rebind() {
+    static SAID: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
     let mut guard = SOCKET.lock();
     let Some(s) = guard.as_mut() else { return };
     s.place.remove();
     match bind(&mut s.place) {
         Ok(fd) => {
             LISTENER.set(fd);
+            SAID.store(false, core::sync::atomic::Ordering::Relaxed);
         }
         Err(e) => {
-            LISTENER.set(-1);
             drop(guard);
-            crate::report::problem("control socket", &e);
+            if !SAID.swap(true, core::sync::atomic::Ordering::Relaxed) {
+                crate::report::problem("control socket", &e);
+            }
         }
     }
 }

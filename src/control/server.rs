@@ -117,7 +117,7 @@ pub fn serve() {
     while !threads::stopping() {
         // Our descriptors may have been closed by the program, their numbers reused for its own
         // files: checked at each round, and made again elsewhere (never touching that number).
-        if LISTENER.raw() >= 0 && LISTENER.get().is_none() {
+        if LISTENER.get().is_none() {
             super::rebind();
         }
         super::ensure_wake();
