@@ -66,10 +66,11 @@ extern "C" fn prepare() {
         owner::before_fork();
         return;
     }
-    // Held until parent()/child(): traps on this thread do not count while it holds the runtime.
-    let mask = InRuntime::enter().keep();
+    // The program's signals stay blocked until parent()/child() (a handler calling into
+    // libuprobe would wait on a lock this thread holds); what libc's fork does in between is the
+    // program's own work, and its probes count (`_IO_list_lock`, `_Fork`, ...).
+    let rt = InRuntime::enter();
     threads::lock_for_fork();
-    SAVED_MASK.store(mask.unwrap_or(u64::MAX), Ordering::Relaxed);
     owner::before_fork();
     if let Some(o) = ORDER.get() {
         for l in &o.locks {
@@ -78,6 +79,8 @@ extern "C" fn prepare() {
     }
     ALLOCATOR.lock_for_fork();
     LOCKED.store(true, Ordering::SeqCst);
+    let mask = rt.step_out_for_fork();
+    SAVED_MASK.store(mask.unwrap_or(u64::MAX), Ordering::Relaxed);
 }
 
 fn saved_mask() -> Option<u64> {
@@ -89,6 +92,7 @@ extern "C" fn parent() {
     if !LOCKED.swap(false, Ordering::SeqCst) {
         return;
     }
+    InRuntime::back_from_fork();
     // SAFETY: taken in prepare() by this thread.
     unsafe { ALLOCATOR.unlock_after_fork() };
     if let Some(o) = ORDER.get() {
@@ -103,7 +107,12 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
-    if !LOCKED.swap(false, Ordering::SeqCst) || !owner::child_takes_over() {
+    if !LOCKED.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    InRuntime::back_from_fork();
+    if !owner::child_takes_over() {
+        InRuntime::leave(saved_mask());
         return;
     }
     // SAFETY: taken in prepare() by the forking thread, which is this one.

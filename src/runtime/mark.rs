@@ -48,6 +48,29 @@ impl InRuntime {
         drop(InRuntime { saved_mask });
     }
 
+    /// Fork's prepare handler, once it holds every lock: this thread runs libc's fork next (the
+    /// program's own work: its probes count), with the program's signals still blocked (a
+    /// handler that called into libuprobe now would wait on a lock this thread holds). The mark
+    /// comes back with [`InRuntime::back_from_fork`], and goes with [`InRuntime::leave`].
+    pub fn step_out_for_fork(self) -> Option<u64> {
+        let mask = self.keep();
+        let t = thread::tls();
+        let depth = t.depth.load(Ordering::Relaxed).saturating_sub(1);
+        t.depth.store(depth, Ordering::Relaxed);
+        if depth == 0 && t.suspended.load(Ordering::Relaxed) == 0 {
+            t.active.store(t.block.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        mask
+    }
+
+    /// Fork's parent or child handler: libuprobe's code again, on the mark
+    /// [`InRuntime::step_out_for_fork`] left (the signals are still blocked).
+    pub fn back_from_fork() {
+        let t = thread::tls();
+        t.depth.store(t.depth.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        t.active.store(core::ptr::null_mut(), Ordering::Relaxed);
+    }
+
     /// Mark this thread as a runtime thread for good (its start routine).
     pub fn for_life() {
         let t = thread::tls();
