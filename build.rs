@@ -94,6 +94,7 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "secure", sources: &["secure.c"], flags: &[] },
     Fixture { out: "creds", sources: &["creds.c"], flags: &["-pthread"] },
     Fixture { out: "fds", sources: &["fds.c"], flags: &[] },
+    Fixture { out: "longjmp", sources: &["longjmp.c"], flags: &["-ldl"] },
 ];
 
 /// Point every FDE of `lib`'s `.eh_frame` at a CIE far before the section (its CIE pointer made

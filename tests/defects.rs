@@ -398,3 +398,21 @@ fn the_programs_descriptors_stay_its_own() {
     let summary = report.iter().find(|v| v["type"] == "summary").unwrap();
     assert_eq!(summary["probes"][0]["hits"], 1000, "{summary}");
 }
+
+/// Defect: a program's signal handler that `siglongjmp`ed out of a hit it interrupted (with
+/// `%stack`, most of each call is libuprobe's) left that hit's hold on the published table for
+/// good: the next `dlopen` waited forever for it, with the program's signals blocked (SIGTERM no
+/// longer ended it). Writers now wait a bounded time and give that reader up (the tables it may
+/// hold are never freed).
+#[test]
+fn a_siglongjmp_out_of_a_hit_leaves_no_writer_waiting() {
+    let lib_path = fixture("libcounted.so");
+    let lib_arg = lib_path.to_str().unwrap();
+    let plain = run_plain("longjmp", &["300", lib_arg]);
+    assert_eq!(plain.stdout, "longjmp: 300 jumps, then a library loaded\n");
+    for spec in ["longjmp:visit%stack", "longjmp:visit"] {
+        let probed = run_probed_env("longjmp", &["300", lib_arg], spec, &[("UPROBES_TRACE", "1")]);
+        assert_same_behaviour(&plain, &probed);
+        assert!(probed.hits("visit") > 300, "{spec}");
+    }
+}

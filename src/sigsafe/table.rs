@@ -1,9 +1,16 @@
 //! The lookup table hits read: every patched address, how to resume there, and its consumers.
 //! Immutable once published through an `AtomicPtr`; a writer (the registry, one at a time) swaps in
-//! a new one and frees the old one only after every reader that could hold it has left
-//! (signal-hook's half-lock: two reader counters by epoch parity).
+//! a new one and frees the old one only after every reader that could hold it has left.
+//!
+//! Readers count themselves in the counter of the epoch they entered in (signal-hook's
+//! half-lock, with [`SLOTS`] counters in turn instead of two). A reader may never leave: a
+//! program's signal handler that interrupted a hit and `siglongjmp`ed out of it abandons the
+//! hit's frame, guard and all. So a writer waits a bounded time ([`WAIT_NS`]); if the readers of
+//! the epoch it retires are not all gone by then, that counter is given up for good (no reader
+//! uses it again), and the tables its readers may hold are never freed. A few tables leak (one
+//! per abandoned reader, at most); nothing waits forever.
 
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::consumer::Consumer;
@@ -116,11 +123,25 @@ impl Table {
 
 static TABLE: AtomicPtr<Table> = AtomicPtr::new(core::ptr::null_mut());
 static EPOCH: AtomicUsize = AtomicUsize::new(0);
-static READERS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+/// Reader counters, by epoch modulo `SLOTS`.
+pub const SLOTS: usize = 64;
+static READERS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+/// Counters given up (a reader of theirs never left, as far as a writer could wait): bit `i` for
+/// counter `i`. The epoch never lands on one again.
+static ABANDONED: AtomicU64 = AtomicU64::new(0);
+/// How many times a counter was given up: whatever was published before one was may be held for
+/// good, and is never freed (see [`retire`]).
+static ABANDONS: AtomicU64 = AtomicU64::new(0);
+/// [`ABANDONS`] when the current table was published.
+static TABLE_PUBLISHED_AT: AtomicU64 = AtomicU64::new(0);
+/// How long a writer waits for the readers of an epoch.
+pub const WAIT_NS: u64 = 20_000_000;
+/// Counters that may be given up; past that, no table is freed again.
+const MAX_ABANDONED: u32 = SLOTS as u32 - 8;
 
 /// A reader's hold on the current table.
 pub struct ReadGuard {
-    parity: usize,
+    slot: usize,
 }
 
 impl ReadGuard {
@@ -128,11 +149,11 @@ impl ReadGuard {
     pub fn enter() -> ReadGuard {
         loop {
             let e = EPOCH.load(Ordering::SeqCst);
-            let parity = e & 1;
-            if let Some(r) = READERS.get(parity) {
+            let slot = e % SLOTS;
+            if let Some(r) = READERS.get(slot) {
                 r.fetch_add(1, Ordering::SeqCst);
                 if EPOCH.load(Ordering::SeqCst) == e {
-                    return ReadGuard { parity };
+                    return ReadGuard { slot };
                 }
                 r.fetch_sub(1, Ordering::SeqCst);
             }
@@ -141,7 +162,8 @@ impl ReadGuard {
 
     #[inline]
     pub fn table(&self) -> Option<&Table> {
-        // SAFETY: a table reachable from TABLE is freed only after the readers of our parity left.
+        // SAFETY: a table reachable from TABLE is freed only after the readers of our epoch left
+        // (or never, if they did not).
         unsafe { TABLE.load(Ordering::SeqCst).as_ref() }
     }
 }
@@ -149,32 +171,68 @@ impl ReadGuard {
 impl Drop for ReadGuard {
     #[inline]
     fn drop(&mut self) {
-        if let Some(r) = READERS.get(self.parity) {
+        if let Some(r) = READERS.get(self.slot) {
             r.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
-/// Make `new` the table and return the old one once no reader can still be reading it; the caller
-/// frees it. One writer at a time (the caller holds the registry's lock).
+/// Make `new` the table and return the old one once no reader can still be reading it, for the
+/// caller to free; null when it must not be freed (a reader may hold it for good). One writer at
+/// a time (the caller holds the registry's lock).
 ///
 /// # Safety
 /// `new` comes from `Box::into_raw` and is not used by the caller afterwards.
 pub unsafe fn replace(new: *mut Table) -> *mut Table {
-    let old = TABLE.swap(new, Ordering::SeqCst);
-    wait_for_readers();
-    old
+    // SAFETY: the caller's contract.
+    unsafe { retire(&TABLE, &TABLE_PUBLISHED_AT, new) }
+}
+
+/// Publish `new` in `slot` (read under [`ReadGuard`]s) and return what it replaces when it can be
+/// freed: every reader that could hold it has left, and no reader was given up since it was
+/// published (`published_at` keeps [`ABANDONS`] of the current one). Null otherwise: it must
+/// never be freed.
+///
+/// # Safety
+/// As [`replace`]; one writer at a time.
+pub unsafe fn retire<T>(slot: &AtomicPtr<T>, published_at: &AtomicU64, new: *mut T) -> *mut T {
+    let before = ABANDONS.load(Ordering::SeqCst);
+    let old_at = published_at.swap(before, Ordering::SeqCst);
+    let old = slot.swap(new, Ordering::SeqCst);
+    if wait_for_readers() && old_at == before {
+        old
+    } else {
+        core::ptr::null_mut()
+    }
 }
 
 /// Wait until every reader that entered before now has left (what was unpublished before the
-/// call can then be freed). One writer at a time (the caller holds the registry's lock).
-pub fn wait_for_readers() {
-    let e = EPOCH.fetch_add(1, Ordering::SeqCst);
-    if let Some(r) = READERS.get(e & 1) {
-        while r.load(Ordering::SeqCst) != 0 {
-            super::sys::sched_yield();
-        }
+/// call can then be freed): true. False when some did not leave within [`WAIT_NS`] (their
+/// counter is given up, and [`ABANDONS`] counts it). One writer at a time.
+pub fn wait_for_readers() -> bool {
+    let abandoned = ABANDONED.load(Ordering::SeqCst);
+    if abandoned.count_ones() >= MAX_ABANDONED {
+        ABANDONS.fetch_add(1, Ordering::SeqCst);
+        return false;
     }
+    let e = EPOCH.load(Ordering::SeqCst);
+    // The next epoch whose counter is not given up.
+    let mut next = e + 1;
+    while abandoned & (1 << (next % SLOTS)) != 0 {
+        next += 1;
+    }
+    EPOCH.store(next, Ordering::SeqCst);
+    let Some(r) = READERS.get(e % SLOTS) else { return false };
+    let start = super::sys::monotonic_ns();
+    while r.load(Ordering::SeqCst) != 0 {
+        if super::sys::monotonic_ns().wrapping_sub(start) > WAIT_NS {
+            ABANDONED.fetch_or(1 << (e % SLOTS), Ordering::SeqCst);
+            ABANDONS.fetch_add(1, Ordering::SeqCst);
+            return false;
+        }
+        super::sys::sched_yield();
+    }
+    true
 }
 
 /// Is there a patched address (or tombstone) in `[lo, hi)`? Lock-free; for the munmap hook.
@@ -188,4 +246,5 @@ pub fn reset_readers_after_fork() {
     for r in &READERS {
         r.store(0, Ordering::SeqCst);
     }
+    ABANDONED.store(0, Ordering::SeqCst);
 }

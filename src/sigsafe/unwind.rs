@@ -49,14 +49,15 @@ pub struct Modules {
 static MODULES: AtomicPtr<Modules> = AtomicPtr::new(core::ptr::null_mut());
 
 /// Publish `new` and return the snapshot it replaces once no reader can still be reading it; the
-/// caller frees it. The caller holds the registry's lock.
+/// caller frees it (null: it must not be freed, a reader may hold it for good: see
+/// `table::wait_for_readers`). The caller holds the registry's lock.
 ///
 /// # Safety
 /// `new` comes from `Box::into_raw` and is not used by the caller afterwards.
 pub unsafe fn replace_modules(new: *mut Modules) -> *mut Modules {
-    let old = MODULES.swap(new, Ordering::SeqCst);
-    super::table::wait_for_readers();
-    old
+    static PUBLISHED_AT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    // SAFETY: the caller's contract.
+    unsafe { super::table::retire(&MODULES, &PUBLISHED_AT, new) }
 }
 
 /// The snapshot; the caller holds a [`super::table::ReadGuard`] for as long as it uses it.
