@@ -95,6 +95,7 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "creds", sources: &["creds.c"], flags: &["-pthread"] },
     Fixture { out: "fds", sources: &["fds.c"], flags: &[] },
     Fixture { out: "longjmp", sources: &["longjmp.c"], flags: &["-ldl"] },
+    Fixture { out: "rawtls", sources: &["rawtls.c"], flags: &[] },
 ];
 
 /// Point every FDE of `lib`'s `.eh_frame` at a CIE far before the section (its CIE pointer made

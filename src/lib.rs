@@ -128,6 +128,9 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
     if STARTED.swap(true, Ordering::SeqCst) {
         return;
     }
+    // glibc's canary, which tells its threads from a program's raw-clone ones (before the first
+    // TLS access of libuprobe's: see sigsafe::thread::foreign).
+    sigsafe::thread::init_foreign_check();
     let _rt = InRuntime::enter();
     let started = sigsafe::sys::monotonic_ns();
     let problems = config::init(envp as *const *const c_char);

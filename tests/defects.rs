@@ -416,3 +416,23 @@ fn a_siglongjmp_out_of_a_hit_leaves_no_writer_waiting() {
         assert!(probed.hits("visit") > 300, "{spec}");
     }
 }
+
+/// Defect: a raw `clone(CLONE_SETTLS)` thread whose `fs` points into a block of the program's:
+/// probed hits wrote 8 to 10 bytes below `fs`, into the block, and with the block filled (0x41)
+/// the process died of SIGSEGV, on both paths. libuprobe reads nothing below such an `fs` (its
+/// canary is not glibc's): the thread's hits count through the shared counters, its return
+/// probes' calls are `missed`, its events lost (and said so).
+#[test]
+fn a_foreign_tls_is_left_alone_and_still_counted() {
+    let plain = run_plain("rawtls", &["1000"]);
+    assert_eq!(plain.stdout, "rawtls: child 1000000 main 1000000 block intact\n");
+    for path in ["jump", "trap"] {
+        let probed = run_probed_env("rawtls", &["1000"], "rawtls:work", &[("UPROBES_PATH", path)]);
+        assert_same_behaviour(&plain, &probed);
+        assert_eq!(probed.hits("work"), 2000, "{path}");
+        let ret = run_probed_env("rawtls", &["1000"], "rawtls:work%return", &[("UPROBES_PATH", path)]);
+        assert_same_behaviour(&plain, &ret);
+        let p = ret.probe("work");
+        assert_eq!((p["hits"].as_u64(), p["missed"].as_u64()), (Some(1000), Some(1000)), "{path}: {p}");
+    }
+}

@@ -139,6 +139,10 @@ pub mod vfork_real {
 #[no_mangle]
 pub unsafe extern "C" fn vfork() -> libc::pid_t {
     core::arch::naked_asm!(
+        // A thread whose TLS is not glibc's has no record of libuprobe's: the real vfork, as is.
+        "mov r11, qword ptr fs:[0x28]",
+        "cmp r11, qword ptr [rip + {guard}]",
+        "jne 3f",
         "mov r11, qword ptr [rip + uprobe_tls@GOTTPOFF]",
         "pop qword ptr fs:[r11 + {ret_off}]",
         "call {suspend}",
@@ -154,7 +158,10 @@ pub unsafe extern "C" fn vfork() -> libc::pid_t {
         "mov r11, qword ptr [rip + uprobe_tls@GOTTPOFF]",
         "push qword ptr fs:[r11 + {ret_off}]",
         "ret",
+        "3:",
+        "jmp qword ptr [rip + {real}]",
         ret_off = const core::mem::offset_of!(Tls, vfork_ret),
+        guard = sym crate::sigsafe::thread::STACK_GUARD,
         suspend = sym suspend_counting,
         resume = sym resume_counting,
         real = sym vfork_real::REAL,

@@ -20,6 +20,14 @@ pub struct InRuntime {
 impl InRuntime {
     pub fn enter() -> InRuntime {
         let t = thread::tls();
+        if thread::is_foreign_record(t) {
+            // A thread whose TLS is not glibc's: no record to mark (its hits count through the
+            // shared counters whatever it runs); only the signals are blocked.
+            let mut old = 0u64;
+            let blocked =
+                sys::rt_sigprocmask(libc::SIG_BLOCK, Some(&!sys::ALWAYS_OPEN), Some(&mut old));
+            return InRuntime { saved_mask: blocked.is_ok().then_some(old) };
+        }
         let depth = t.depth.load(Ordering::Relaxed);
         let mut saved_mask = None;
         if depth == 0 {
@@ -55,6 +63,9 @@ impl InRuntime {
     pub fn step_out_for_fork(self) -> Option<u64> {
         let mask = self.keep();
         let t = thread::tls();
+        if thread::is_foreign_record(t) {
+            return mask;
+        }
         let depth = t.depth.load(Ordering::Relaxed).saturating_sub(1);
         t.depth.store(depth, Ordering::Relaxed);
         if depth == 0 && t.suspended.load(Ordering::Relaxed) == 0 {
@@ -67,6 +78,9 @@ impl InRuntime {
     /// [`InRuntime::step_out_for_fork`] left (the signals are still blocked).
     pub fn back_from_fork() {
         let t = thread::tls();
+        if thread::is_foreign_record(t) {
+            return;
+        }
         t.depth.store(t.depth.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         t.active.store(core::ptr::null_mut(), Ordering::Relaxed);
     }
@@ -74,6 +88,9 @@ impl InRuntime {
     /// Mark this thread as a runtime thread for good (its start routine).
     pub fn for_life() {
         let t = thread::tls();
+        if thread::is_foreign_record(t) {
+            return;
+        }
         t.depth.store(1, Ordering::Relaxed);
         t.active.store(core::ptr::null_mut(), Ordering::Relaxed);
     }
@@ -82,6 +99,12 @@ impl InRuntime {
 impl Drop for InRuntime {
     fn drop(&mut self) {
         let t = thread::tls();
+        if thread::is_foreign_record(t) {
+            if let Some(mask) = self.saved_mask {
+                let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&mask), None);
+            }
+            return;
+        }
         let depth = t.depth.load(Ordering::Relaxed).saturating_sub(1);
         t.depth.store(depth, Ordering::Relaxed);
         if depth == 0 && t.suspended.load(Ordering::Relaxed) == 0 {
@@ -102,6 +125,9 @@ pub fn in_runtime() -> bool {
 /// and TLS (and its hits are not the parent's). Called by the parent before it starts the child.
 pub extern "C" fn suspend_counting() {
     let t = thread::tls();
+    if thread::is_foreign_record(t) {
+        return;
+    }
     t.suspended.store(1, Ordering::Relaxed);
     t.active.store(core::ptr::null_mut(), Ordering::Relaxed);
 }
@@ -109,6 +135,9 @@ pub extern "C" fn suspend_counting() {
 /// The child is gone (it exec'd or exited): hits on this thread count again.
 pub extern "C" fn resume_counting() {
     let t = thread::tls();
+    if thread::is_foreign_record(t) {
+        return;
+    }
     t.suspended.store(0, Ordering::Relaxed);
     if t.depth.load(Ordering::Relaxed) == 0 {
         t.active.store(t.block.load(Ordering::Relaxed), Ordering::Relaxed);

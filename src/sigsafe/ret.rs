@@ -124,6 +124,10 @@ global_asm!(
     "    push rcx",
     "    push rdx",
     "    push rsi", // the slot is at rsp + 40
+    // A thread whose TLS is not glibc's has no record here (and never hijacked a return).
+    "    mov rax, qword ptr fs:[0x28]",
+    "    cmp rax, qword ptr [rip + {guard}]",
+    "    jne 8f",
     "    mov rsi, qword ptr [rip + uprobe_tls@GOTTPOFF]",
     "    mov rax, qword ptr fs:[rsi + 8]", // the thread's block
     "    test rax, rax",
@@ -235,6 +239,7 @@ global_asm!(
     depth = const core::mem::offset_of!(Block, ret_depth),
     frames = const core::mem::offset_of!(Block, ret_frames),
     tracing = sym events::TRACING,
+    guard = sym super::thread::STACK_GUARD,
     max_counters = const thread::MAX_COUNTERS,
     header = const thread::HEADER,
 );

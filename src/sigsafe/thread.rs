@@ -123,9 +123,57 @@ global_asm!(
     size = const core::mem::size_of::<Tls>(),
 );
 
-/// This thread's TLS record. Two instructions, no call.
+/// glibc's stack-protector canary (`fs:0x28` of every thread glibc made: it copies the main
+/// thread's), read once at startup; 0 until then.
+pub static STACK_GUARD: AtomicU64 = AtomicU64::new(0);
+
+/// The canary of the thread running this.
+#[inline(always)]
+fn canary() -> u64 {
+    let v: u64;
+    // SAFETY: reads the stack-protector word of the thread control block, which every thread's
+    // own code reads already (stack-protected functions do at each call).
+    unsafe {
+        asm!("mov {}, qword ptr fs:0x28", out(reg) v, options(nostack, readonly, preserves_flags))
+    };
+    v
+}
+
+/// Read glibc's canary (at startup, on a thread glibc made).
+pub fn init_foreign_check() {
+    STACK_GUARD.store(canary(), Ordering::Relaxed);
+}
+
+/// Is this thread's TLS not glibc's? A raw `clone(CLONE_SETTLS)` thread of the program's, whose
+/// `fs` points into a block the program owns: libuprobe's record below `fs` is not there, and
+/// is neither read nor written. Such a thread counts through the shared counters, with no block.
+#[inline(always)]
+pub fn foreign() -> bool {
+    let g = STACK_GUARD.load(Ordering::Relaxed);
+    g != 0 && canary() != g
+}
+
+/// The record a thread with a foreign TLS gets: never written (see `runtime::mark`), no block.
+static FOREIGN: Tls = Tls {
+    active: AtomicPtr::new(core::ptr::null_mut()),
+    block: AtomicPtr::new(core::ptr::null_mut()),
+    depth: AtomicU32::new(0),
+    suspended: AtomicU32::new(0),
+    vfork_ret: AtomicU64::new(0),
+};
+
+/// Is `t` the record of threads with a foreign TLS?
+pub fn is_foreign_record(t: &Tls) -> bool {
+    core::ptr::eq(t, &FOREIGN)
+}
+
+/// This thread's TLS record (a shared, read-only one for a thread whose TLS is not glibc's:
+/// [`foreign`]). A few instructions, no call.
 #[inline(always)]
 pub fn tls() -> &'static Tls {
+    if foreign() {
+        return &FOREIGN;
+    }
     let p: *const Tls;
     // SAFETY: initial-exec TLS access: fs:0 is the thread pointer, and the GOT slot holds the
     // (negative) offset of our record in static TLS. Reads only.
@@ -279,6 +327,9 @@ impl Counting {
 /// Where hits on this thread count now; claims the thread's block on its first hit.
 #[inline(always)]
 pub fn counting() -> Counting {
+    if foreign() {
+        return Counting::Global;
+    }
     let t = tls();
     let a = t.active.load(Ordering::Relaxed);
     if !a.is_null() {
@@ -310,6 +361,9 @@ fn counting_slow(t: &Tls) -> Counting {
 /// This thread's block, claimed now if it has none (whatever it is doing).
 pub fn own_block() -> Option<&'static Block> {
     let t = tls();
+    if is_foreign_record(t) {
+        return None;
+    }
     let b = t.block.load(Ordering::Relaxed);
     if !b.is_null() {
         // SAFETY: `block` only ever holds a block of the pool, which lives forever.

@@ -5,6 +5,7 @@
 //!  site:  jmp stub            stub:  jmp [pointer]        pointer (read-write data)
 //!                                                          -> body.count or body.full
 //!  body.count:  lea rsp, [rsp-128]; push rax; seto al; lahf; push rax
+//!               mov rax, fs:[0x28]; cmp rax, [guard]; jne slow   ; glibc's TLS? (else: slow)
 //!               mov rax, fs:[tls]            ; the thread's block, or 0
 //!               test rax, rax; jz slow
 //!               inc qword [rax + counter]    ; the thread's own counter: no shared cache line
@@ -251,6 +252,7 @@ enum L {
     RetPush,
     RetSlow,
     FullPtr,
+    Guard,
 }
 
 /// A tiny assembler for the bodies: fixed encodings (rel32 branches, disp32 where a constant
@@ -258,14 +260,14 @@ enum L {
 /// tables on first use: half a millisecond of each process's setup.)
 struct Asm {
     code: Vec<u8>,
-    labels: [Option<usize>; 9],
+    labels: [Option<usize>; 10],
     /// (offset of a rel32 field, the label it reaches)
     fixups: Vec<(usize, L)>,
 }
 
 impl Asm {
     fn new() -> Asm {
-        Asm { code: Vec::with_capacity(256), labels: [None; 9], fixups: Vec::new() }
+        Asm { code: Vec::with_capacity(256), labels: [None; 10], fixups: Vec::new() }
     }
 
     fn b(&mut self, bytes: &[u8]) -> &mut Self {
@@ -325,8 +327,17 @@ impl Asm {
         self.b(&[0x64, 0x48, 0x8b, 0x04, 0x25]).d32(tls);
     }
 
-    fn finish(mut self) -> Option<(Vec<u8>, [usize; 9])> {
-        let mut at = [0; 9];
+    /// `mov rax, qword ptr fs:[0x28]; cmp rax, qword ptr [rip + guard]; jne to`: a thread whose
+    /// TLS is not glibc's (its canary is not glibc's) goes to `to` without libuprobe reading
+    /// anything below its `fs` (see `sigsafe::thread::foreign`).
+    fn check_tls(&mut self, to: L) {
+        self.b(&[0x64, 0x48, 0x8b, 0x04, 0x25]).d32(0x28);
+        self.b(&[0x48, 0x3b, 0x05]).rel(L::Guard);
+        self.jcc(JNE, to);
+    }
+
+    fn finish(mut self) -> Option<(Vec<u8>, [usize; 10])> {
+        let mut at = [0; 10];
         for (i, l) in self.labels.iter().enumerate() {
             at[i] = (*l)?;
         }
@@ -339,6 +350,7 @@ impl Asm {
 }
 
 const JZ: u8 = 0x4;
+const JNE: u8 = 0x5;
 const JAE: u8 = 0x3;
 const JBE: u8 = 0x6;
 
@@ -355,6 +367,7 @@ fn assemble_body(
     a.label(L::Count);
     if counters.hits != NO_COUNTER {
         a.save();
+        a.check_tls(L::CountSlow);
         a.load_block(tls);
         a.b(&[0x48, 0x85, 0xc0]); // test rax, rax
         a.jcc(JZ, L::CountSlow);
@@ -385,6 +398,7 @@ fn assemble_body(
     } else {
         a.save();
         a.b(&[0x51, 0x52, 0x56]); // push rcx; push rdx; push rsi
+        a.check_tls(L::RetSlow);
         a.load_block(tls);
         a.b(&[0x48, 0x85, 0xc0]); // test rax, rax
         a.jcc(JZ, L::RetSlow);
@@ -433,6 +447,8 @@ fn assemble_body(
     }
     a.label(L::FullPtr);
     a.q64(jump::full_entry());
+    a.label(L::Guard);
+    a.q64(thread::STACK_GUARD.load(core::sync::atomic::Ordering::Relaxed));
     let (code, labels) = a
         .finish()
         .ok_or_else(|| XolError::Relocate { insn: d.text(), why: "body label".into() })?;
@@ -578,6 +594,7 @@ mod tests {
         let mut ret_push = a.create_label();
         let mut ret_slow = a.create_label();
         let mut full_ptr = a.create_label();
+        let mut guard = a.create_label();
         let save = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
             a.lea(rsp, ptr(rsp - 128))?;
             a.push(rax)?;
@@ -595,6 +612,9 @@ mod tests {
             a.set_label(&mut count)?;
             if counters.hits != NO_COUNTER {
                 save(&mut a)?;
+                a.mov(rax, qword_ptr(0x28).fs())?;
+                a.cmp(rax, qword_ptr(guard))?;
+                a.jne(count_slow)?;
                 a.db(&load_block)?;
                 a.test(rax, rax)?;
                 a.jz(count_slow)?;
@@ -625,6 +645,9 @@ mod tests {
                 a.push(rcx)?;
                 a.push(rdx)?;
                 a.push(rsi)?;
+                a.mov(rax, qword_ptr(0x28).fs())?;
+                a.cmp(rax, qword_ptr(guard))?;
+                a.jne(ret_slow)?;
                 a.db(&load_block)?;
                 a.test(rax, rax)?;
                 a.jz(ret_slow)?;
@@ -673,7 +696,9 @@ mod tests {
                 a.jmp(common)?;
             }
             a.set_label(&mut full_ptr)?;
-            a.db(&jump::full_entry().to_le_bytes())
+            a.db(&jump::full_entry().to_le_bytes())?;
+            a.set_label(&mut guard)?;
+            a.db(&thread::STACK_GUARD.load(core::sync::atomic::Ordering::Relaxed).to_le_bytes())
         })()
         .map_err(err)?;
         let res = a
@@ -692,7 +717,7 @@ mod tests {
     /// The instructions of a body (not its final pointer), with each branch's target and each
     /// RIP-relative operand named by the index of the instruction it reaches.
     fn listing(code: &[u8]) -> Vec<String> {
-        let code = &code[..code.len() - 8];
+        let code = &code[..code.len() - 16];
         let insns: Vec<_> =
             Decoder::with_ip(64, code, 0x1000, DecoderOptions::NONE).into_iter().collect();
         let index = |ip: u64| {
@@ -750,7 +775,7 @@ mod tests {
             ] {
                 assert_eq!(nth(&ours.code, x), nth(&theirs.code, y), "counters {hits} {returns}");
             }
-            assert_eq!(ours.code[ours.code.len() - 8..], theirs.code[theirs.code.len() - 8..]);
+            assert_eq!(ours.code[ours.code.len() - 16..], theirs.code[theirs.code.len() - 16..]);
         }
     }
 }
