@@ -33,7 +33,8 @@ FN fl_call_insn
 FN fl_step
         pushfq
         or qword ptr [rsp], 0x100
-        popfq
+FN fl_step_popf
+        popfq                           /* sets TF: the first step comes after fl_step_a */
 FN fl_step_a
         nop dword ptr [rax + rax + 0]   /* 5 bytes */
 FN fl_step_b

@@ -213,6 +213,21 @@ fn faults_and_single_steps_are_where_the_program_expects_them() {
     assert_eq!(probed.hits("probed_after"), 5, "counting goes on after the siglongjmp");
 }
 
+/// Defect: a probed `popfq` that sets the trap flag took its single step one instruction early,
+/// on both paths (the step came after libuprobe's jump back, not after the program's next
+/// instruction). It stays a trap, and the trap path emulates it when it sets the flag.
+#[test]
+fn a_probed_popfq_steps_where_it_would() {
+    let plain = run_plain("faults", &[]);
+    assert!(plain.stdout.contains("single steps at: +4 +9 "), "{}", plain.stdout);
+    for path in ["jump", "trap"] {
+        let probed = run_probed_env("faults", &[], "faults:fl_step_popf", &[("UPROBES_PATH", path)]);
+        assert_same_behaviour(&plain, &probed);
+        assert_eq!(probed.hits("fl_step_popf"), 1, "{path}");
+        assert_eq!(probed.probe("fl_step_popf")["path"], "trap", "{path}");
+    }
+}
+
 /// Defect: a probe on a function that returns with `ret imm16` aborted the program under
 /// `%return`.
 #[test]

@@ -85,6 +85,16 @@ fn hex(b: &[u8]) -> String {
 /// Why sites are traps, by address (for `path_reason`).
 pub type TrapReasons = BTreeMap<u64, String>;
 
+/// The length of the instruction at the start of `bytes` if it is `popfq` (`9d`, maybe after a
+/// REX prefix; not the 16-bit `66 9d`).
+pub fn popf_len(bytes: &[u8]) -> Option<u8> {
+    match bytes {
+        [0x9d, ..] => Some(1),
+        [0x40..=0x4f, 0x9d, ..] => Some(2),
+        _ => None,
+    }
+}
+
 impl Registry {
     /// Plan the site `key` in every executable mapping of its file.
     pub(super) fn plan_site(
@@ -245,6 +255,13 @@ impl Registry {
         }
         if d.call && sys::shadow_stack_enabled() {
             return Some("the CPU's shadow stack is on: a relocated call is not on it".into());
+        }
+        if popf_len(file).is_some() {
+            return Some(
+                "`popfq` may set the trap flag, whose single step only the trap path shows after \
+                 the right instruction"
+                    .into(),
+            );
         }
         None
     }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use super::{Registry, Site};
 use crate::patch::TextWriter;
 use crate::sigsafe::events::TRACING;
-use crate::sigsafe::table::{self, Table, TableEntry, LINK_MAP_HOOK, MASK_FIX, NO_COUNTER, TIMED};
+use crate::sigsafe::table::{self, Table, TableEntry, LINK_MAP_HOOK, MASK_FIX, NO_COUNTER, TIMED, POPF};
 use crate::xol::jump::{Counters, Jump};
 
 impl Registry {
@@ -37,6 +37,7 @@ impl Registry {
             }
             let (mask_reg, size_reg) = site.mask_fix.map_or((0, 0), |m| (m.mask_reg, m.size_reg));
             for i in &site.installs {
+                let popf = super::install::popf_len(&i.orig).filter(|_| site.mask_fix.is_none());
                 t.entries.push(TableEntry {
                     addr: i.addr,
                     resume: i.resume,
@@ -44,8 +45,8 @@ impl Registry {
                     count,
                     counter: site.counter,
                     ret_counter: site.ret_counter,
-                    flags,
-                    mask_reg,
+                    flags: flags | if popf.is_some() { POPF } else { 0 },
+                    mask_reg: popf.unwrap_or(mask_reg),
                     size_reg,
                 });
             }

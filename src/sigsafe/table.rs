@@ -22,6 +22,9 @@ pub const LINK_MAP_HOOK: u8 = 1;
 pub const MASK_FIX: u8 = 2;
 /// Some consumer needs durations: take a timestamp at entry.
 pub const TIMED: u8 = 4;
+/// The site is a `popfq` (`mask_reg` holds its length): when it sets the trap flag, the trap
+/// path emulates it, so that the single step comes after the program's next instruction.
+pub const POPF: u8 = 8;
 
 /// No counter.
 pub const NO_COUNTER: u32 = u32::MAX;
@@ -39,7 +42,7 @@ pub struct TableEntry {
     pub counter: u32,
     pub ret_counter: u32,
     pub flags: u8,
-    /// For [`MASK_FIX`]: the register that holds the signal set (a gregs index, with
+    /// For [`POPF`]: the instruction's length. For [`MASK_FIX`]: the register that holds the signal set (a gregs index, with
     /// `trap::MASK_HOW_IN_RDI` when `how` in rdi may be SIG_UNBLOCK), and the register that must
     /// hold the set's size, 8 (a check that this is the system call it was taken for).
     pub mask_reg: u8,

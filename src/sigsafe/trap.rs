@@ -11,7 +11,7 @@ use super::emulate::{self, Gregs, RBP, RIP, RSP};
 use super::hit::{count, in_runtime};
 use super::plan::Resume;
 use super::sys;
-use super::table::{ReadGuard, SlotMap, LINK_MAP_HOOK, MASK_FIX};
+use super::table::{ReadGuard, SlotMap, LINK_MAP_HOOK, MASK_FIX, POPF};
 use super::thread::{self, Counting};
 
 /// `si_code` of a SIGTRAP raised by `int3`.
@@ -253,6 +253,21 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
         // rescans before letting go.
         RESCAN_WANTED.store(true, Ordering::SeqCst);
     }
+    if entry.flags & POPF != 0 && entry.count > 0 {
+        // A `popfq` that sets the trap flag: run out of line, its single step would come after
+        // the jump back, one instruction early. Emulated here instead, the kernel's sigreturn
+        // sets the flags, and the step comes after the program's next instruction, as it would.
+        let efl = emulate::get(g, libc::REG_EFL as usize);
+        if let Some(v) = sys::read_u64_safely(rsp0) {
+            if v & TF != 0 && efl & TF == 0 {
+                emulate::set(g, libc::REG_EFL as usize, (efl & !POPF_BITS) | (v & POPF_BITS));
+                emulate::set(g, RSP, rsp0.wrapping_add(8));
+                emulate::set(g, RIP, site.wrapping_add(entry.mask_reg as u64));
+                count(&guard, &counting, &entry, table, site, args, Some((rsp0, rbp0)));
+                return Outcome::Done;
+            }
+        }
+    }
     match entry.resume {
         Resume::Xol { slot } => emulate::set(g, RIP, slot),
         Resume::Emulate(emu) => {
@@ -268,6 +283,12 @@ fn handle_breakpoint(code: i32, g: &mut Gregs) -> Outcome {
     count(&guard, &counting, &entry, table, site, args, Some((rsp0, rbp0)));
     Outcome::Done
 }
+
+/// The trap flag.
+const TF: u64 = 0x100;
+/// The flags `popfq` sets in user mode that sigreturn restores (the kernel's FIX_EFLAGS): AC, OF,
+/// DF, TF, SF, ZF, AF, PF, CF.
+const POPF_BITS: u64 = 0x40dd5;
 
 /// Bit 7 of a table entry's `mask_reg`: the system call is `rt_sigprocmask`, whose `how` (rdi)
 /// may be SIG_UNBLOCK (nothing to fix).
