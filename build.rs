@@ -96,6 +96,7 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "fds", sources: &["fds.c"], flags: &[] },
     Fixture { out: "longjmp", sources: &["longjmp.c"], flags: &["-ldl"] },
     Fixture { out: "rawtls", sources: &["rawtls.c"], flags: &[] },
+    Fixture { out: "jit", sources: &["jit.c"], flags: &[] },
 ];
 
 /// Point every FDE of `lib`'s `.eh_frame` at a CIE far before the section (its CIE pointer made
@@ -105,8 +106,12 @@ fn damage_eh_frame(lib: &Path) {
     let u = |b: &[u8], at: usize, n: usize| -> u64 {
         b[at..at + n].iter().rev().fold(0, |v, &x| (v << 8) | x as u64)
     };
-    let (shoff, shentsize, shnum, shstrndx) =
-        (u(&b, 0x28, 8) as usize, u(&b, 0x3a, 2) as usize, u(&b, 0x3c, 2) as usize, u(&b, 0x3e, 2) as usize);
+    let (shoff, shentsize, shnum, shstrndx) = (
+        u(&b, 0x28, 8) as usize,
+        u(&b, 0x3a, 2) as usize,
+        u(&b, 0x3c, 2) as usize,
+        u(&b, 0x3e, 2) as usize,
+    );
     let sh = |i: usize| shoff + i * shentsize;
     let strtab = u(&b, sh(shstrndx) + 0x18, 8) as usize;
     let eh = (0..shnum)

@@ -298,3 +298,50 @@ fn attach_says_why_it_cannot() {
         child.wait().unwrap();
     }
 }
+
+/// A program that lives on its own faults, as a JIT does: its one thread writes to a guard page
+/// and recovers with siglongjmp, as fast as it can, and raises its own SIGTRAPs. An attach lands
+/// in the middle of that (often on a thread with its fault pending, or stopped on its way into
+/// a handler): each of a dozen attaches loads libuprobe and counts, and each program loses none
+/// of its signals and exits as it would alone.
+#[test]
+fn attach_to_a_program_that_handles_its_own_faults() {
+    let plain = Command::new(fixture("jit")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn();
+    let mut plain = plain.unwrap();
+    writeln!(plain.stdin.take().unwrap(), "quit").unwrap();
+    let alone = plain.wait_with_output().unwrap();
+    let expected = "ready\njit: traps all caught, faults recovered\n";
+    assert_eq!(String::from_utf8_lossy(&alone.stdout), expected);
+    for round in 0..12 {
+        let mut cmd = Command::new(fixture("jit"));
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).env_remove("LD_PRELOAD");
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut ready = String::new();
+        stdout.read_line(&mut ready).unwrap();
+        assert_eq!(ready, "ready\n");
+        let pid = child.id().to_string();
+        // Let it fault a while first: the attach comes in the thick of it.
+        std::thread::sleep(Duration::from_millis(20 + 7 * round));
+        let (out, err, status) = uprobe(&["attach", &pid]);
+        assert!(status.success(), "round {round}: {err}");
+        assert!(out.starts_with("attached"), "{out}");
+        let (out, err, status) = uprobe(&["ctl", "--json", &pid, "add", "jit:tick"]);
+        assert!(status.success(), "{err}");
+        let added: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let id = added["probes"][0]["id"].as_u64().unwrap();
+        let start = Instant::now();
+        while hits(&pid, id) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(20), "the probe counts");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (_, err, status) = uprobe(&["detach", &pid]);
+        assert!(status.success(), "{err}");
+        writeln!(stdin, "quit").unwrap();
+        let rest = std::io::read_to_string(&mut stdout).unwrap();
+        let code = child.wait().unwrap();
+        assert_eq!(format!("ready\n{rest}"), expected, "round {round}");
+        assert_eq!(code.code(), Some(0), "round {round}: {code:?}");
+    }
+}

@@ -528,7 +528,9 @@ fn code_not_as_in_its_file(pid: u32) -> Vec<(String, u64)> {
         let len = ((hi - lo) as usize).min(file.len().saturating_sub(off as usize));
         let mut got = vec![0u8; len];
         mem.read_exact_at(&mut got, lo).unwrap();
-        if let Some(i) = got.iter().zip(&file[off as usize..off as usize + len]).position(|(a, b)| a != b) {
+        if let Some(i) =
+            got.iter().zip(&file[off as usize..off as usize + len]).position(|(a, b)| a != b)
+        {
             differ.push((f[5].to_string(), lo + i as u64));
         }
     }

@@ -215,10 +215,17 @@ fn a_program_started_through_a_link_answers_to_its_name() {
         let (stdout, stderr, status) = run_command(cmd);
         assert_eq!((status.code(), &stdout), (plain.status.code(), &plain.stdout), "{stderr}");
         let text = std::fs::read_to_string(&report).unwrap();
-        let summary: serde_json::Value =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).find(|v: &serde_json::Value| v["type"] == "summary").unwrap();
+        let summary: serde_json::Value = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .find(|v: &serde_json::Value| v["type"] == "summary")
+            .unwrap();
         let probe = &summary["probes"][0];
-        assert_eq!((probe["state"].as_str(), probe["hits"].as_u64()), (Some("active"), Some(321)), "{program}: {summary}");
+        assert_eq!(
+            (probe["state"].as_str(), probe["hits"].as_u64()),
+            (Some("active"), Some(321)),
+            "{program}: {summary}"
+        );
         // Its own file name still matches.
         assert_eq!(summary["probes"][1]["hits"], 1, "{summary}");
         std::fs::remove_file(&report).unwrap();

@@ -221,7 +221,8 @@ fn a_probed_popfq_steps_where_it_would() {
     let plain = run_plain("faults", &[]);
     assert!(plain.stdout.contains("single steps at: +4 +9 "), "{}", plain.stdout);
     for path in ["jump", "trap"] {
-        let probed = run_probed_env("faults", &[], "faults:fl_step_popf", &[("UPROBES_PATH", path)]);
+        let probed =
+            run_probed_env("faults", &[], "faults:fl_step_popf", &[("UPROBES_PATH", path)]);
         assert_same_behaviour(&plain, &probed);
         assert_eq!(probed.hits("fl_step_popf"), 1, "{path}");
         assert_eq!(probed.probe("fl_step_popf")["path"], "trap", "{path}");
@@ -389,16 +390,20 @@ fn the_programs_descriptors_stay_its_own() {
         use std::io::{BufRead, Write};
         let start = std::time::Instant::now();
         loop {
-            let answer = std::os::unix::net::UnixStream::connect(&s.socket).ok().and_then(|mut c| {
-                c.write_all(b"list\n").ok()?;
-                let mut line = String::new();
-                std::io::BufReader::new(c).read_line(&mut line).ok()?;
-                serde_json::from_str::<serde_json::Value>(&line).ok()
-            });
+            let answer =
+                std::os::unix::net::UnixStream::connect(&s.socket).ok().and_then(|mut c| {
+                    c.write_all(b"list\n").ok()?;
+                    let mut line = String::new();
+                    std::io::BufReader::new(c).read_line(&mut line).ok()?;
+                    serde_json::from_str::<serde_json::Value>(&line).ok()
+                });
             if answer.is_some_and(|v| v["ok"] == true) {
                 return;
             }
-            assert!(start.elapsed() < std::time::Duration::from_secs(20), "the socket was not served again");
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "the socket was not served again"
+            );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     };
@@ -445,9 +450,14 @@ fn a_foreign_tls_is_left_alone_and_still_counted() {
         let probed = run_probed_env("rawtls", &["1000"], "rawtls:work", &[("UPROBES_PATH", path)]);
         assert_same_behaviour(&plain, &probed);
         assert_eq!(probed.hits("work"), 2000, "{path}");
-        let ret = run_probed_env("rawtls", &["1000"], "rawtls:work%return", &[("UPROBES_PATH", path)]);
+        let ret =
+            run_probed_env("rawtls", &["1000"], "rawtls:work%return", &[("UPROBES_PATH", path)]);
         assert_same_behaviour(&plain, &ret);
         let p = ret.probe("work");
-        assert_eq!((p["hits"].as_u64(), p["missed"].as_u64()), (Some(1000), Some(1000)), "{path}: {p}");
+        assert_eq!(
+            (p["hits"].as_u64(), p["missed"].as_u64()),
+            (Some(1000), Some(1000)),
+            "{path}: {p}"
+        );
     }
 }

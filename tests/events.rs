@@ -115,7 +115,10 @@ fn uprobe_trace_says_every_event_it_lost_and_only_its_own() {
         .unwrap();
     let start = std::time::Instant::now();
     while s.req("list")["probes"].as_array().map_or(0, |p| p.len()) < 2 {
-        assert!(start.elapsed() < std::time::Duration::from_secs(30), "the trace never added its probe");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "the trace never added its probe"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert_eq!(s.tell("call 200000"), "done 200000");
@@ -124,15 +127,20 @@ fn uprobe_trace_says_every_event_it_lost_and_only_its_own() {
     let mut out = String::new();
     std::io::Read::read_to_string(&mut trace.stdout.take().unwrap(), &mut out).unwrap();
     assert!(trace.wait().unwrap().success());
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let summary = lines.last().unwrap();
     assert_eq!(summary["type"], "summary", "{out}");
     let mine = summary["probes"][0]["id"].as_u64().unwrap();
     assert_ne!(mine, other_id);
     let entries: Vec<&serde_json::Value> = lines.iter().filter(|v| v["type"] == "entry").collect();
     assert!(entries.iter().all(|e| e["probe"] == mine), "an event of another probe");
-    let lost: u64 = lines.iter().filter(|v| v["type"] == "lost").map(|v| v["count"].as_u64().unwrap()).sum();
-    assert_eq!((entries.len() as u64, lost), (summary["events"].as_u64().unwrap(), summary["lost"].as_u64().unwrap()));
+    let lost: u64 =
+        lines.iter().filter(|v| v["type"] == "lost").map(|v| v["count"].as_u64().unwrap()).sum();
+    assert_eq!(
+        (entries.len() as u64, lost),
+        (summary["events"].as_u64().unwrap(), summary["lost"].as_u64().unwrap())
+    );
     assert_eq!(entries.len() as u64 + lost, 200000, "{} events, {lost} lost", entries.len());
     assert_eq!(summary["probes"][0]["hits"], 200000);
     s.quit();

@@ -125,13 +125,25 @@ fn a_fork_counts_libcs_fork_work_as_the_programs() {
     let mut summaries = Vec::new();
     for e in std::fs::read_dir(&dir).unwrap() {
         let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
-        summaries.extend(text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).filter(|v| v["type"] == "summary"));
+        summaries.extend(
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .filter(|v| v["type"] == "summary"),
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
     let hits = |s: &Value, sym: &str| {
-        s["probes"].as_array().unwrap().iter().find(|p| p["symbol"] == sym).map_or(0, |p| p["hits"].as_u64().unwrap())
+        s["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["symbol"] == sym)
+            .map_or(0, |p| p["hits"].as_u64().unwrap())
     };
-    let parent = summaries.iter().find(|s| hits(s, "_Fork") == 2).unwrap_or_else(|| panic!("no process forked twice: {summaries:?}"));
+    let parent = summaries
+        .iter()
+        .find(|s| hits(s, "_Fork") == 2)
+        .unwrap_or_else(|| panic!("no process forked twice: {summaries:?}"));
     assert_eq!(parent["runtime_traps"], 0, "{parent}");
     assert_eq!(summaries.len(), 3, "the shell and its two children");
 }

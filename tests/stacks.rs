@@ -141,5 +141,8 @@ fn a_damaged_eh_frame_ends_the_stack_not_the_program() {
     assert_eq!(o.hits("visit"), 40);
     let stacks = folded(&o, "stacks_bad:visit%stack");
     assert_eq!(stacks.values().sum::<u64>(), 40, "{stacks:?}");
-    assert!(stacks.keys().all(|s| !s.contains("main")), "unwound through a damaged FDE: {stacks:?}");
+    assert!(
+        stacks.keys().all(|s| !s.contains("main")),
+        "unwound through a damaged FDE: {stacks:?}"
+    );
 }

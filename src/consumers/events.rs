@@ -277,7 +277,9 @@ fn drain(meta: &mut Meta) -> usize {
             if let Some((_, format)) = report {
                 format_event(meta, format, pid, &e, &mut text);
             }
-            for ((f, out), marks) in live.iter().zip(live_text.iter_mut()).zip(live_marks.iter_mut()) {
+            for ((f, out), marks) in
+                live.iter().zip(live_text.iter_mut()).zip(live_marks.iter_mut())
+            {
                 if let Some(f) = f {
                     format_event(meta, *f, pid, &e, out);
                     marks.push((e.probe, out.len()));

@@ -190,8 +190,12 @@ pub fn serve() {
             for c in clients.iter_mut().filter(|c| c.wants_flush) {
                 c.wants_flush = false;
                 if let (Some(f), true) = (c.events, c.lost > 0) {
-                    let line =
-                        consumers::events::lost_line(f, c.lost, None, consumers::events::Loss::Reader);
+                    let line = consumers::events::lost_line(
+                        f,
+                        c.lost,
+                        None,
+                        consumers::events::Loss::Reader,
+                    );
                     c.output.extend_from_slice(line.as_bytes());
                     c.lost = 0;
                 }

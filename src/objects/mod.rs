@@ -100,9 +100,9 @@ pub fn main_aliases() -> &'static [String] {
         let execfn = unsafe { core::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned();
         let exe = fs::read_link("/proc/self/exe").ok();
         let name = file_name(&execfn).to_string();
-        let same_file = exe.as_deref().is_some_and(|e| {
-            canonical(&execfn).as_deref() == Some(e) && file_name(e) != name
-        });
+        let same_file = exe
+            .as_deref()
+            .is_some_and(|e| canonical(&execfn).as_deref() == Some(e) && file_name(e) != name);
         if same_file && !name.is_empty() {
             vec![name]
         } else {

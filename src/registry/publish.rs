@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use super::{Registry, Site};
 use crate::patch::TextWriter;
 use crate::sigsafe::events::TRACING;
-use crate::sigsafe::table::{self, Table, TableEntry, LINK_MAP_HOOK, MASK_FIX, NO_COUNTER, TIMED, POPF};
+use crate::sigsafe::table::{
+    self, Table, TableEntry, LINK_MAP_HOOK, MASK_FIX, NO_COUNTER, POPF, TIMED,
+};
 use crate::xol::jump::{Counters, Jump};
 
 impl Registry {

@@ -82,7 +82,9 @@ impl Resolver {
             objects::object_matches(pattern, &o.path, None)
                 || (o.is_main
                     && !pattern.contains('/')
-                    && objects::main_aliases().iter().any(|a| objects::object_matches(pattern, a, None)))
+                    && objects::main_aliases()
+                        .iter()
+                        .any(|a| objects::object_matches(pattern, a, None)))
         };
         let by_name: Vec<_> = objects.iter().filter(|o| named(o)).cloned().collect();
         if !by_name.is_empty() {

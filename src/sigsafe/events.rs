@@ -100,7 +100,10 @@ fn my_ring(block: &Block) -> Option<&'static Ring> {
 /// The next free event slot of this thread's ring, or None (counted as lost). The event becomes
 /// visible to the drain thread once the caller [`publish`]es it.
 #[inline(always)]
-fn reserve(block: Option<&Block>, c: &Consumer) -> Option<(&'static Ring, u64, &'static mut Event)> {
+fn reserve(
+    block: Option<&Block>,
+    c: &Consumer,
+) -> Option<(&'static Ring, u64, &'static mut Event)> {
     let Some(ring) = block.and_then(my_ring) else {
         LOST_NO_RING.fetch_add(1, Ordering::Relaxed);
         c.lost.fetch_add(1, Ordering::Relaxed);

@@ -141,11 +141,17 @@ fn check(pid: i32, force: bool) -> Result<(Vec<Map>, String), String> {
         return Err(format!("there is no process {pid}"));
     }
     let status = read(&format!("/proc/{pid}/status"))?;
-    let maps = match maps(pid) {
+    let mut maps = match maps(pid) {
         Ok(m) => m,
         // Another user's process (or one not dumpable): say so as ptrace would.
         Err(_) => return Err(why_no_ptrace(pid, libc::EPERM)),
     };
+    // A process that has just started has its loader mapped and not yet libc: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !maps.iter().any(is_libc) && maps.iter().any(is_loader) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        maps = self::maps(pid).map_err(|_| format!("process {pid} exited"))?;
+    }
     if let Some(tracer) = status_field(&status, "TracerPid:").filter(|t| t != "0") {
         let comm = std::fs::read_to_string(format!("/proc/{tracer}/comm")).unwrap_or_default();
         return Err(format!(
@@ -180,14 +186,14 @@ fn check(pid: i32, force: bool) -> Result<(Vec<Map>, String), String> {
              load it"
         ));
     }
-    let libc = maps
-        .iter()
-        .find(|m| {
-            let name = m.path.rsplit('/').next().unwrap_or("");
-            name.starts_with("libc.so") || name.starts_with("libc-")
-        })
-        .map(|m| m.path.clone());
+    let libc = maps.iter().find(|m| is_libc(m)).map(|m| m.path.clone());
     let Some(libc) = libc else {
+        if maps.iter().any(is_loader) {
+            return Err(format!(
+                "process {pid} has its dynamic loader but no libc mapped: it does not use libc, \
+                 or is still starting; libuprobe.so is loaded with libc's dlopen"
+            ));
+        }
         return Err(format!(
             "process {pid} has no libc mapped: a statically linked program has no dynamic loader \
              to load libuprobe.so with"
@@ -242,6 +248,10 @@ fn candidate_threads(pid: i32) -> Vec<i32> {
     others.sort();
     safe.extend(others);
     safe
+}
+
+fn errno_text(e: i32) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e)
 }
 
 fn ptrace(req: libc::c_uint, tid: i32, addr: usize, data: usize) -> Result<i64, i32> {
@@ -325,21 +335,90 @@ fn read_cstring(pid: i32, addr: u64) -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-/// Is `rip` in libc's or the loader's code (where a thread may hold their locks)?
-fn in_libc_or_loader(maps: &[Map], rip: u64) -> bool {
-    maps.iter().any(|m| {
-        let name = m.path.rsplit('/').next().unwrap_or("");
-        m.exec
-            && m.start <= rip
-            && rip < m.end
-            && (name.starts_with("libc.so")
-                || name.starts_with("libc-")
-                || name.starts_with("ld-linux"))
-    })
+fn file_name(m: &Map) -> &str {
+    m.path.rsplit('/').next().unwrap_or("")
 }
 
-/// Call `func(arg0, arg1)` on the stopped thread `tid`, which must have been saved; returns rax.
-/// Signals that reach the thread meanwhile are held back in `held`.
+fn is_libc(m: &Map) -> bool {
+    let name = file_name(m);
+    name.starts_with("libc.so") || name.starts_with("libc-")
+}
+
+fn is_loader(m: &Map) -> bool {
+    file_name(m).starts_with("ld-linux")
+}
+
+/// Is `rip` in libc's or the loader's code (where a thread may hold their locks)?
+fn in_libc_or_loader(maps: &[Map], rip: u64) -> bool {
+    maps.iter().any(|m| m.exec && m.start <= rip && rip < m.end && (is_libc(m) || is_loader(m)))
+}
+
+/// Signals that mean the code the thread runs went wrong: left unblocked while we call, since
+/// the kernel resets the handler of a fault signal it finds blocked. The end of a call is itself a
+/// SIGSEGV (its return to address 0).
+const FAULTS: [i32; 6] =
+    [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP, libc::SIGSYS];
+
+/// Every signal but the faults, as a kernel sigset: what the thread blocks while it runs our call,
+/// so that a signal sent to it meanwhile waits, with its own siginfo, for the program's code.
+fn call_mask() -> u64 {
+    FAULTS.iter().fold(!0u64, |m, &s| m & !(1u64 << (s - 1)))
+}
+
+/// Wait for the stop that PTRACE_INTERRUPT asked for. A signal the thread was about to take (a
+/// fault of its own, a signal sent to it) stops it first: it is delivered as it would have been,
+/// never swallowed, and we wait on.
+fn wait_interrupt(tid: i32) -> Result<(), String> {
+    loop {
+        let status = wait_stop(tid)?;
+        if status >> 16 == libc::PTRACE_EVENT_STOP {
+            return Ok(());
+        }
+        let sig = libc::WSTOPSIG(status) as usize;
+        ptrace(libc::PTRACE_CONT, tid, 0, sig)
+            .map_err(|e| format!("CONT: {}", std::io::Error::from_raw_os_error(e)))?;
+    }
+}
+
+/// Signals waiting for `tid` that it does not block: the thread is at an instruction that
+/// faulted, or has a signal to take before it runs anything else.
+fn pending_unblocked(pid: i32, tid: i32) -> bool {
+    let status = read(&format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+    let mask = |name| {
+        status_field(&status, name).and_then(|v| u64::from_str_radix(&v, 16).ok()).unwrap_or(0)
+    };
+    mask("SigPnd:") & !mask("SigBlk:") != 0
+}
+
+fn siginfo(tid: i32) -> Result<libc::siginfo_t, String> {
+    // SAFETY: zeroed siginfo_t is valid.
+    let mut si: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    ptrace(libc::PTRACE_GETSIGINFO, tid, 0, &mut si as *mut _ as usize)
+        .map_err(|e| format!("GETSIGINFO: {}", std::io::Error::from_raw_os_error(e)))?;
+    Ok(si)
+}
+
+/// Give `tid` back a signal that was sent to it while it ran our call, as near as the kernel
+/// lets another process send it: with its siginfo where it was queued (SI_QUEUE and the like),
+/// else as a tgkill.
+fn send_again(pid: i32, tid: i32, si: &libc::siginfo_t) {
+    if si.si_code < 0 && si.si_code != libc::SI_TKILL {
+        // SAFETY: rt_tgsigqueueinfo with a siginfo the kernel gave us.
+        let r = unsafe {
+            libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, si.si_signo, si as *const _)
+        };
+        if r == 0 {
+            return;
+        }
+    }
+    // SAFETY: tgkill to the thread that was to get the signal.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, si.si_signo) };
+}
+
+/// Call `func(arg0, arg1)` on the stopped thread `tid`, which must have been saved and must block
+/// every signal but FAULTS; returns rax. A fault signal that someone sent it meanwhile is held in
+/// `held`, to be sent again once the thread is the program's again; a trap the code we call takes
+/// (an int3 of a debugger, or of libuprobe itself) goes to its handler as it would.
 fn call(
     pid: i32,
     tid: i32,
@@ -347,7 +426,7 @@ fn call(
     stack_top: u64,
     func: u64,
     args: [u64; 2],
-    held: &mut Vec<i32>,
+    held: &mut Vec<libc::siginfo_t>,
 ) -> Result<u64, String> {
     let mut regs = saved.regs;
     // Below `stack_top` (itself below the red zone), 16-aligned, with a return address of 0: the
@@ -370,9 +449,18 @@ fn call(
             .map_err(|e| format!("CONT: {}", std::io::Error::from_raw_os_error(e)))?;
         sig = 0;
         let status = wait_stop(tid)?;
-        let stopsig = libc::WSTOPSIG(status);
+        if Instant::now() > deadline {
+            return Err("the call did not return within 20 s".into());
+        }
         if status >> 16 != 0 {
             // A ptrace event stop (a group stop while we run): go on.
+            continue;
+        }
+        let stopsig = libc::WSTOPSIG(status);
+        let si = siginfo(tid)?;
+        if si.si_code <= 0 {
+            // Sent by someone (kill, tgkill, sigqueue): theirs to have after the call.
+            held.push(si);
             continue;
         }
         // SAFETY: zeroed user_regs_struct is valid.
@@ -382,18 +470,15 @@ fn call(
         if stopsig == libc::SIGSEGV && now.rip == 0 {
             return Ok(now.rax);
         }
-        if matches!(stopsig, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE) {
-            // A real fault in the call: give up; the caller puts every register back.
-            return Err(format!(
-                "the call faulted in the process (signal {stopsig} at {:#x})",
-                now.rip
-            ));
+        if stopsig == libc::SIGTRAP {
+            sig = stopsig as usize;
+            continue;
         }
-        // Someone else's signal: deliver it after, on the program's own terms.
-        held.push(stopsig);
-        if Instant::now() > deadline {
-            return Err("the call did not return within 20 s".into());
-        }
+        // A real fault in the call: give up; the caller puts every register back.
+        return Err(format!(
+            "the call faulted in the process (signal {stopsig} at {:#x})",
+            now.rip
+        ));
     }
 }
 
@@ -457,7 +542,12 @@ fn try_thread(
         ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0).map_err(|e| {
             Retry::Fatal(format!("PTRACE_INTERRUPT: {}", std::io::Error::from_raw_os_error(e)))
         })?;
-        wait_stop(tid).map_err(Retry::Fatal)?;
+        wait_interrupt(tid).map_err(Retry::Fatal)?;
+        if pending_unblocked(pid, tid) {
+            // It has a signal to take first (a fault at the instruction it stopped at, as a JIT's
+            // guard page gives): let it take it, and come back.
+            return Err(Retry::Busy);
+        }
         let saved = save(tid).map_err(Retry::Fatal)?;
         // In a system call (orig_rax >= 0) that holds no lock, or in the program's own code.
         let in_syscall = saved.regs.orig_rax as i64 >= 0;
@@ -470,6 +560,12 @@ fn try_thread(
             return Err(Retry::Busy);
         }
         let mut held = Vec::new();
+        let mut program_mask = 0u64;
+        ptrace(libc::PTRACE_GETSIGMASK, tid, 8, &mut program_mask as *mut u64 as usize)
+            .map_err(|e| Retry::Fatal(format!("GETSIGMASK: {}", errno_text(e))))?;
+        let blocked = call_mask();
+        ptrace(libc::PTRACE_SETSIGMASK, tid, 8, &blocked as *const u64 as usize)
+            .map_err(|e| Retry::Fatal(format!("SETSIGMASK: {}", errno_text(e))))?;
         // The path, on the thread's stack just below its red zone; the call's stack below it.
         let path = format!("{}\0", lib.display());
         let at = (saved.regs.rsp - 128 - path.len() as u64) & !15;
@@ -487,9 +583,10 @@ fn try_thread(
             });
         // Every register back, whatever happened: a system call it was in restarts.
         restore(tid, &saved).map_err(Retry::Fatal)?;
-        for sig in held {
-            // SAFETY: tgkill to the thread that was to get the signal.
-            unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
+        ptrace(libc::PTRACE_SETSIGMASK, tid, 8, &program_mask as *const u64 as usize)
+            .map_err(|e| Retry::Fatal(format!("SETSIGMASK: {}", errno_text(e))))?;
+        for si in &held {
+            send_again(pid, tid, si);
         }
         outcome.map_err(Retry::Fatal)
     })();
