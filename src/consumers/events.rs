@@ -66,9 +66,19 @@ static SUBSCRIBER_SINK: std::sync::OnceLock<SubscriberSink> = std::sync::OnceLoc
 /// Events lost because a subscriber did not read them.
 pub static LOST_SLOW_READER: AtomicU64 = AtomicU64::new(0);
 
-/// Where subscribers' events go: the format, the text of the events (whole lines), and where each
-/// line ends with the probe it is of ([`ALL_PROBES`] for a line every subscriber gets).
-pub type SubscriberSink = fn(Format, &str, &[(u32, usize)]);
+/// Where subscribers' events go: the format, the text of the events (whole lines), and a mark for
+/// each line.
+pub type SubscriberSink = fn(Format, &str, &[Mark]);
+
+/// A line of the subscribers' text: where it ends, the probe it is of ([`ALL_PROBES`] for a line
+/// every subscriber gets), and the ring's losses it says (0: it is an event). A subscriber that
+/// cannot take the line still learns of those events: as many as the line stood for.
+#[derive(Clone, Copy)]
+pub struct Mark {
+    pub probe: u32,
+    pub end: usize,
+    pub ring_lost: u64,
+}
 
 /// The probe of a line every subscriber gets (a loss).
 pub const ALL_PROBES: u32 = u32::MAX;
@@ -259,7 +269,7 @@ fn drain(meta: &mut Meta) -> usize {
     let mut text = String::new();
     let mut live_text = [String::new(), String::new(), String::new()];
     // Where each subscriber line ends, and its probe (subscribers may take only some probes).
-    let mut live_marks: [Vec<(u32, usize)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut live_marks: [Vec<Mark>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let mut n = 0;
     for i in 0..RINGS {
         let Some(r) = rec::ring(i) else { break };
@@ -282,7 +292,7 @@ fn drain(meta: &mut Meta) -> usize {
             {
                 if let Some(f) = f {
                     format_event(meta, *f, pid, &e, out);
-                    marks.push((e.probe, out.len()));
+                    marks.push(Mark { probe: e.probe, end: out.len(), ring_lost: 0 });
                 }
             }
             n += 1;
@@ -314,7 +324,7 @@ fn drain(meta: &mut Meta) -> usize {
         for ((f, out), marks) in live.iter().zip(live_text.iter_mut()).zip(live_marks.iter_mut()) {
             if let Some(f) = f {
                 out.push_str(&lost_line(*f, n, Some(*id), Loss::Ring));
-                marks.push((*id, out.len()));
+                marks.push(Mark { probe: *id, end: out.len(), ring_lost: n });
             }
         }
     }

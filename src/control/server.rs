@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{protocol, sock, LISTENER, WAKE};
-use crate::consumers;
+use crate::consumers::{self, events::Mark};
 use crate::registry;
 use crate::runtime::config::TraceFormat as Format;
 use crate::runtime::{lock::Mutex, threads};
@@ -47,6 +47,8 @@ struct Client {
     mine: bool,
     /// Events it did not read in time, not yet said to it.
     lost: u64,
+    /// The ring's losses of its probes, in lines it could not take, not yet said to it.
+    ring_lost: u64,
     /// It asked for `flush`: answered once the rings are drained into its stream.
     wants_flush: bool,
 }
@@ -73,33 +75,35 @@ impl Drop for Client {
 /// The drain thread's events for the subscribers in `format` (see `consumers::events`): queued
 /// on each (the probes it asked for), or counted lost for one that does not read them, which is
 /// said to it in its stream once it reads again.
-pub(super) fn push_events(format: Format, text: &str, marks: &[(u32, usize)]) {
-    use consumers::events::{lost_line, Loss, ALL_PROBES};
+pub(super) fn push_events(format: Format, text: &str, marks: &[Mark]) {
+    use consumers::events::ALL_PROBES;
     let mut clients = CLIENTS.lock();
     let mut any = false;
     for c in clients.iter_mut().filter(|c| c.events == Some(format) && !c.closing) {
         let mut from = 0;
         let mut mine = Vec::new();
-        for &(probe, end) in marks {
-            if (c.only.is_empty() && !c.mine) || probe == ALL_PROBES || c.only.contains(&probe) {
-                mine.push((from, end));
+        for m in marks {
+            if (c.only.is_empty() && !c.mine) || m.probe == ALL_PROBES || c.only.contains(&m.probe)
+            {
+                mine.push((from, m));
             }
-            from = end;
+            from = m.end;
         }
         if c.output.len() >= MAX_PENDING {
-            c.lost += mine.len() as u64;
-            consumers::events::LOST_SLOW_READER.fetch_add(mine.len() as u64, Ordering::Relaxed);
+            // Its events are lost to it (said later); a line that said the ring's losses is
+            // not, but its count is: said with the next loss line it gets.
+            let events = mine.iter().filter(|(_, m)| m.ring_lost == 0).count() as u64;
+            c.lost += events;
+            c.ring_lost += mine.iter().map(|(_, m)| m.ring_lost).sum::<u64>();
+            consumers::events::LOST_SLOW_READER.fetch_add(events, Ordering::Relaxed);
             continue;
         }
-        if c.lost > 0 {
-            c.output.extend_from_slice(lost_line(format, c.lost, None, Loss::Reader).as_bytes());
-            c.lost = 0;
-        }
+        say_losses(c, format);
         if mine.len() == marks.len() {
             c.output.extend_from_slice(text.as_bytes());
         } else {
-            for (a, b) in mine {
-                c.output.extend_from_slice(&text.as_bytes()[a..b]);
+            for (a, m) in mine {
+                c.output.extend_from_slice(&text.as_bytes()[a..m.end]);
             }
         }
         any = true;
@@ -107,6 +111,19 @@ pub(super) fn push_events(format: Format, text: &str, marks: &[(u32, usize)]) {
     drop(clients);
     if any {
         super::wake();
+    }
+}
+
+/// Tell a subscriber the losses it has not been told yet (before anything else it gets).
+fn say_losses(c: &mut Client, format: Format) {
+    use consumers::events::{lost_line, Loss};
+    if c.lost > 0 {
+        c.output.extend_from_slice(lost_line(format, c.lost, None, Loss::Reader).as_bytes());
+        c.lost = 0;
+    }
+    if c.ring_lost > 0 {
+        c.output.extend_from_slice(lost_line(format, c.ring_lost, None, Loss::Ring).as_bytes());
+        c.ring_lost = 0;
     }
 }
 
@@ -189,15 +206,8 @@ pub fn serve() {
             let mut clients = CLIENTS.lock();
             for c in clients.iter_mut().filter(|c| c.wants_flush) {
                 c.wants_flush = false;
-                if let (Some(f), true) = (c.events, c.lost > 0) {
-                    let line = consumers::events::lost_line(
-                        f,
-                        c.lost,
-                        None,
-                        consumers::events::Loss::Reader,
-                    );
-                    c.output.extend_from_slice(line.as_bytes());
-                    c.lost = 0;
+                if let Some(f) = c.events {
+                    say_losses(c, f);
                 }
                 c.output.extend_from_slice(b"{\"ok\":true,\"flushed\":true}\n");
                 flush(c);
@@ -235,6 +245,7 @@ fn accept_all(listener: i32) {
             only: Vec::new(),
             mine: false,
             lost: 0,
+            ring_lost: 0,
             wants_flush: false,
         });
     }
