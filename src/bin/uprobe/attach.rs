@@ -109,6 +109,14 @@ fn why_no_ptrace(pid: i32, errno: i32) -> String {
     if errno != libc::EPERM {
         return base;
     }
+    // A process that is exiting has let go of its memory, and ptrace calls that not dumpable.
+    let state = status_field(&status, "State:").unwrap_or_default();
+    if status.is_empty() || state.starts_with('Z') || state.starts_with('X') {
+        return format!("{base}: the process exited");
+    }
+    if std::fs::read_link(format!("/proc/{pid}/exe")).is_err() && me == 0 {
+        return format!("{base}: the process exited (it has no memory left)");
+    }
     if me != 0 && target_uid != me {
         return format!(
             "{base}: the process belongs to uid {target_uid}; attaching needs the same user, or root \
