@@ -268,7 +268,7 @@ fn drain(meta: &mut Meta) -> usize {
     let pid = sys::getpid();
     let mut text = String::new();
     let mut live_text = [String::new(), String::new(), String::new()];
-    // Where each subscriber line ends, and its probe (subscribers may take only some probes).
+    // Each subscriber line's mark (subscribers may take only some probes).
     let mut live_marks: [Vec<Mark>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let mut n = 0;
     for i in 0..RINGS {
