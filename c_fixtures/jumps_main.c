@@ -7,6 +7,9 @@
  *   stopper          one thread calls j_long in a loop; prints its tid and j_long's address;
  *                    "count" prints the calls so far, "quit" ends
  *   forks N          N rounds of fork, vfork and posix_spawn whose children call probed functions
+ *   busy             one thread calls j_long, j_short, j_endbr, j_push and j_back in turn until
+ *                    stdin says "quit"; "count" prints the rounds so far; at the end, the rounds
+ *                    and whether every result was right
  *   load LIB         dlopen LIB, then exit */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -75,12 +78,24 @@ static void *stopper_loop(void *arg) {
   return NULL;
 }
 
+static atomic_long rounds;
+static atomic_int wrong;
+static void *busy_loop(void *arg) {
+  (void)arg;
+  while (!stop) {
+    long r = j_long(1) + j_short(1) + j_endbr(1) + j_push(1) + j_back(1);
+    if (r != 17 + 4 + 5 + 6 + 50) wrong = 1;
+    rounds++;
+  }
+  return NULL;
+}
+
 static int spinning;
 static void serve(void) {
   char line[64];
   while (fgets(line, sizeof line, stdin)) {
     if (!strncmp(line, "count", 5)) {
-      printf("calls %ld\n", spinning ? spin_calls() : (long)calls);
+      printf("calls %ld\n", spinning ? spin_calls() : rounds ? (long)rounds : (long)calls);
       fflush(stdout);
     } else if (!strncmp(line, "quit", 4)) {
       break;
@@ -146,6 +161,15 @@ int main(int argc, char **argv) {
     stop = 1;
     pthread_join(t, NULL);
     printf("calls %ld\n", (long)calls);
+  } else if (!strcmp(mode, "busy")) {
+    pthread_t t;
+    pthread_create(&t, NULL, busy_loop, NULL);
+    printf("busy\n");
+    fflush(stdout);
+    serve();
+    stop = 1;
+    pthread_join(t, NULL);
+    printf("rounds %ld, %s\n", (long)rounds, wrong ? "a result was wrong" : "every result right");
   } else if (!strcmp(mode, "forks")) {
     printf("forking\n");
     fflush(stdout);

@@ -207,7 +207,10 @@ pub fn start(forked: bool) -> Result<(), String> {
     if threads::retired() {
         return Ok(()); // nobody would serve it (see hooks::creds)
     }
-    let Some((mut place, mut link)) = socket_path(forked)? else { return Ok(()) };
+    let Some((mut place, mut link)) = socket_path(forked)? else {
+        // No socket, but jump sites still need watching (see registry::watch).
+        return threads::spawn("uprobe-watch", server::watch_only).map_err(|e| e.to_string());
+    };
     let listener = bind(&mut place)?;
     if let Some(l) = &mut link {
         make_link(l, &place.path);

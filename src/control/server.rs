@@ -131,6 +131,7 @@ static CLIENTS: Mutex<Vec<Client>> = Mutex::new(Vec::new());
 
 /// The server thread's body.
 pub fn serve() {
+    let (mut next_watch, mut next_round) = (0, 0);
     while !threads::stopping() {
         // Our descriptors may have been closed by the program, their numbers reused for its own
         // files: checked at each round, and made again elsewhere (never touching that number).
@@ -152,7 +153,19 @@ pub fn serve() {
                 fds.push(libc::pollfd { fd: c.fd, events: inp | out, revents: 0 });
             }
         }
-        let ready = sys::poll(&mut fds, 1000);
+        let watching = registry::WATCHED.load(std::sync::atomic::Ordering::Relaxed) > 0;
+        let ready = sys::poll(&mut fds, if watching { watch_due(next_watch) } else { 1000 });
+        if watching && sys::monotonic_ns() >= next_watch {
+            next_watch = sys::monotonic_ns() + registry::WATCH_NS;
+            for (spec, why) in registry::watch() {
+                crate::report::problem(&spec, &why);
+            }
+            // A timeout for the watch alone: the rest of the round waits for its second.
+            if ready == Ok(0) && sys::monotonic_ns() < next_round {
+                continue;
+            }
+        }
+        next_round = sys::monotonic_ns() + 1_000_000_000;
         if matches!(ready, Err(e) if e != Errno(libc::EINTR)) {
             sys::sleep_ns(10_000_000);
             continue;
@@ -212,6 +225,21 @@ pub fn serve() {
                 c.output.extend_from_slice(b"{\"ok\":true,\"flushed\":true}\n");
                 flush(c);
             }
+        }
+    }
+}
+
+/// Milliseconds until `at` (monotonic), for poll.
+fn watch_due(at: u64) -> i32 {
+    at.saturating_sub(sys::monotonic_ns()).div_ceil(1_000_000).min(1000) as i32
+}
+
+/// A runtime thread of its own for [`registry::watch`] where there is no control socket.
+pub fn watch_only() {
+    while !threads::stopping() {
+        sys::sleep_ns(registry::WATCH_NS);
+        for (spec, why) in registry::watch() {
+            crate::report::problem(&spec, &why);
         }
     }
 }

@@ -35,6 +35,10 @@ pub struct Install {
     pub resume: Resume,
     /// The jump, when the site is on the jump path (written once installed).
     pub jump: Option<Jump>,
+    /// Given up to another tool that put a breakpoint on its first byte (see
+    /// `Registry::watch`): its bytes are the file's but that one, and libuprobe writes there no
+    /// more.
+    pub yielded: bool,
 }
 
 impl Install {
@@ -49,7 +53,7 @@ impl Install {
 
     /// Is the patch gone from memory, though libuprobe did not remove it?
     pub fn is_lost(&self) -> bool {
-        patch::read_byte(self.addr).is_some_and(|b| b != self.head())
+        self.yielded || patch::read_byte(self.addr).is_some_and(|b| b != self.head())
     }
 
     /// The bytes the install depends on: its own patch, and a punned jump's pinned bytes.
@@ -216,7 +220,7 @@ impl Registry {
         if jump.is_some() {
             self.trap_reasons.remove(&addr);
         }
-        let install = Install { addr, orig: bytes, resume, jump };
+        let install = Install { addr, orig: bytes, resume, jump, yielded: false };
         self.occupied.insert(addr, (install.footprint_end(), key));
         Ok(install)
     }
@@ -419,7 +423,8 @@ impl Registry {
         let mut written = Vec::new();
         for addr in demote {
             let Some(&(_, key)) = self.occupied.get(&addr) else { continue };
-            let Some(i) = self.find_install(key, addr).filter(|i| i.jump.is_some()) else {
+            let Some(i) = self.find_install(key, addr).filter(|i| i.jump.is_some() && !i.yielded)
+            else {
                 continue;
             };
             let new = batch.contains(&(key, addr));
@@ -462,7 +467,7 @@ pub(super) fn single_threaded() -> bool {
 }
 
 /// The original bytes of a jump's tail (bytes 1 to its length).
-fn tail_of_orig(i: &Install) -> Option<(u64, &[u8])> {
+pub(super) fn tail_of_orig(i: &Install) -> Option<(u64, &[u8])> {
     let j = i.jump?;
     (j.len > 1).then(|| (i.addr + 1, &i.orig[1..j.len as usize]))
 }
@@ -504,8 +509,10 @@ fn write_jumps(w: &mut TextWriter, jumps: &[Install]) -> Vec<(u64, Errno)> {
 }
 
 /// Put the original bytes back (jumps in the kernel's order), for installs that are in memory.
+/// (One given up to another tool is the file's already, but for that tool's byte, left alone.)
 pub(super) fn restore(w: &mut TextWriter, installs: &[Install]) {
-    let jumps: Vec<&Install> = installs.iter().filter(|i| i.jump.is_some()).collect();
+    let installs: Vec<&Install> = installs.iter().filter(|i| !i.yielded).collect();
+    let jumps: Vec<&Install> = installs.iter().copied().filter(|i| i.jump.is_some()).collect();
     let int3 = [INT3];
     if !jumps.is_empty() {
         let heads: Vec<(u64, &[u8])> = jumps.iter().map(|i| (i.addr, &int3[..])).collect();

@@ -127,9 +127,52 @@ pub struct Registry {
     link_map_hook_at: Option<u64>,
     /// The link-map hook is away (no probe left).
     link_map_hook_away: bool,
+    /// The addresses of the jump sites in memory, sorted, as of the last publish.
+    watch_list: Vec<u64>,
 }
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+
+/// Jump sites in memory, as of the last publish: what [`Registry::watch`] has to look at.
+pub static WATCHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How often a runtime thread looks for other tools' breakpoints on jump sites, while there are
+/// any (see [`Registry::watch`]).
+pub const WATCH_NS: u64 = 20_000_000;
+
+/// Look at the jump sites for other tools' breakpoints, unless the registry is busy; say what
+/// was given up.
+pub fn watch() -> Vec<(String, String)> {
+    if WATCHED.load(Ordering::Relaxed) == 0 {
+        return Vec::new();
+    }
+    // The kernel maps its `[uprobes]` page (where it runs its probes' instructions) at the top
+    // of the address space at its first hit in a process. Until then, a kernel uprobe on a
+    // site was never hit here: the sites are looked at every 25th time only (a look at
+    // `libc.so.6:*`'s 2,200 sites costs about 0.1 ms).
+    static ROUND: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let round = ROUND.fetch_add(1, Ordering::Relaxed);
+    if round % 25 != 0 && !sys::page_mapped(KERNEL_XOL_PAGE) {
+        return Vec::new();
+    }
+    try_with_registry(|r| {
+        // A first look at the heads alone, in address order.
+        let changed = r.watch_list.iter().any(|&a| {
+            let mut b = [0u8];
+            sys::read_bytes_safely(a, &mut b) && b[0] != 0xe9
+        });
+        if changed {
+            r.watch()
+        } else {
+            Vec::new()
+        }
+    })
+    .unwrap_or_default()
+}
+
+/// Where the kernel puts its uprobes' out-of-line page (`xol_add_vma`: the top page of the
+/// user address space, when free).
+const KERNEL_XOL_PAGE: u64 = 0x7fff_ffff_e000;
 
 /// Bumped at every publish: the probes (or their sites) changed.
 pub static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -722,6 +765,77 @@ impl Registry {
         self.mask_fix = maskfix::State::NotYet;
         self.pristine = None;
         self.publish();
+    }
+
+    /// Jump sites whose first byte another tool changed: a kernel uprobe (bpftrace, perf probe,
+    /// a profiler) put its `int3` there, or put the file's byte back when it went. The kernel
+    /// runs the file's instruction for a hit of its own and goes on after it, which is sound
+    /// while the jump's other bytes are there; but taking its breakpoint away leaves the file's
+    /// first byte before the jump's others, which is no instruction at all. So such a site is
+    /// given up to that tool: its other bytes become the file's (kernel order: the `int3` at
+    /// its head already, then every core serialized around the write), the probe is `lost` from
+    /// then on, and libuprobe never writes there again. (A breakpoint on an instruction a
+    /// punned jump covers needs nothing: see `xol::jump`'s diverted stubs.) Called a hundred
+    /// times a second by a runtime thread; returns what to say, one line a site.
+    pub fn watch(&mut self) -> Vec<(String, String)> {
+        let mut seen = Vec::new();
+        for (key, site) in &self.sites {
+            for (n, i) in site.installs.iter().enumerate() {
+                if i.jump.is_some()
+                    && !i.yielded
+                    && crate::patch::read_byte(i.addr).is_some_and(|b| b != 0xe9)
+                {
+                    seen.push((*key, n));
+                }
+            }
+        }
+        if seen.is_empty() || !objects::loader::consistent() {
+            return Vec::new();
+        }
+        let mut said = Vec::new();
+        let mut writer = crate::patch::TextWriter::new();
+        for (key, n) in seen {
+            let Some(i) = self.sites.get(&key).and_then(|s| s.installs.get(n)) else { continue };
+            let Some(j) = i.jump else { continue };
+            let len = j.len as usize;
+            let mut mem = [0u8; 16];
+            if crate::patch::read(i.addr, &mut mem).is_err() {
+                continue;
+            }
+            // The rest must be the file's (another tool's int3 aside), or this is not the code
+            // the site was written in (an object mapped there since): not touched.
+            let rest_is_file =
+                (len..16).all(|k| mem[k] == i.orig[k] || mem[k] == crate::patch::INT3);
+            let ours = mem[1..len] == j.bytes[1..len];
+            let why = match mem[0] {
+                crate::patch::INT3 if rest_is_file && ours => {
+                    if let Some(t) = install::tail_of_orig(i) {
+                        crate::patch::Barrier::sync();
+                        let _ = writer.write(t.0, t.1);
+                        crate::patch::Barrier::sync();
+                    }
+                    "another tool put a breakpoint on its first byte (a kernel uprobe?): the \
+                     site is that tool's now"
+                }
+                b if b == i.orig[0] && rest_is_file && ours => {
+                    // Taken away again before this look: the site is as whole as the program
+                    // runs it; the file's bytes, in the kernel's order.
+                    install::restore(&mut writer, std::slice::from_ref(i));
+                    "another tool put a breakpoint on its first byte and took it away (a kernel \
+                     uprobe?): the site is the file's again"
+                }
+                _ => "another tool wrote over its first byte: left as it is",
+            };
+            let addr = i.addr;
+            if let Some(i) = self.sites.get_mut(&key).and_then(|s| s.installs.get_mut(n)) {
+                i.yielded = true;
+            }
+            for p in self.probes.iter().filter(|p| p.site == Some(key)) {
+                said.push((p.spec.clone(), format!("lost at {addr:#x}: {why}")));
+            }
+        }
+        self.publish();
+        said
     }
 
     /// Every probe, in id order, with its hits now.

@@ -16,6 +16,12 @@ impl Registry {
     /// Called only with the registry lock held (one writer).
     pub(super) fn publish(&mut self) {
         super::GENERATION.fetch_add(1, std::sync::atomic::Ordering::Release);
+        let jumps = self.sites.values().flat_map(|s| &s.installs);
+        let mut watched: Vec<u64> =
+            jumps.filter(|i| i.jump.is_some() && !i.yielded).map(|i| i.addr).collect();
+        watched.sort_unstable();
+        super::WATCHED.store(watched.len(), Ordering::Relaxed);
+        self.watch_list = watched;
         // Code planned since the last write (bodies for a site's new counter) goes in first;
         // if it could not be written, no jump is pointed anywhere new (below).
         let flushed = self.areas.flush(&mut TextWriter::new()).is_ok();

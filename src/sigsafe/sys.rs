@@ -660,6 +660,19 @@ pub fn read_bytes_safely(addr: u64, buf: &mut [u8]) -> bool {
 pub const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: i32 = 1 << 5;
 pub const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: i32 = 1 << 6;
 
+/// Is the page at `addr` mapped (`mincore`, which fails with ENOMEM on a hole)?
+pub fn page_mapped(addr: u64) -> bool {
+    let mut vec = 0u8;
+    // SAFETY: one page asked about, one byte of answer, written to `vec`.
+    unsafe {
+        call(
+            libc::SYS_mincore,
+            [addr as usize & !(PAGE - 1), PAGE, &mut vec as *mut u8 as usize, 0, 0, 0],
+        )
+    }
+    .is_ok()
+}
+
 /// Execute a serializing instruction on this CPU: `iretq` to the next instruction, as the kernel's
 /// `sync_core` does (`cpuid` would do too, but traps to the hypervisor in a VM).
 pub fn serialize_self() {

@@ -489,13 +489,25 @@ fn write_stub(
         rel[free..].copy_from_slice(&bytes[d.len..JMP_LEN]);
         let lo = after.wrapping_add(i32::from_le_bytes(rel) as i64 as u64);
         let hi = lo.wrapping_add(1 << (8 * free));
-        let Some(stub) = areas.stub_in(lo, hi, STUB_LEN, maps) else {
-            return Err(format!(
-                "no room for a punned jump: the {} byte(s) after this {}-byte instruction fix \
-                 its target to {lo:#x}..{hi:#x}, which is taken or out of bounds",
-                JMP_LEN - d.len,
-                d.len
-            ));
+        // The first place in the window where the diverted stubs fit too (a few tries: a place
+        // given up keeps its bytes taken, unused).
+        let boundaries = boundaries_after(bytes, site, d.len);
+        let mut from = lo;
+        let mut tries = 0;
+        let stub = loop {
+            let Some(stub) = areas.stub_in(from, hi, STUB_LEN, maps) else {
+                return Err(format!(
+                    "no room for a punned jump: the {} byte(s) after this {}-byte instruction \
+                     fix its target to {lo:#x}..{hi:#x}, which is taken or out of bounds",
+                    JMP_LEN - d.len,
+                    d.len
+                ));
+            };
+            match write_diverted(areas, site, stub, &boundaries, maps) {
+                Ok(()) => break stub,
+                Err(e) if tries == 8 || stub + 1 >= hi => return Err(e),
+                Err(_) => (from, tries) = (stub + 1, tries + 1),
+            }
         };
         (2, d.len, stub)
     };
@@ -517,6 +529,60 @@ fn write_stub(
         return Err("punned jump does not match the bytes after the instruction".into());
     }
     Ok(Stub { class, len: len as u8, bytes: jmp, pointer })
+}
+
+/// The instruction boundaries among a punned jump's pinned bytes (offsets from the site, in
+/// `len..5`): where another tool may put a breakpoint. Where the bytes do not decode, every
+/// pinned byte is taken for one.
+fn boundaries_after(bytes: &[u8; 16], site: u64, len: usize) -> Vec<usize> {
+    let mut at = Vec::new();
+    let mut o = len;
+    while o < JMP_LEN {
+        at.push(o);
+        match super::decode::decode(&bytes[o..], site + o as u64) {
+            Ok(d) => o += d.len,
+            Err(_) => return (len..JMP_LEN).collect(),
+        }
+    }
+    at
+}
+
+/// A breakpoint that another tool writes on an instruction a punned jump's rel32 covers (a
+/// kernel uprobe on the next instruction: `0xcc` over one pinned byte) turns the jump elsewhere,
+/// at once. Each such place gets a stub of its own that goes on to the site's stub: the hit is
+/// counted as usual, its instruction runs out of line and returns to the next one, where the
+/// other tool's breakpoint is taken by the other tool. The site stays exact beside it, and is
+/// its jump again when the other tool puts its byte back.
+fn write_diverted(
+    areas: &mut Areas,
+    site: u64,
+    stub: u64,
+    boundaries: &[usize],
+    maps: &[MapEntry],
+) -> Result<(), String> {
+    let after = site.wrapping_add(JMP_LEN as u64);
+    let rel = (stub.wrapping_sub(after) as i64) as i32;
+    for &o in boundaries {
+        let mut rel = rel.to_le_bytes();
+        rel[o - 1] = 0xcc;
+        let to = after.wrapping_add(i32::from_le_bytes(rel) as i64 as u64);
+        if to == stub {
+            continue;
+        }
+        // `jmp rel32` to the site's stub where it reaches, else `jmp [rip]` and its address.
+        let code = match i32::try_from(stub.wrapping_sub(to + JMP_LEN as u64) as i64) {
+            Ok(back) => [&[0xe9][..], &back.to_le_bytes()].concat(),
+            Err(_) => [&[0xff, 0x25, 0, 0, 0, 0][..], &stub.to_le_bytes()].concat(),
+        };
+        if areas.stub_in(to, to + 1, code.len() as u64, maps).is_none() {
+            return Err(format!(
+                "no room for a punned jump beside a breakpoint: a breakpoint on the instruction at \
+                 +{o} (a kernel uprobe's) would turn the jump to {to:#x}, which is taken"
+            ));
+        }
+        areas.stage(to, &code);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
