@@ -963,3 +963,77 @@ fn privilege_tools_run_as_without_libuprobe() {
         }
     }
 }
+
+/// The PostgreSQL server's binaries (Debian's postgresql package), if installed.
+fn postgres_bin() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|b| b.join("postgres").exists() && b.join("initdb").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}
+
+/// Defect: PostgreSQL started through setpriv (as an init script or a container entry point
+/// does, dropping root for the server's own user) never started: setpriv aborted in glibc's
+/// setxid broadcast. A cluster made and started as `nobody` under `libc.so.6:malloc` and
+/// `libc.so.6:*`, every server process preloaded, answers a query as without libuprobe, and
+/// stops cleanly.
+#[test]
+fn postgres_started_through_setpriv_runs_as_without_libuprobe() {
+    if !is_root() || !have("setpriv") {
+        return eprintln!("skipped: needs root and setpriv");
+    }
+    let Some(bin) = postgres_bin() else {
+        return eprintln!("skipped: PostgreSQL is not installed (Debian's postgresql)");
+    };
+    let dir = open_scratch("postgres");
+    chown(&dir, 65534);
+    let data = dir.join("data");
+    let nobody = |program: &Path| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(program);
+        c
+    };
+    let mut initdb = nobody(&bin.join("initdb"));
+    initdb.arg("-D").arg(&data).args(["-A", "trust", "-U", "test", "--no-sync"]);
+    let made = run_command(initdb);
+    assert!(made.2.success(), "initdb: {}", made.1);
+    let socket_dir = dir.to_str().unwrap();
+    let query = |spec: Option<&str>| {
+        let mut start = nobody(&bin.join("pg_ctl"));
+        start.arg("-D").arg(&data).args(["-w", "-l"]).arg(dir.join("log")).args([
+            "-o",
+            &format!("-k {socket_dir} -c listen_addresses=''"),
+            "start",
+        ]);
+        if let Some(spec) = spec {
+            start
+                .env("LD_PRELOAD", lib())
+                .env("UPROBES", spec)
+                .env("UPROBES_OUTPUT", dir.join("report"));
+        }
+        let started = run_command(start);
+        let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+        assert!(started.2.success(), "{spec:?}: pg_ctl start: {}\n{log}", started.1);
+        let mut psql = nobody(&bin.join("psql"));
+        psql.args(["-h", socket_dir, "-U", "test", "-d", "postgres", "-A", "-t", "-c"])
+            .arg("select count(*), sum(g) from generate_series(1, 1000) g");
+        let answer = run_command(psql);
+        let mut stop = nobody(&bin.join("pg_ctl"));
+        stop.arg("-D").arg(&data).args(["-w", "-m", "fast", "stop"]);
+        let stopped = run_command(stop);
+        assert!(stopped.2.success(), "{spec:?}: pg_ctl stop: {}", stopped.1);
+        (answer.0, answer.2.code())
+    };
+    let plain = query(None);
+    assert_eq!(plain, ("1000|500500\n".to_string(), Some(0)));
+    for spec in ["libc.so.6:malloc", "libc.so.6:*"] {
+        assert_eq!(query(Some(spec)), plain, "under {spec}");
+        let report = std::fs::read_to_string(dir.join("report")).unwrap_or_default();
+        assert!(report.contains("malloc"), "the server's processes reported: {report}");
+        let _ = std::fs::remove_file(dir.join("report"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
