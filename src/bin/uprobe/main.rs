@@ -434,6 +434,12 @@ fn attach_cmd(pid: i32, force: bool) -> Result<client::Target, String> {
         attach::Attached::Already | attach::Attached::Loaded => {}
     }
     attach::wait_socket(|| client::find(pid).ok(), std::time::Duration::from_secs(10)).ok_or_else(|| {
+        // A process that ended meanwhile (a zombie, or gone) took its socket with it.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(')').next().unwrap_or_default().trim_start();
+        if stat.is_empty() || state.starts_with('Z') || state.starts_with('X') {
+            return format!("libuprobe was loaded in process {pid}, but the process exited");
+        }
         format!(
             "libuprobe is loaded in process {pid}, but its control socket did not appear (UPROBES_SOCKET \
              in its environment may have put it elsewhere, or turned it off)"
