@@ -775,8 +775,8 @@ impl Registry {
     /// given up to that tool: its other bytes become the file's (kernel order: the `int3` at
     /// its head already, then every core serialized around the write), the probe is `lost` from
     /// then on, and libuprobe never writes there again. (A breakpoint on an instruction a
-    /// punned jump covers needs nothing: see `xol::jump`'s diverted stubs.) Called a hundred
-    /// times a second by a runtime thread; returns what to say, one line a site.
+    /// punned jump covers needs nothing: see `xol::jump`'s diverted stubs.) Called by a runtime
+    /// thread (see [`watch`]) when a head is not `e9`; returns what to say, one line a site.
     pub fn watch(&mut self) -> Vec<(String, String)> {
         let mut seen = Vec::new();
         for (key, site) in &self.sites {
