@@ -163,6 +163,12 @@ fn busy_jumps(tag: &str) -> (Served, PathBuf, Vec<&'static str>) {
     (s, copy, funcs)
 }
 
+/// The probe on function `f` in a `list` answer or a summary (their `probes` arrays).
+fn probe_of(v: &serde_json::Value, f: &str) -> serde_json::Value {
+    let p = v["probes"].as_array().unwrap().iter().find(|p| p["symbol"] == f).cloned();
+    p.unwrap_or_else(|| panic!("no probe on {f}: {v}"))
+}
+
 /// The program's rounds so far.
 fn rounds(s: &mut Served) -> u64 {
     use std::io::{BufRead, Write};
@@ -243,7 +249,7 @@ fn kernel_uprobes_inside_jumps_leave_both_counts_exact() {
         .unwrap();
     let summary = report.iter().find(|v| v["type"] == "summary").unwrap();
     for f in funcs {
-        let p = summary["probes"].as_array().unwrap().iter().find(|p| p["symbol"] == f).unwrap();
+        let p = probe_of(summary, f);
         assert_eq!((f, &p["state"], p["hits"].as_u64()), (f, &"active".into(), Some(n)), "{p}");
     }
     std::fs::remove_dir_all(copy.parent().unwrap()).unwrap();
@@ -264,11 +270,7 @@ fn kernel_uprobes_on_sites_take_them_and_the_program_runs_on() {
     for f in &funcs {
         let base = symbol_in_file("jumps", f).1;
         let name = format!("on_{}_{f}", std::process::id());
-        let path = {
-            let list = s.req("list");
-            let p = list["probes"].as_array().unwrap().iter().find(|p| p["symbol"] == *f).cloned();
-            p.unwrap()["path"].as_str().unwrap().to_string()
-        };
+        let path = probe_of(&s.req("list"), f)["path"].as_str().unwrap().to_string();
         jumps += usize::from(path == "jump");
         let hits = kernel_probe_comes_and_goes(&dir, &mut s, &copy, &name, base, |s| {
             // A jump site is given up once the kernel's probe is there (a trap's int3 is the
@@ -292,9 +294,8 @@ fn kernel_uprobes_on_sites_take_them_and_the_program_runs_on() {
                 assert!(t.elapsed() < WATCHDOG, "{f}: never given up: {report}");
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let list = s.req("list");
-            let p = list["probes"].as_array().unwrap().iter().find(|p| p["symbol"] == *f);
-            assert_eq!(p.unwrap()["state"], "lost", "{list}");
+            let p = probe_of(&s.req("list"), f);
+            assert_eq!(p["state"], "lost", "{p}");
         });
         assert!(hits > 0, "{f}");
     }
@@ -302,7 +303,7 @@ fn kernel_uprobes_on_sites_take_them_and_the_program_runs_on() {
     assert!(rest.starts_with("rounds ") && rest.ends_with(", every result right\n"), "{rest:?}");
     let summary = report.iter().find(|v| v["type"] == "summary").unwrap();
     for f in &funcs {
-        let p = summary["probes"].as_array().unwrap().iter().find(|p| p["symbol"] == *f).unwrap();
+        let p = probe_of(summary, f);
         assert_eq!(p["state"], "lost", "{p}");
     }
     let said = report.iter().filter(|v| {
