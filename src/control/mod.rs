@@ -208,7 +208,11 @@ pub fn start(forked: bool) -> Result<(), String> {
         return Ok(()); // nobody would serve it (see hooks::creds)
     }
     let Some((mut place, mut link)) = socket_path(forked)? else {
-        // No socket, but jump sites still need watching (see registry::watch).
+        // No socket, but jump sites still need watching (see registry::watch); traps alone
+        // need no thread.
+        if config::get().path == config::PathMode::Trap {
+            return Ok(());
+        }
         return threads::spawn("uprobe-watch", server::watch_only).map_err(|e| e.to_string());
     };
     let listener = bind(&mut place)?;
