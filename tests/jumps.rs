@@ -249,8 +249,10 @@ fn fork_and_vfork_while_sites_are_being_patched() {
         }
     }
     let out = std::io::read_to_string(&mut s.stdout).unwrap();
+    let status = s.child.wait().unwrap();
+    let report = std::fs::read_to_string(&s.report).unwrap_or_default();
+    assert!(status.success(), "{status} after {cycles} cycles, output {out:?}; report:\n{report}");
     assert_eq!(s.first + &out, plain.stdout);
-    assert!(s.child.wait().unwrap().success());
     assert!(cycles > 0);
 }
 

@@ -222,12 +222,7 @@ impl Registry {
                 }
             }
         }
-        // A thread that blocked every signal before the mask fixes existed (one starting in
-        // pthread_create, whose parent blocked everything, SIGTRAP included, with a raw system
-        // call; a posix_spawn child) would be killed by the first of them it runs, with SIGTRAP
-        // blocked: wait until no thread has it blocked. Such windows last microseconds.
-        let _closed = crate::runtime::gate::Closed::close(1_000_000_000);
-        wait_for_sigtrap_open(1_000_000_000);
+        let _quiet = quiet();
         let problems = self.install(new_installs, "mask fix");
         self.mask_fix = match problems.first() {
             Some(p) => State::Failed(p.error.to_string()),
@@ -276,6 +271,19 @@ impl Registry {
         let problems = self.install(vec![(key, install.addr)], "link-map hook");
         problems.into_iter().next().map_or(Ok(()), |p| Err(p.error))
     }
+}
+
+/// While the mask fixes go in or come out: no thread may have SIGTRAP blocked. A thread that
+/// blocked every signal where a fix is not (yet, or any more) in (one starting in pthread_create,
+/// whose parent blocked everything, SIGTRAP included, with a raw system call; a posix_spawn
+/// parent) would be killed by the first fix it runs into with SIGTRAP blocked: one going in, or
+/// the `int3` a jump-path fix shows while its original bytes come back. So the starts wait at the
+/// gate while this lives, and those under way, and any other window, are waited for (they last
+/// microseconds; at most a second).
+pub(super) fn quiet() -> crate::runtime::gate::Closed {
+    let closed = crate::runtime::gate::Closed::close(1_000_000_000);
+    wait_for_sigtrap_open(1_000_000_000);
+    closed
 }
 
 /// Wait (at most `timeout_ns`) until no other thread of this process has SIGTRAP blocked, as

@@ -749,6 +749,7 @@ impl Registry {
         if own.is_empty() {
             return;
         }
+        let _quiet = own.iter().any(|k| self.sites[k].mask_fix.is_some()).then(maskfix::quiet);
         let mut writer = crate::patch::TextWriter::new();
         for key in own {
             let Some(site) = self.sites.remove(&key) else { continue };
