@@ -88,9 +88,25 @@ fn write_report_file(template: &str, head: &[u8], text: &[u8], pad: bool) -> Res
         let st = sys::fstat(high).map_err(|e| e.to_string())?;
         *out = Some(OutFile { fd: high, id: (st.st_dev, st.st_ino), pid });
         // A file that starts here starts with its head (a Chrome trace's `[`); a file shared
-        // with a parent, or an earlier image of an exec chain, has it already.
-        if st.st_size == 0 && !head.is_empty() {
-            sys::write_all(high, head).map_err(|e| e.to_string())?;
+        // with a parent, or an earlier image of an exec chain, has it already. A forked child and
+        // its parent (or two processes a shell started) may both open it empty: who writes the
+        // head is decided under the file's lock (a lock someone else holds for long is given up
+        // after a tenth of a second: a second head is then possible, never a hang).
+        if !head.is_empty() {
+            let mut locked = false;
+            for _ in 0..200 {
+                locked = sys::flock(high, libc::LOCK_EX | libc::LOCK_NB).is_ok();
+                if locked {
+                    break;
+                }
+                sys::sleep_ns(500_000);
+            }
+            let empty = sys::fstat(high).is_ok_and(|st| st.st_size == 0);
+            let wrote = if empty { sys::write_all(high, head) } else { Ok(()) };
+            if locked {
+                let _ = sys::flock(high, libc::LOCK_UN);
+            }
+            wrote.map_err(|e| e.to_string())?;
         }
     }
     let fd = out.as_ref().map_or(-1, |o| o.fd);

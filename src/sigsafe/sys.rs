@@ -286,6 +286,12 @@ pub fn close(fd: i32) {
     let _ = unsafe { call(libc::SYS_close, [fd as usize, 0, 0, 0, 0, 0]) };
 }
 
+/// `flock(2)`.
+pub fn flock(fd: i32, op: i32) -> Result<(), Errno> {
+    // SAFETY: no memory is passed.
+    unsafe { call(libc::SYS_flock, [fd as usize, op as usize, 0, 0, 0, 0]) }.map(|_| ())
+}
+
 /// `fstat(2)`.
 pub fn fstat(fd: i32) -> Result<libc::stat, Errno> {
     // SAFETY: zeroed stat is a valid value to be overwritten.
