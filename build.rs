@@ -97,6 +97,11 @@ const FIXTURES: &[Fixture] = &[
     Fixture { out: "longjmp", sources: &["longjmp.c"], flags: &["-ldl"] },
     Fixture { out: "rawtls", sources: &["rawtls.c"], flags: &[] },
     Fixture { out: "jit", sources: &["jit.c"], flags: &[] },
+    Fixture {
+        out: "sample",
+        sources: &["sample.c"],
+        flags: &["-O2", "-fomit-frame-pointer", "-rdynamic", "-ldl"],
+    },
 ];
 
 /// Point every FDE of `lib`'s `.eh_frame` at a CIE far before the section (its CIE pointer made

@@ -182,6 +182,8 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
     // work, not counted, and at the cost of a jump. With traps only, the threads start first, so
     // that starting them never takes a trap.
     let threads_first = config.path == config::PathMode::Trap;
+    xol::cfi::defer();
+    xol::cfi::find_lock_functions();
     if threads_first {
         if let Err(e) = control::start(false) {
             report::problem("control socket", &e);
@@ -216,10 +218,24 @@ extern "C" fn uprobe_init(_argc: c_int, _argv: *const *const c_char, envp: *mut 
     }
     let setup = sigsafe::sys::monotonic_ns().saturating_sub(started);
     report::SETUP_NS.store(setup, Ordering::Relaxed);
+    // The unwind information of the code just written: a few pieces (a few probes: tens of
+    // microseconds) now, so that no sample or debugger finds them undescribed; many
+    // (`libc.so.6:*`: 4,400 pieces, milliseconds) by the control socket's thread, while the
+    // program runs; without that thread, now.
+    let many = registry::cfi_pending() > xol::cfi::DESCRIBED_AT_ONCE;
+    if many && runtime::threads::running("uprobe-ctl") {
+        control::wake();
+    } else {
+        registry::emit_deferred_cfi(true);
+        if let Some(why) = xol::cfi::take_problem() {
+            report::problem("UPROBES_PERFMAP", &why);
+        }
+    }
 }
 
 /// At exit, after every other exit handler and destructor: the summary.
 extern "C" fn at_exit(_: *mut c_void) {
+    xol::cfi::abandon();
     if STARTED.load(Ordering::SeqCst) {
         hooks::exec::finish();
     }

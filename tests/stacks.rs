@@ -146,3 +146,141 @@ fn a_damaged_eh_frame_ends_the_stack_not_the_program() {
         "unwound through a damaged FDE: {stacks:?}"
     );
 }
+
+/// What `c_fixtures/sample.c` prints when every sample unwound to `_start`, and (`some`) some of
+/// them were taken in libuprobe's code, or (`none`) none were.
+fn sampled(outside: &str) -> String {
+    format!("samples: 64, outside every object: {outside}, unwound to _start: 64 (0)\n")
+}
+
+/// The pcs the sampling fixture found in no object (its stderr), and its pid.
+fn outside_pcs(stderr: &str) -> (u32, Vec<u64>) {
+    let pid = stderr.lines().find_map(|l| l.strip_prefix("pid ")).expect(stderr);
+    let pcs = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("pc "))
+        .map(|h| u64::from_str_radix(h, 16).unwrap())
+        .collect();
+    (pid.parse().unwrap(), pcs)
+}
+
+/// Defect: with a hot function or a loop head probed, a sampling profiler's samples (SIGPROF from
+/// ITIMER_PROF, `backtrace()` in the handler) mostly had a pc outside every object, in libuprobe's
+/// code, and their stacks ended there. Bodies, stubs and XOL slots now come with unwind rules
+/// (the site's own, shifted by what the body pushed), registered with libgcc as JITs register
+/// theirs: each of 64 samples unwinds through the interrupted frame to `_start`, as without
+/// libuprobe, on the suite's path, whether the probe only counts, takes the full way (`%stack`: a
+/// sample in libuprobe's Rust code and its assembly entry), or sits in the middle of a frame whose
+/// CFA is rsp-based (main's loop head). With UPROBES_PERFMAP=1 every such pc is named in
+/// `/tmp/perf-PID.map`.
+#[test]
+fn samples_in_libuprobes_code_unwind_to_start() {
+    let plain = run_plain("sample", &[]);
+    assert_eq!(plain.stdout, sampled("none"));
+    for spec in ["sample:work", "sample:loop_head", "sample:work%stack"] {
+        let o = run_probed_env("sample", &[], spec, &[("UPROBES_PERFMAP", "1")]);
+        assert!(o.status.success(), "{spec}: {}", o.stderr);
+        let (pid, pcs) = outside_pcs(&o.stderr);
+        let map = format!("/tmp/perf-{pid}.map");
+        let text = std::fs::read_to_string(&map).unwrap_or_default();
+        let _ = std::fs::remove_file(&map);
+        if spec.contains("%stack") {
+            // Most samples are in libuprobe.so's own code, which has its own unwind tables.
+            assert!(o.stdout.ends_with(": 64 (0)\n"), "{spec}: {}", o.stdout);
+        } else {
+            assert_eq!(o.stdout, sampled("some"), "{spec}");
+        }
+        let entries: Vec<(u64, u64, &str)> = text
+            .lines()
+            .map(|l| {
+                let mut f = l.splitn(3, ' ');
+                let lo = u64::from_str_radix(f.next().unwrap(), 16).unwrap();
+                let len = u64::from_str_radix(f.next().unwrap(), 16).unwrap();
+                (lo, lo + len, f.next().unwrap())
+            })
+            .collect();
+        assert!(!entries.is_empty(), "{spec}: a perf map in {map}");
+        for pc in pcs {
+            let named = entries.iter().find(|(lo, hi, _)| *lo <= pc && pc < *hi);
+            let (_, _, name) = named.unwrap_or_else(|| panic!("{spec}: {pc:#x} not in {text}"));
+            assert!(name.starts_with("[uprobe] ") && name.contains("sample+0x"), "{name}");
+        }
+    }
+}
+
+/// libuprobe's own unwinder (`%stack`) steps through a signal frame into the code the signal
+/// interrupted, libuprobe's included: the stacks of a probe in a SIGPROF handler go on past the
+/// handler to the probed function's body and main, down to `_start`.
+#[test]
+fn a_stack_in_a_signal_handler_goes_through_the_signal_frame() {
+    let o = run_probed("sample", &[], "sample:in_handler%stack;sample:work");
+    assert!(o.status.success(), "{}", o.stderr);
+    let calls: u64 = o
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("handler calls "))
+        .expect(&o.stderr)
+        .parse()
+        .unwrap();
+    assert_eq!(o.hits("in_handler"), calls, "one hit per SIGPROF");
+    let stacks = folded(&o, "sample:in_handler%stack");
+    assert_eq!(stacks.values().sum::<u64>(), calls, "{stacks:?}");
+    for s in stacks.keys() {
+        assert!(s.starts_with("_start;__libc_start_main;"), "unwound to the start: {s}");
+        assert!(s.contains(";main (sample.c:"), "{s}");
+        assert!(s.contains(";<signal handler called>;on_prof (sample.c:"), "{s}");
+    }
+    assert!(
+        stacks.keys().any(|s| s.contains(";[uprobe] work (sample.c:")),
+        "a sample in the body of `work`, named after it: {stacks:?}"
+    );
+}
+
+/// gdb sees libuprobe's code through its JIT interface (an ELF object for each unit of code,
+/// with the same unwind rules and a symbol per piece): stopped by a SIGPROF in a body, or an XOL
+/// slot, `bt` names it and goes on to main. On the jump path whatever the suite's: under gdb, the
+/// trap path's int3s and gdb's own breakpoints share SIGTRAP (see README's Limits).
+#[test]
+fn gdb_names_and_unwinds_libuprobes_code() {
+    if Command::new("gdb").arg("--version").output().is_err() {
+        panic!("gdb is not installed (.ci/run installs it)");
+    }
+    let script = scratch("gdb-sample.py");
+    std::fs::write(
+        &script,
+        r#"
+import gdb
+gdb.execute("set pagination off")
+gdb.execute("handle SIGPROF stop print pass")
+gdb.execute("run > /dev/null 2>&1")
+for i in range(2000):
+    where = gdb.execute("info symbol $pc", to_string=True)
+    if where.startswith("[uprobe]") or where.startswith("No symbol"):
+        print("STOPPED", where.strip())
+        print(gdb.execute("bt", to_string=True))
+        break
+    gdb.execute("continue", to_string=True)
+gdb.execute("kill")
+"#,
+    )
+    .unwrap();
+    let mut cmd = Command::new("gdb");
+    cmd.args(["-q", "-nx", "-batch", "-ex", "set startup-with-shell off"])
+        .arg("-ex")
+        .arg(format!("set environment LD_PRELOAD={}", lib().display()))
+        .args(["-ex", "set environment UPROBES=sample:work", "-ex"])
+        .arg("set environment UPROBES_OUTPUT=/dev/null")
+        .arg("-x")
+        .arg(&script)
+        .arg(fixture("sample"));
+    cmd.env_remove("UPROBES_PATH");
+    let (out, err, _) = run_command(cmd);
+    std::fs::remove_file(&script).unwrap();
+    let stopped = out.lines().find(|l| l.starts_with("STOPPED ")).unwrap_or_else(|| {
+        panic!("gdb never stopped in libuprobe's code:\n{out}\n{err}");
+    });
+    assert!(stopped.contains("[uprobe] ") && stopped.contains("sample+0x"), "{stopped}");
+    let bt: Vec<&str> = out.lines().filter(|l| l.starts_with('#')).collect();
+    assert!(bt[0].contains("[uprobe] "), "{bt:?}");
+    assert!(bt.iter().any(|f| f.contains(" in main () at ")), "{bt:?}");
+}

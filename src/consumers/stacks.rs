@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use crate::objects::elf::ElfFile;
 use crate::objects::unwind::placed_at;
 use crate::sigsafe::stacks::{self, ENTRIES};
+use crate::sigsafe::unwind;
 
 /// A probe's stacks, folded, with their counts (highest first).
 pub type Folded = Vec<(String, u64)>;
@@ -43,7 +44,15 @@ pub fn collect() -> (BTreeMap<u32, Folded>, u64) {
             .iter()
             .enumerate()
             .rev()
-            .map(|(i, &pc)| names.name(if i == 0 { pc } else { pc.wrapping_sub(1) }))
+            .map(|(i, &pc)| {
+                // A return address is named after its call; the first pc, and one a signal
+                // interrupted (after the handler's return to the restorer), as they are.
+                if unwind::is_sigreturn(pc) {
+                    return "<signal handler called>".to_string();
+                }
+                let exact = i == 0 || unwind::is_sigreturn(frames[i - 1]);
+                names.name(if exact { pc } else { pc.wrapping_sub(1) })
+            })
             .collect();
         *by_probe.entry(probe).or_default().entry(folded.join(";")).or_default() += count;
     }
@@ -68,7 +77,13 @@ impl Symbolizer {
     /// `function (file.c:LINE)` where the object has line tables, `function` where it has only
     /// symbols, `object+0xOFFSET` where it has neither; names demangled (C++, Rust).
     fn name(&mut self, addr: u64) -> String {
-        let Some(p) = placed_at(addr) else { return format!("{addr:#x}") };
+        let Some(p) = placed_at(addr) else {
+            // libuprobe's own code, run for a probed instruction: named after it.
+            if let Some(c) = crate::objects::unwind::code_at(addr) {
+                return format!("[uprobe] {}", self.name(c.site));
+            }
+            return format!("{addr:#x}");
+        };
         let (elf, lines) = self.files.entry(p.path.clone()).or_insert_with(|| {
             (ElfFile::open_path(&p.path).ok(), addr2line::Loader::new(&p.path).ok())
         });

@@ -174,6 +174,11 @@ pub fn serve() {
             let mut b = [0u8; 8];
             let _ = sys::read(wake, &mut b);
         }
+        // What startup left for this thread: the unwind information of the code it wrote.
+        registry::emit_deferred_cfi(false);
+        if let Some(why) = crate::xol::cfi::take_problem() {
+            crate::report::problem("UPROBES_PERFMAP", &why);
+        }
         if crate::runtime::config::get().attached {
             // Loaded into a running program: its later `sigaction` calls are not interposed; a
             // handler it installed over libuprobe's becomes its virtual one, and ours comes back.

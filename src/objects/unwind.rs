@@ -10,7 +10,7 @@ use super::maps::MapEntry;
 use crate::runtime::lock::Mutex;
 use crate::sigsafe::stacks::{self, Entry, ENTRIES};
 use crate::sigsafe::sys;
-use crate::sigsafe::unwind::{self, Module, Modules};
+use crate::sigsafe::unwind::{self, CodeRow, Module, Modules};
 
 /// An object instance, as stacks are symbolized: [lo, hi), its load bias and its path.
 #[derive(Clone, Debug)]
@@ -44,14 +44,49 @@ pub fn refresh(maps: &[MapEntry]) {
         return;
     }
     let (list, placed) = scan(maps);
-    let new = Box::into_raw(Box::new(Modules { list }));
+    *LIST.lock() = list.clone();
+    publish(list);
+    *PLACED.lock() = placed;
+}
+
+/// libuprobe's code in the program, as the unwinder sees it (see `xol::cfi`), sorted by `lo`.
+static CODE: Mutex<Vec<CodeRow>> = Mutex::new(Vec::new());
+/// The objects of the last snapshot.
+static LIST: Mutex<Vec<Module>> = Mutex::new(Vec::new());
+
+/// New code of libuprobe's in the program: the unwinder steps through it from now on.
+pub fn add_code(rows: &[CodeRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    {
+        let mut code = CODE.lock();
+        code.extend_from_slice(rows);
+        code.sort_unstable_by_key(|r| r.lo);
+    }
+    if ENABLED.load(Ordering::Acquire) {
+        let list = LIST.lock().clone();
+        publish(list);
+    }
+}
+
+/// The part of libuprobe's code at `pc`, if it is any.
+pub fn code_at(pc: u64) -> Option<CodeRow> {
+    let code = CODE.lock();
+    let i = code.partition_point(|c| c.lo <= pc);
+    code.get(i.checked_sub(1)?).filter(|c| pc < c.hi).copied()
+}
+
+/// Module `list` (sorted) and the code rows, published to the unwinder.
+fn publish(list: Vec<Module>) {
+    let code = CODE.lock().clone();
+    let new = Box::into_raw(Box::new(Modules { list, code }));
     // SAFETY: `new` is a fresh box, not used here again; the old one is no longer reachable.
     let old = unsafe { unwind::replace_modules(new) };
     if !old.is_null() {
         // SAFETY: returned by replace_modules once no reader holds it; it came from Box::into_raw.
         drop(unsafe { Box::from_raw(old) });
     }
-    *PLACED.lock() = placed;
 }
 
 /// The object instance holding `addr`, when stacks are on.
@@ -121,7 +156,7 @@ fn instance(base: u64, path: &str) -> Option<(Module, Placed)> {
     Some((m, placed))
 }
 
-fn scan(maps: &[MapEntry]) -> (Vec<Module>, Vec<Placed>) {
+pub fn scan(maps: &[MapEntry]) -> (Vec<Module>, Vec<Placed>) {
     let mut list = Vec::new();
     let mut placed = Vec::new();
     for m in maps.iter().filter(|m| m.offset == 0 && m.file.is_some() && m.path.starts_with('/')) {

@@ -203,6 +203,14 @@ fn run_locked<R>(
     while trap::RESCAN_WANTED.swap(false, Ordering::SeqCst) {
         reg.rescan(in_loader);
     }
+    // The code written meanwhile, known to unwinders (libgcc's lock is a leaf: taking it with
+    // the loader's held, in the link-map hook, cannot deadlock); at startup, once the program
+    // runs (see `xol::cfi::defer`).
+    // (Not while the loader is between the two halves of a change: a dlclose may be unmapping
+    // the objects whose rules the emission reads; its hook's rescan comes next.)
+    if !crate::xol::cfi::deferred() && objects::loader::consistent() {
+        reg.areas.emit_cfi(None);
+    }
     r
 }
 
@@ -245,6 +253,34 @@ pub fn wait_idle() {
 /// Is a rescan outside the loader wanted (an IFUNC probe waits for its object's relocation)?
 pub fn ifunc_pending() -> bool {
     REGISTRY.try_lock().is_some_and(|g| g.as_ref().is_some_and(|r| r.ifunc_pending))
+}
+
+/// How many pieces of code wait for their unwind information.
+pub fn cfi_pending() -> usize {
+    with_registry(|r| r.areas.cfi.pending()).unwrap_or(0)
+}
+
+/// Emit the unwind information that waited for the end of startup, if it did: in turns of a
+/// quarter of a millisecond, the registry free between them (an exit, a `dlopen` or a request
+/// waits for one turn at most). `all`: without a turn's limit (no thread would come back to it).
+pub fn emit_deferred_cfi(all: bool) {
+    use crate::xol::cfi;
+    const TURN_NS: u64 = 250_000;
+    while cfi::deferred() && !cfi::abandoned() && !crate::runtime::threads::stopping() {
+        let deadline = (!all).then(|| crate::sigsafe::sys::monotonic_ns() + TURN_NS);
+        // Not while the loader is mid-change (see `run_locked`): this thread's next round comes
+        // back; without one, whoever takes the registry next emits.
+        let consistent = objects::loader::consistent;
+        match with_registry(|r| consistent().then(|| r.areas.emit_cfi(deadline))) {
+            Some(None) if !all => return,
+            Some(Some(true)) => {}
+            _ => {
+                cfi::take_deferred();
+                // What was noted while the last turn ran.
+                with_registry(|r| consistent().then(|| r.areas.emit_cfi(None)));
+            }
+        }
+    }
 }
 
 /// Fork: the registry lock is held across it (see runtime::fork).
@@ -600,6 +636,7 @@ impl Registry {
         changed |= self.tombstones.len() != before;
         self.slots.forget_range(|addr| maps.iter().any(|m| m.start <= addr && addr < m.end));
         self.resolver.forget_unmapped(&maps);
+        self.areas.cfi.forget_unmapped(&maps);
 
         // Sites in mappings that appeared (a dlopen again, a second namespace, an mmap).
         let mut problems = Vec::new();

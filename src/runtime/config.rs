@@ -74,6 +74,8 @@ pub struct Config {
     pub secure: bool,
     /// Nothing to do, ever: a secure-execution process without the administrator's file.
     pub idle: bool,
+    /// `UPROBES_PERFMAP`: name libuprobe's code in `/tmp/perf-PID.map`.
+    pub perf_map: bool,
 }
 
 /// The administrator's configuration: `NAME=VALUE` lines of `UPROBES*` variables, `#` comments.
@@ -260,6 +262,7 @@ pub const VARIABLES: &[&str] = &[
     "UPROBES_PATH",
     "UPROBES_CACHE",
     "UPROBES_SUMMARY",
+    "UPROBES_PERFMAP",
 ];
 
 fn text(src: &Sources, name: &'static str, problems: &mut Vec<ConfigProblem>) -> Option<String> {
@@ -357,6 +360,7 @@ fn read() -> (Config, Vec<ConfigProblem>) {
     let summary_all =
         matches!(text(&src, "UPROBES_SUMMARY", &mut problems).as_deref(), Some("all"));
     let cache = bool_var("UPROBES_CACHE", true, &mut problems);
+    let perf_map = bool_var("UPROBES_PERFMAP", false, &mut problems);
     let preloaded = env_bytes("LD_PRELOAD").is_some_and(|v| {
         v.split(|&b| b == b':' || b == b' ').any(|e| e.ends_with(b"libuprobe.so"))
     });
@@ -389,6 +393,7 @@ fn read() -> (Config, Vec<ConfigProblem>) {
         runtime_dir,
         secure,
         idle,
+        perf_map,
     };
     (config, problems)
 }

@@ -369,6 +369,23 @@ pub fn open_protected(path: &str, last: super::places::Last) -> Result<(Fd, Fd),
     }
 }
 
+/// `/tmp/perf-PID.map`, opened to append (created if need be, mode 0644), by the protected rules:
+/// a link or a file another user put there is refused.
+pub fn perf_map() -> Result<Kept, String> {
+    let path = format!("/tmp/perf-{}.map", sys::getpid());
+    let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC;
+    let (fd, _dir) = open_protected(&path, super::places::Last::File { flags, mode: 0o644 })?;
+    let st = sys::fstat(fd.0).map_err(|e| format!("{path}: {e}"))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(format!("{path} is not a regular file"));
+    }
+    let kept = Kept::new();
+    let raw = fd.0;
+    core::mem::forget(fd);
+    kept.set(keep_high(raw));
+    Ok(kept)
+}
+
 /// A descriptor libuprobe keeps for itself, with the identity of what it opened (`fstat`'s device
 /// and inode). The program may close any number (a daemon's `closerange(3, ~0)`) and get it back
 /// for a file of its own: [`Kept::get`] then says so, and the number is forgotten, never used or

@@ -4,6 +4,8 @@
 //!
 //! Plain `rep movsb`/`rep stosb` (fast on every x86-64 since Ivy Bridge) and byte loops; the
 //! direction flag is clear on entry (the ABI says so, and libuprobe's trampolines clear it).
+//! Each has the plain frame rules of a function that touches no stack (`.cfi_startproc`), so that
+//! a profiler's sample in one unwinds.
 
 use core::arch::global_asm;
 
@@ -14,16 +16,19 @@ global_asm!(
     ".type memcpy, @function",
     ".p2align 4",
     "memcpy:",
+    "    .cfi_startproc",
     "    mov rax, rdi",
     "    mov rcx, rdx",
     "    rep movsb",
     "    ret",
+    "    .cfi_endproc",
     ".size memcpy, . - memcpy",
     ".globl memmove",
     ".hidden memmove",
     ".type memmove, @function",
     ".p2align 4",
     "memmove:",
+    "    .cfi_startproc",
     "    mov rax, rdi",
     "    mov rcx, rdx",
     "    cmp rdi, rsi",
@@ -40,18 +45,21 @@ global_asm!(
     "2:",
     "    rep movsb",
     "    ret",
+    "    .cfi_endproc",
     ".size memmove, . - memmove",
     ".globl memset",
     ".hidden memset",
     ".type memset, @function",
     ".p2align 4",
     "memset:",
+    "    .cfi_startproc",
     "    mov r8, rdi",
     "    mov eax, esi",
     "    mov rcx, rdx",
     "    rep stosb",
     "    mov rax, r8",
     "    ret",
+    "    .cfi_endproc",
     ".size memset, . - memset",
     ".globl memcmp",
     ".hidden memcmp",
@@ -62,6 +70,7 @@ global_asm!(
     ".p2align 4",
     "memcmp:",
     "bcmp:",
+    "    .cfi_startproc",
     "    xor eax, eax",
     "    test rdx, rdx",
     "    jz 4f",
@@ -76,6 +85,7 @@ global_asm!(
     "    jnz 3b",
     "4:",
     "    ret",
+    "    .cfi_endproc",
     ".size memcmp, . - memcmp",
     ".size bcmp, . - bcmp",
     ".globl strlen",
@@ -83,6 +93,7 @@ global_asm!(
     ".type strlen, @function",
     ".p2align 4",
     "strlen:",
+    "    .cfi_startproc",
     "    mov rax, rdi",
     "5:",
     "    cmp byte ptr [rax], 0",
@@ -92,6 +103,7 @@ global_asm!(
     "6:",
     "    sub rax, rdi",
     "    ret",
+    "    .cfi_endproc",
     ".size strlen, . - strlen",
     ".popsection",
 );

@@ -214,6 +214,11 @@ pub(super) unsafe fn unlock_after_fork() {
     unsafe { THREADS.unlock_raw() };
 }
 
+/// Is the runtime thread of this name running?
+pub fn running(name: &str) -> bool {
+    THREADS.lock().running.iter().any(|r| r.name == name)
+}
+
 /// Is any runtime thread running?
 pub fn any_running() -> bool {
     !THREADS.lock().running.is_empty()

@@ -117,6 +117,17 @@ impl Table {
         i.checked_sub(1).and_then(|i| self.code.get(i)).is_some_and(|&(_, end)| rip < end)
     }
 
+    /// The addresses of the entries in `[lo, hi)`.
+    pub fn entries_in(&self, lo: u64, hi: u64) -> impl Iterator<Item = u64> + '_ {
+        let i = self.entries.partition_point(|e| e.addr < lo);
+        self.entries
+            .get(i..)
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.addr)
+            .take_while(move |&a| a < hi)
+    }
+
     /// Is there an entry in `[lo, hi)`?
     pub fn any_in(&self, lo: u64, hi: u64) -> bool {
         let i = self.entries.partition_point(|e| e.addr < lo);

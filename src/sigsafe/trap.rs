@@ -35,7 +35,9 @@ pub const HANDLER_FLAGS: u64 =
     (libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART) as u64 | sys::SA_RESTORER;
 
 // The restorer our handlers return through. It lives in libuprobe, not libc, so that a probe on
-// libc's own `__restore_rt` does not trap again every time a handler of ours returns.
+// libc's own `__restore_rt` does not trap again every time a handler of ours returns. Its bytes
+// are glibc's (`mov rax, 15; syscall`), and it has no CFI: unwinders (libgcc's, gdb's,
+// libuprobe's own) know a signal frame by those bytes.
 global_asm!(
     ".pushsection .text.uprobe_sigreturn,\"ax\",@progbits",
     ".globl uprobe_sigreturn",
@@ -43,7 +45,7 @@ global_asm!(
     ".type uprobe_sigreturn, @function",
     ".p2align 4",
     "uprobe_sigreturn:",
-    "    mov eax, 15", // __NR_rt_sigreturn
+    "    mov rax, 15", // __NR_rt_sigreturn
     "    syscall",
     "    ud2",
     ".size uprobe_sigreturn, . - uprobe_sigreturn",
@@ -81,14 +83,22 @@ global_asm!(
     ".type uprobe_link_map_trampoline, @function",
     ".p2align 4",
     "uprobe_link_map_trampoline:",
+    "    .cfi_startproc",
     "    push rbx",
+    "    .cfi_adjust_cfa_offset 8",
+    "    .cfi_offset rbx, -16",
     "    mov rbx, rsp",
+    "    .cfi_def_cfa_register rbx",
     "    and rsp, -16",
     "    cld",
     "    call qword ptr [rip + {callback}]",
     "    mov rsp, rbx",
+    "    .cfi_def_cfa_register rsp",
     "    pop rbx",
+    "    .cfi_adjust_cfa_offset -8",
+    "    .cfi_restore rbx",
     "    ret",
+    "    .cfi_endproc",
     ".size uprobe_link_map_trampoline, . - uprobe_link_map_trampoline",
     ".popsection",
     callback = sym LINK_MAP_CALLBACK,

@@ -40,9 +40,47 @@ pub struct Module {
     pub eh_hi: u64,
 }
 
-/// The objects, sorted by `lo`.
+/// The objects, sorted by `lo`; and libuprobe's own code in the program (bodies, stubs, slots),
+/// each range with the site it stands for, sorted by `lo` and disjoint.
 pub struct Modules {
     pub list: Vec<Module>,
+    pub code: Vec<CodeRow>,
+}
+
+/// A range of libuprobe's code run in place of the program's, and the frame rules there in terms
+/// of the site's own (see `xol::cfi`, which writes the same rules as DWARF for other unwinders).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeRow {
+    pub lo: u64,
+    pub hi: u64,
+    /// The probed instruction's address and length.
+    pub site: u64,
+    pub site_len: u8,
+    /// The rules from each offset on (the first at 0); interned, never freed.
+    pub rows: &'static [(u32, CodeKind)],
+}
+
+impl CodeRow {
+    /// The rules at `pc` (inside the range).
+    pub fn kind_at(&self, pc: u64) -> CodeKind {
+        let off = pc.wrapping_sub(self.lo);
+        let i = self.rows.partition_point(|r| u64::from(r.0) <= off);
+        self.rows.get(i.wrapping_sub(1)).map_or(CodeKind::Site(0), |r| r.1)
+    }
+}
+
+/// The rules in a range of libuprobe's code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CodeKind {
+    /// The site's, with `n` more bytes pushed below the program's rsp (fewer, if negative: the
+    /// relocated copy of a `pop` has run).
+    Site(i32),
+    /// Those after the probed instruction, read from its function's rules (its relocated copy
+    /// has run and set rsp in a way the bytes pushed do not say: `leave`, `mov rsp, rbp`).
+    Next,
+    /// A function's first instruction's: a relocated call has pushed its return address and
+    /// jumps to the callee.
+    Entry,
 }
 
 /// The snapshot in use (null: none built yet).
@@ -74,9 +112,45 @@ impl Modules {
         let m = list.get(i.checked_sub(1)?)?;
         (pc < m.hi).then_some(m)
     }
+
+    fn code_row(&self, pc: u64) -> Option<&CodeRow> {
+        let i = self.code.partition_point(|c| c.lo <= pc);
+        let c = self.code.get(i.checked_sub(1)?)?;
+        (pc < c.hi).then_some(c)
+    }
+
+    /// The rules at `pc`: in an object's code from its `.eh_frame`, in libuprobe's code from
+    /// the site's.
+    fn row(&self, pc: u64) -> Option<Row> {
+        if let Some(m) = self.find(pc) {
+            return row_at(m, pc);
+        }
+        let c = self.code_row(pc)?;
+        match c.kind_at(pc) {
+            CodeKind::Entry => Some(ENTRY_ROW),
+            CodeKind::Next => {
+                // Those after the instruction, if its function's rules go on past it.
+                let next = c.site.wrapping_add(u64::from(c.site_len));
+                let m = self.find(c.site)?;
+                let (_, _, _, end) = find_fde(m, c.site)?;
+                row_at(m, if next < end { next } else { c.site })
+            }
+            CodeKind::Site(pushed) => {
+                let mut row = self.find(c.site).and_then(|m| row_at(m, c.site))?;
+                if row.cfa_reg == RSP {
+                    row.cfa_off += i64::from(pushed);
+                }
+                Some(row)
+            }
+        }
+    }
 }
 
+/// The rules at a function's first instruction: the return address at the top of the stack.
+const ENTRY_ROW: Row = Row { cfa_reg: RSP, cfa_off: 8, rbp: Rule::Same, ra: Rule::At(-8) };
+
 /// A bounded reader over memory the loader mapped (an object's unwind sections).
+#[derive(Clone, Copy)]
 struct Cursor {
     at: u64,
     end: u64,
@@ -181,6 +255,7 @@ const RSP: u16 = 7;
 const RBP: u16 = 6;
 
 /// The CIE's part of the rules.
+#[derive(Clone, Copy)]
 struct Cie {
     code_align: u64,
     data_align: i64,
@@ -251,6 +326,9 @@ fn parse_cie(at: u64, m: &Module) -> Option<Cie> {
 }
 
 /// Run call frame instructions from `c` until the location passes `target`.
+///
+/// `keep` is given the bytes of each instruction that sets a rule (every one but the advances),
+/// in order: replayed from an empty row, they give the row at `target`.
 fn execute(
     c: &mut Cursor,
     cie: &Cie,
@@ -258,6 +336,7 @@ fn execute(
     initial: &Row,
     loc: &mut u64,
     target: u64,
+    keep: &mut dyn FnMut(u64, u64),
 ) -> Option<()> {
     let mut saved = [*row; 8];
     let mut depth = 0usize;
@@ -276,7 +355,16 @@ fn execute(
         }
     };
     while c.at < c.end {
+        let start = c.at;
         let op = c.u8()?;
+        if !(op >> 6 == 1 || (0x01..=0x04).contains(&op)) {
+            // Not an advance: its bytes go into a replay whatever follows (the operands are
+            // read below; the length is known once they are).
+            let mut probe = Cursor { at: c.at, end: c.end };
+            if skip_operands(&mut probe, op, cie)? {
+                keep(start, probe.at);
+            }
+        }
         let advance = |loc: &mut u64, delta: u64| -> bool {
             *loc = loc.wrapping_add(delta.wrapping_mul(cie.code_align));
             *loc > target
@@ -381,9 +469,58 @@ fn execute(
     Some(())
 }
 
-/// The rules at `pc` in module `m`; None when it has no FDE for `pc` (or one this unwinder does
-/// not follow).
-fn row_at(m: &Module, pc: u64) -> Option<Row> {
+/// Step over the operands of call frame instruction `op`; false for one that sets nothing.
+fn skip_operands(c: &mut Cursor, op: u8, cie: &Cie) -> Option<bool> {
+    match op >> 6 {
+        2 => {
+            c.uleb()?;
+            return Some(true);
+        }
+        1 | 3 => return Some(true),
+        _ => {}
+    }
+    match op {
+        0x00 => return Some(false),
+        0x01 => {
+            c.pointer(cie.fde_enc)?;
+        }
+        0x02 => {
+            c.u8()?;
+        }
+        0x03 => {
+            c.u16()?;
+        }
+        0x04 => {
+            c.u32()?;
+        }
+        0x06..=0x08 | 0x0d | 0x0e | 0x13 | 0x2e => {
+            c.uleb()?;
+        }
+        0x0a | 0x0b => {}
+        0x05 | 0x09 | 0x0c | 0x14 => {
+            c.uleb()?;
+            c.uleb()?;
+        }
+        0x11 | 0x12 | 0x15 => {
+            c.uleb()?;
+            c.sleb()?;
+        }
+        0x0f => {
+            let len = c.uleb()?;
+            c.at = c.at.checked_add(len)?;
+        }
+        0x10 | 0x16 => {
+            c.uleb()?;
+            let len = c.uleb()?;
+            c.at = c.at.checked_add(len)?;
+        }
+        _ => return None,
+    }
+    Some(true)
+}
+
+/// Where `pc`'s rules are: its FDE's CIE, the FDE's instructions and the range it covers.
+fn find_fde(m: &Module, pc: u64) -> Option<(Cie, Cursor, u64, u64)> {
     // Binary search of the header's table for the last entry at or below pc.
     let (mut lo, mut hi) = (0u64, m.count);
     let entry = |i: u64| -> Option<(u64, u64)> {
@@ -425,15 +562,95 @@ fn row_at(m: &Module, pc: u64) -> Option<Row> {
         let n = c.uleb()?;
         c.at = c.at.checked_add(n)?;
     }
-    let mut row = Row { cfa_reg: RSP, cfa_off: 8, rbp: Rule::Same, ra: Rule::At(-8) };
+    Some((cie, c, pc_begin, pc_begin.wrapping_add(pc_range)))
+}
+
+/// The rules at `pc` in module `m`; None when it has no FDE for `pc` (or one this unwinder does
+/// not follow). `keep` is given the instructions that rebuild them (see [`execute`]).
+/// Also returns where the next row starts (the first location past `pc` where a rule changes,
+/// or the FDE's end).
+fn rules_at(
+    m: &Module,
+    pc: u64,
+    keep: &mut dyn FnMut(u64, u64),
+) -> Option<(Row, Cie, u64, u64, u64)> {
+    rules_at_cached(m, pc, keep, &mut CieCache::default())
+}
+
+/// CIEs already read, with their initial rules (by the CIE's address): most FDEs of an object
+/// share one or two.
+#[derive(Default)]
+pub struct CieCache {
+    entries: [Option<(u64, Row)>; 4],
+}
+
+fn rules_at_cached(
+    m: &Module,
+    pc: u64,
+    keep: &mut dyn FnMut(u64, u64),
+    cache: &mut CieCache,
+) -> Option<(Row, Cie, u64, u64, u64)> {
+    let (cie, mut c, pc_begin, pc_end) = find_fde(m, pc)?;
+    let key = cie.instructions.at;
+    let initial = match cache.entries.iter().flatten().find(|(k, _)| *k == key) {
+        Some(&(_, row)) => row,
+        None => {
+            let mut row = ENTRY_ROW;
+            let mut loc = pc_begin;
+            let mut init = Cursor { at: cie.instructions.at, end: cie.instructions.end };
+            let start_row = row;
+            execute(&mut init, &cie, &mut row, &start_row, &mut loc, u64::MAX, &mut |_, _| {})?;
+            cache.entries.rotate_right(1);
+            cache.entries[0] = Some((key, row));
+            row
+        }
+    };
+    let mut row = initial;
     let mut loc = pc_begin;
-    let mut init = Cursor { at: cie.instructions.at, end: cie.instructions.end };
-    let start_row = row;
-    execute(&mut init, &cie, &mut row, &start_row, &mut loc, u64::MAX)?;
-    let initial = row;
-    loc = pc_begin;
-    execute(&mut c, &cie, &mut row, &initial, &mut loc, pc)?;
-    Some(row)
+    execute(&mut c, &cie, &mut row, &initial, &mut loc, pc, keep)?;
+    // `loc` passed `pc` at an advance (the next row's start), or the instructions ended.
+    let next_row = if loc > pc { loc.min(pc_end) } else { pc_end };
+    Some((row, cie, pc_begin, pc_end, next_row))
+}
+
+fn row_at(m: &Module, pc: u64) -> Option<Row> {
+    rules_at(m, pc, &mut |_, _| {}).map(|r| r.0)
+}
+
+/// What another unwinder needs to rebuild the rules at `pc` of module `m` (not for a handler:
+/// `xol::cfi` asks, when it writes the unwind information of new code).
+#[derive(Clone, Copy, Debug)]
+pub struct SiteRules {
+    pub code_align: u64,
+    pub data_align: i64,
+    pub ra_reg: u64,
+    /// The CIE's initial instructions, where the loader mapped them.
+    pub cie_init: (u64, u64),
+    /// The CFA is rsp + this (None: another register, or an expression).
+    pub cfa_rsp: Option<i64>,
+    /// The FDE's range.
+    pub fde: (u64, u64),
+    /// Where the rules change next after `pc` (or the FDE's end).
+    pub next_row: u64,
+}
+
+/// The rules at `pc` (see [`SiteRules`]); `keep` gets the FDE's instructions that set them.
+pub fn site_rules(
+    m: &Module,
+    pc: u64,
+    keep: &mut dyn FnMut(u64, u64),
+    cache: &mut CieCache,
+) -> Option<SiteRules> {
+    let (row, cie, lo, hi, next_row) = rules_at_cached(m, pc, keep, cache)?;
+    Some(SiteRules {
+        code_align: cie.code_align,
+        data_align: cie.data_align,
+        ra_reg: cie.ra_reg,
+        cie_init: (cie.instructions.at, cie.instructions.end),
+        cfa_rsp: (row.cfa_reg == RSP).then_some(row.cfa_off),
+        fde: (lo, hi),
+        next_row,
+    })
 }
 
 /// The return address saved at `slot`: where a return probe put its trampoline, the real one.
@@ -443,6 +660,24 @@ fn read_return(slot: u64) -> Option<u64> {
         return super::ret::real_return(slot);
     }
     Some(ra)
+}
+
+/// The restorer a signal handler returns to (glibc's `__restore_rt`, libuprobe's own:
+/// `mov rax, 15; syscall`).
+const SIGRETURN: [u8; 7] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00];
+
+/// Is `pc` the restorer a signal handler returns to? Its `syscall` may be probed: libuprobe's mask
+/// fix puts an int3 or a jump on it.
+pub fn is_sigreturn(pc: u64) -> bool {
+    let mut b = [0u8; 8];
+    sys::read_bytes_safely(pc, &mut b) && b[..7] == SIGRETURN && matches!(b[7], 0x0f | 0xcc | 0xe9)
+}
+
+/// The registers a signal interrupted, from the frame at `sp` (where the restorer runs: the
+/// `ucontext_t` the kernel wrote, its `gregs` 40 bytes in).
+fn interrupted(sp: u64) -> Option<Regs> {
+    let greg = |i: u64| sys::read_u64_safely(sp.wrapping_add(40 + 8 * i));
+    Some(Regs { pc: greg(16)?, sp: greg(15)?, bp: greg(10)? })
 }
 
 /// The registers an unwind needs.
@@ -459,6 +694,9 @@ pub fn unwind(guard: &super::table::ReadGuard, regs: Regs, out: &mut [u64; MAX_F
     let Some(mods) = modules(guard) else { return 0 };
     let Regs { mut pc, mut sp, mut bp } = regs;
     let mut n = 0;
+    // The pc is where the thread was stopped (the first frame, or one a signal interrupted), not
+    // a return address.
+    let mut exact = true;
     for slot in out.iter_mut() {
         if pc == 0 {
             break;
@@ -466,8 +704,16 @@ pub fn unwind(guard: &super::table::ReadGuard, regs: Regs, out: &mut [u64; MAX_F
         *slot = pc;
         n += 1;
         // A return address points after its call: its rules are the call's (pc - 1).
-        let lookup = if n == 1 { pc } else { pc.wrapping_sub(1) };
-        let row = mods.find(lookup).and_then(|m| row_at(m, lookup));
+        let lookup = if exact { pc } else { pc.wrapping_sub(1) };
+        exact = false;
+        if is_sigreturn(pc) {
+            // A signal handler returns here; the frame holds the interrupted registers.
+            let Some(regs) = interrupted(sp) else { break };
+            (pc, sp, bp) = (regs.pc, regs.sp, regs.bp);
+            exact = true;
+            continue;
+        }
+        let row = mods.row(lookup);
         let (next_pc, next_sp, next_bp) = match row {
             Some(row) => {
                 let base = match row.cfa_reg {

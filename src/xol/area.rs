@@ -71,6 +71,8 @@ pub struct Areas {
     /// What is mapped, for finding free room: the registry's snapshot of the mappings, and what
     /// libuprobe mapped since.
     taken: Taken,
+    /// The unwind information of the code written (see `xol::cfi`).
+    pub cfi: super::cfi::Cfi,
 }
 
 /// The taken ranges of the address space: a snapshot of the mappings (recomputed when the
@@ -265,6 +267,28 @@ impl Areas {
             self.code.iter().chain(&self.regions).map(|a| (a.base, a.base + a.len)).collect();
         v.sort_unstable();
         v
+    }
+
+    /// Tell every unwinder about the code written since the last call (see `xol::cfi`).
+    /// See [`super::cfi::Cfi::emit`].
+    pub fn emit_cfi(&mut self, deadline: Option<u64>) -> bool {
+        let mut areas: Vec<(u64, u64)> =
+            self.code.iter().chain(&self.regions).map(|a| (a.base, a.base + a.len)).collect();
+        areas.sort_unstable();
+        self.cfi.emit(
+            |addr| {
+                let i = areas.partition_point(|a| a.0 <= addr);
+                match i.checked_sub(1).map(|i| areas[i]).filter(|a| addr < a.1) {
+                    Some(a) => a,
+                    None => {
+                        // A stub page of its own.
+                        let page = addr & !(PAGE - 1);
+                        (page, page + PAGE)
+                    }
+                }
+            },
+            deadline,
+        )
     }
 
     /// Is `addr` inside memory of ours?

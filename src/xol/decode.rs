@@ -46,6 +46,10 @@ pub struct Decoded {
     pub syscall: bool,
     /// A near call, direct or indirect.
     pub call: bool,
+    /// How many bytes it moves rsp down (`push`: 8, `pop`: -8, `sub rsp, 40`: 40), or None when
+    /// it sets rsp some other way (`leave`, `mov rsp, rbp`, `and rsp, -16`): the frame rules of
+    /// its copy's way back (`xol::cfi`).
+    pub pushed: Option<i32>,
 }
 
 impl Decoded {
@@ -127,10 +131,12 @@ fn decode_common(b: &[u8], ip: u64) -> Option<Decoded> {
             _ => None,
         }
     };
-    let (len, disp) = match at(o)? {
+    let op = at(o)?;
+    let (len, disp) = match op {
         0xc3 if rex.is_none() => {
             let mut d = plain(b, ip, 1, None)?;
             d.emu = Some(Emu::Ret { pop: 0 });
+            d.pushed = Some(-8);
             return Some(d);
         }
         0x50..=0x57 if rex.is_none() || rex == Some(0x41) => (o + 1, None),
@@ -152,7 +158,37 @@ fn decode_common(b: &[u8], ip: u64) -> Option<Decoded> {
         },
         _ => return None,
     };
-    plain(b, ip, len, disp)
+    let mut d = plain(b, ip, len, disp)?;
+    d.pushed = pushed_common(op, rex.unwrap_or(0), at(o + 1).unwrap_or(0), &d.bytes[..len]);
+    Some(d)
+}
+
+/// What a form [`decode_common`] accepts does to rsp, as [`pushed_by`] says of iced's decoding:
+/// `op` its opcode, `rex` its REX (0: none), `m` the byte after the opcode (ModRM, where it has
+/// one), `insn` its bytes.
+fn pushed_common(op: u8, rex: u8, m: u8, insn: &[u8]) -> Option<i32> {
+    let (w, r, b) = (rex & 8 != 0, (rex >> 2) & 1, rex & 1);
+    let (reg, rm, direct) = ((m >> 3) & 7 | r << 3, m & 7 | b << 3, m >> 6 == 3);
+    // The first operand, when it is a register: rsp (esp) moved some way but a push.
+    let first_is_sp = match op {
+        0x50..=0x57 => return Some(8),
+        0xb8..=0xbf => (op & 7 | b << 3) == 4,
+        0x03 | 0x0b | 0x13 | 0x1b | 0x23 | 0x2b | 0x33 | 0x3b | 0x8b | 0x8d => reg == 4,
+        _ => direct && rm == 4,
+    };
+    if !first_is_sp {
+        return Some(0);
+    }
+    let value = match (op, insn) {
+        (0x83, [.., i]) => *i as i8 as i32,
+        (0x81, [.., a, b, c, d]) => i32::from_le_bytes([*a, *b, *c, *d]),
+        _ => return None,
+    };
+    match (w, (m >> 3) & 7) {
+        (true, 5) => Some(value),         // sub rsp, imm
+        (true, 0) => value.checked_neg(), // add rsp, imm
+        _ => None,
+    }
 }
 
 /// A `Decoded` of `len` bytes that runs in a slot, with a RIP-relative disp32 at `disp`.
@@ -174,6 +210,7 @@ fn plain(b: &[u8], ip: u64, len: usize, disp: Option<usize>) -> Option<Decoded> 
         eip: false,
         syscall: false,
         call: false,
+        pushed: Some(0),
     })
 }
 
@@ -252,7 +289,44 @@ fn decode_with_iced(bytes: &[u8], ip: u64) -> Result<Decoded, XolError> {
         eip: ip_rel && insn.memory_base() == Register::EIP,
         syscall: insn.code() == Code::Syscall,
         call: insn.is_call_near() || insn.is_call_near_indirect(),
+        pushed: pushed_by(&insn),
     })
+}
+
+/// See [`Decoded::pushed`].
+fn pushed_by(insn: &Instruction) -> Option<i32> {
+    use iced_x86::{Mnemonic, OpKind};
+    let inc = insn.stack_pointer_increment();
+    let writes_rsp = insn.op_count() > 0
+        && insn.op0_kind() == OpKind::Register
+        && matches!(insn.op0_register(), Register::RSP | Register::ESP | Register::SP);
+    if inc != 0 {
+        // `push rsp` pushes; `pop rsp` and `leave` set rsp from memory.
+        let sets =
+            insn.mnemonic() == Mnemonic::Leave || (writes_rsp && insn.mnemonic() != Mnemonic::Push);
+        return (!sets).then_some(-inc);
+    }
+    if !writes_rsp {
+        return Some(0);
+    }
+    let imm = || match insn.op1_kind() {
+        OpKind::Immediate8to64 | OpKind::Immediate32to64 | OpKind::Immediate8 => {
+            i32::try_from(insn.immediate(1) as i64).ok()
+        }
+        _ => None,
+    };
+    match insn.mnemonic() {
+        Mnemonic::Sub if insn.op0_register() == Register::RSP => imm(),
+        Mnemonic::Add if insn.op0_register() == Register::RSP => imm().map(|v| -v),
+        Mnemonic::Lea
+            if insn.op0_register() == Register::RSP
+                && insn.memory_base() == Register::RSP
+                && insn.memory_index() == Register::None =>
+        {
+            i32::try_from(insn.memory_displacement64() as i64).ok().map(|v| -v)
+        }
+        _ => None,
+    }
 }
 
 fn is_64bit_jcc(code: Code) -> bool {

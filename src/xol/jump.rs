@@ -36,10 +36,12 @@ use crate::runtime::hash::FastMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::area::Areas;
+use super::cfi;
 use super::decode::{Decoded, XolError};
 use super::reloc::relocate;
 use crate::objects::MapEntry;
 use crate::sigsafe::table::SlotMap;
+use crate::sigsafe::unwind::CodeKind;
 use crate::sigsafe::{jump, ret, thread};
 
 /// Length of `jmp rel32`.
@@ -216,6 +218,24 @@ fn write_body(
     if asm.insn_offset != insn_offset || asm.code.len() as u64 > size {
         return Err(XolError::Relocate { insn: d.text(), why: "body size changed".into() });
     }
+    // The frame rules along the body: the assembler's, the relocated instruction's in its range.
+    let mut rows: Vec<(u32, CodeKind)> = Vec::with_capacity(asm.pushed.len() + r.rows.len());
+    for &(off, pushed) in &asm.pushed {
+        if off as u64 == asm.insn_offset {
+            rows.extend(r.rows.iter().map(|&(o, k)| (asm.insn_offset as u32 + o, k)));
+        } else {
+            rows.push((off as u32, CodeKind::Site(i32::from(pushed))));
+        }
+    }
+    let note = cfi::Note {
+        lo: at,
+        hi: at + asm.code_end as u64,
+        site,
+        site_len: d.len as u8,
+        rows: &rows,
+        what: cfi::What::Body,
+    };
+    areas.cfi.note(note, maps);
     // Up to the allocation's end: bodies allocated one after the other are written as one run.
     asm.code.resize(size as usize, 0xcc);
     areas.stage(at, &asm.code);
@@ -231,8 +251,15 @@ fn write_body(
     Ok(Body { count: at + asm.count, full: at + asm.full, ret: at + asm.ret, insn, slot, counters })
 }
 
+/// An assembled body: its code, its labels' offsets, and what it pushed from each offset on.
+type Finished = (Vec<u8>, [usize; 10], Vec<(usize, u16)>);
+
 struct Assembled {
     code: Vec<u8>,
+    /// Bytes pushed below the program's rsp from each offset on (the relocated instruction's
+    /// range aside), and where the code ends (the constants after it are not run).
+    pushed: Vec<(usize, u16)>,
+    code_end: usize,
     /// Offsets of the entries and of the relocated instruction.
     count: u64,
     full: u64,
@@ -263,11 +290,28 @@ struct Asm {
     labels: [Option<usize>; 10],
     /// (offset of a rel32 field, the label it reaches)
     fixups: Vec<(usize, L)>,
+    /// How many bytes the code has pushed below the program's rsp, from each offset on: the frame
+    /// rules of the body are the site's, that much further from the CFA (see `xol::cfi`).
+    pushed: Vec<(usize, u16)>,
 }
 
 impl Asm {
     fn new() -> Asm {
-        Asm { code: Vec::with_capacity(256), labels: [None; 10], fixups: Vec::new() }
+        Asm {
+            code: Vec::with_capacity(256),
+            labels: [None; 10],
+            fixups: Vec::new(),
+            pushed: Vec::with_capacity(24),
+        }
+    }
+
+    /// From here on, `n` bytes are pushed below the program's rsp.
+    fn pushed(&mut self, n: u16) {
+        match self.pushed.last_mut() {
+            Some(last) if last.0 == self.code.len() => last.1 = n,
+            Some(last) if last.1 == n => {}
+            _ => self.pushed.push((self.code.len(), n)),
+        }
     }
 
     fn b(&mut self, bytes: &[u8]) -> &mut Self {
@@ -304,22 +348,38 @@ impl Asm {
     /// `lea rsp, [rsp-128]; push rax; seto al; lahf; push rax`: the red zone stepped over, rax
     /// and the flags (OF in al, the rest in ah) saved.
     fn save(&mut self) {
-        self.b(&[0x48, 0x8d, 0x64, 0x24, 0x80, 0x50, 0x0f, 0x90, 0xc0, 0x9f, 0x50]);
+        self.b(&[0x48, 0x8d, 0x64, 0x24, 0x80]).pushed(128);
+        self.b(&[0x50]).pushed(136);
+        self.b(&[0x0f, 0x90, 0xc0, 0x9f, 0x50]).pushed(144);
     }
 
     /// `pop rax; add al, 0x7f; sahf; pop rax`: the flags back (OF from al's bit 0), then rax.
     fn restore(&mut self) {
-        self.b(&[0x58, 0x04, 0x7f, 0x9e, 0x58]);
+        self.b(&[0x58]).pushed(136);
+        self.b(&[0x04, 0x7f, 0x9e, 0x58]).pushed(128);
     }
 
     /// `lea rsp, [rsp+128]` (disp32: +128 is not a disp8).
     fn leave_red_zone(&mut self) {
-        self.b(&[0x48, 0x8d, 0xa4, 0x24]).d32(128);
+        self.b(&[0x48, 0x8d, 0xa4, 0x24]).d32(128).pushed(0);
     }
 
     /// `lea rsp, [rsp-128]`.
     fn enter_red_zone(&mut self) {
-        self.b(&[0x48, 0x8d, 0x64, 0x24, 0x80]);
+        self.b(&[0x48, 0x8d, 0x64, 0x24, 0x80]).pushed(128);
+    }
+
+    /// `push rcx; push rdx; push rsi` after [`Asm::save`], and the pops back.
+    fn push3(&mut self) {
+        self.b(&[0x51]).pushed(152);
+        self.b(&[0x52]).pushed(160);
+        self.b(&[0x56]).pushed(168);
+    }
+
+    fn pop3(&mut self) {
+        self.b(&[0x5e]).pushed(160);
+        self.b(&[0x5a]).pushed(152);
+        self.b(&[0x59]).pushed(144);
     }
 
     /// `mov rax, qword ptr fs:[tls]` (absolute, not RIP-relative).
@@ -336,7 +396,7 @@ impl Asm {
         self.jcc(JNE, to);
     }
 
-    fn finish(mut self) -> Option<(Vec<u8>, [usize; 10])> {
+    fn finish(mut self) -> Option<Finished> {
         let mut at = [0; 10];
         for (i, l) in self.labels.iter().enumerate() {
             at[i] = (*l)?;
@@ -345,7 +405,7 @@ impl Asm {
             let rel = at[l as usize] as i64 - (field as i64 + 4);
             self.code[field..field + 4].copy_from_slice(&(rel as i32).to_le_bytes());
         }
-        Some((self.code, at))
+        Some((self.code, at, self.pushed))
     }
 }
 
@@ -365,6 +425,7 @@ fn assemble_body(
     let counter_at = |c: u32| (COUNTERS_AT + c as u64 * 8) as i32;
     let mut a = Asm::new();
     a.label(L::Count);
+    a.pushed(0);
     if counters.hits != NO_COUNTER {
         a.save();
         a.check_tls(L::CountSlow);
@@ -378,26 +439,32 @@ fn assemble_body(
         a.jmp(L::Full);
     }
     a.label(L::Insn);
+    a.pushed(0); // (the relocated instruction's own rules are the caller's to add)
     a.b(relocated);
     a.label(L::CountSlow);
+    a.pushed(144);
     a.restore();
     a.label(L::Common);
-    a.b(&[0x50]); // push rax
+    a.pushed(128);
+    a.b(&[0x50]).pushed(136); // push rax
     a.b(&[0x48, 0xb8]).q64(site); // mov rax, site
-    a.b(&[0xff, 0x15]).rel(L::FullPtr); // call qword ptr [rip + full_ptr]
+                                  // call qword ptr [rip + full_ptr], which returns with `ret 8`
+    a.b(&[0xff, 0x15]).rel(L::FullPtr).pushed(128);
     a.leave_red_zone();
     a.jmp(L::Insn);
     a.label(L::Full);
+    a.pushed(0);
     a.enter_red_zone();
     a.jmp(L::Common);
     a.label(L::Ret);
+    a.pushed(0);
     if counters.returns == NO_COUNTER {
         a.jmp(L::Full);
         a.label(L::RetPush);
         a.label(L::RetSlow);
     } else {
         a.save();
-        a.b(&[0x51, 0x52, 0x56]); // push rcx; push rdx; push rsi
+        a.push3();
         a.check_tls(L::RetSlow);
         a.load_block(tls);
         a.b(&[0x48, 0x85, 0xc0]); // test rax, rax
@@ -436,20 +503,22 @@ fn assemble_body(
         }
         a.b(&[0x48, 0xb9]).q64(ret::trampoline()); // mov rcx, trampoline
         a.b(&[0x48, 0x89, 0x0e]); // mov qword ptr [rsi], rcx
-        a.b(&[0x5e, 0x5a, 0x59]); // pop rsi; pop rdx; pop rcx
+        a.pop3();
         a.restore();
         a.leave_red_zone();
         a.jmp(L::Insn);
         a.label(L::RetSlow);
-        a.b(&[0x5e, 0x5a, 0x59]); // pop rsi; pop rdx; pop rcx
+        a.pushed(168);
+        a.pop3();
         a.restore();
         a.jmp(L::Common);
     }
+    let code_end = a.code.len();
     a.label(L::FullPtr);
     a.q64(jump::full_entry());
     a.label(L::Guard);
     a.q64(thread::STACK_GUARD.load(core::sync::atomic::Ordering::Relaxed));
-    let (code, labels) = a
+    let (code, labels, pushed) = a
         .finish()
         .ok_or_else(|| XolError::Relocate { insn: d.text(), why: "body label".into() })?;
     let off = |l: L| labels[l as usize] as u64;
@@ -459,6 +528,8 @@ fn assemble_body(
         ret: off(L::Ret),
         insn_offset: off(L::Insn),
         code,
+        pushed,
+        code_end,
     })
 }
 
@@ -520,6 +591,15 @@ fn write_stub(
         code.resize(16, 0xcc); // the whole allocation, so that runs of code are written at once
     }
     areas.stage(stub, &code);
+    let note = cfi::Note {
+        lo: stub,
+        hi: stub + STUB_LEN,
+        site,
+        site_len: d.len as u8,
+        rows: &[(0, CodeKind::Site(0))],
+        what: cfi::What::Stub,
+    };
+    areas.cfi.note(note, maps);
     let rel = (stub.wrapping_sub(after) as i64) as i32;
     let mut jmp = [0u8; JMP_LEN];
     jmp[0] = 0xe9;
@@ -777,6 +857,8 @@ mod tests {
             ret: off(&ret)?,
             insn_offset: off(&insn)?,
             code: res.inner.code_buffer,
+            pushed: Vec::new(), // not compared
+            code_end: 0,
         })
     }
 

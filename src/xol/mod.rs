@@ -13,6 +13,7 @@
 //! Slots live in [`area`]s mapped within ±1 GiB of the object.
 
 pub mod area;
+pub mod cfi;
 pub mod decode;
 pub mod jump;
 pub mod reloc;

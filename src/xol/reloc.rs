@@ -25,6 +25,7 @@ use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register};
 
 use super::decode::{Decoded, XolError};
 use crate::sigsafe::plan::{Cond, Emu, IndirectOperand, LoopKind};
+use crate::sigsafe::unwind::CodeKind;
 
 /// A relocated instruction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +36,8 @@ pub struct Relocated {
     pub insn_len: usize,
     /// The copy is a `syscall` followed by the `rcx` fix-up.
     pub syscall: bool,
+    /// The frame rules along `code`, from each offset on (see `xol::cfi`).
+    pub rows: Vec<(u32, CodeKind)>,
 }
 
 /// The longest relocated instruction: a 15-byte instruction, a 7-byte `lea rcx` fix-up, a 5-byte
@@ -46,6 +49,9 @@ pub fn relocate(d: &Decoded, site: u64, at: u64) -> Result<Relocated, XolError> 
     let next = site.wrapping_add(d.len as u64);
     let mut c = Code64 { buf: Vec::with_capacity(MAX_RELOCATED), at, d };
     let mut syscall = false;
+    // The site's rules until the instruction is done; then those after it, for the way back,
+    // unless it was a call (its callee's first instruction's, while it jumps there).
+    let mut rows = vec![(0, CodeKind::Site(0))];
     let insn_len = match d.emu {
         None => {
             c.copy()?;
@@ -89,6 +95,7 @@ pub fn relocate(d: &Decoded, site: u64, at: u64) -> Result<Relocated, XolError> 
         Some(Emu::Call { target, .. }) => {
             c.push_return_address(next);
             let n = c.buf.len();
+            rows.push((n as u32, CodeKind::Entry));
             c.jmp(target)?;
             n
         }
@@ -98,6 +105,7 @@ pub fn relocate(d: &Decoded, site: u64, at: u64) -> Result<Relocated, XolError> 
             }
             c.push_return_address(next);
             let n = c.buf.len();
+            rows.push((n as u32, CodeKind::Entry));
             // jmp reg: the original instruction's operand, re-encoded as a jump.
             let reg = d.insn().op0_register();
             c.encode(&Instruction::with1(Code::Jmp_rm64, reg).map_err(|e| c.cannot(e))?)?;
@@ -109,9 +117,13 @@ pub fn relocate(d: &Decoded, site: u64, at: u64) -> Result<Relocated, XolError> 
                 .map_err(|e| c.cannot(e))?;
             c.encode(&push)?;
             let n = c.buf.len();
+            rows.push((n as u32, CodeKind::Site(8)));
             c.raw(&[0xff, 0x34, 0x24]); // push qword ptr [rsp]: the target, one slot lower
+            rows.push((c.buf.len() as u32, CodeKind::Site(16)));
             c.raw(&[0x48, 0x8d, 0x64, 0x24, 0x08]); // lea rsp, [rsp + 8]
+            rows.push((c.buf.len() as u32, CodeKind::Site(8)));
             c.mov_dwords_at_rsp(next, 0);
+            rows.push((c.buf.len() as u32, CodeKind::Entry));
             c.raw(&[0xff, 0x64, 0x24, 0xf8]); // jmp qword ptr [rsp - 8]
             n
         }
@@ -123,7 +135,22 @@ pub fn relocate(d: &Decoded, site: u64, at: u64) -> Result<Relocated, XolError> 
     if c.buf.len() > MAX_RELOCATED {
         return Err(c.refuse("its relocated form is too long"));
     }
-    Ok(Relocated { code: c.buf, insn_len, syscall })
+    let falls_through = match d.emu {
+        None | Some(Emu::Jcc { .. } | Emu::Loop { .. } | Emu::Jrcxz { .. }) => true,
+        Some(_) => false,
+    };
+    if falls_through && insn_len < c.buf.len() {
+        // The way back: the site's rules with what the instruction pushed (popped), when that
+        // is known from the instruction; else its function's rules after it.
+        let kind = match d.emu {
+            None => d.pushed.map_or(CodeKind::Next, CodeKind::Site),
+            _ => CodeKind::Site(0),
+        };
+        if kind != CodeKind::Site(0) {
+            rows.push((insn_len as u32, kind));
+        }
+    }
+    Ok(Relocated { code: c.buf, insn_len, syscall, rows })
 }
 
 /// The memory operand of `insn`, as iced builds one for another instruction (RIP-relative

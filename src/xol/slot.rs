@@ -16,12 +16,16 @@ pub const SLOT_SIZE: usize = 32;
 /// The bytes of the slot at `slot` for instruction `d`, which sits at `site`: its relocation
 /// (the instruction moved, `syscall`'s rcx fix-up, the jump back).
 pub fn slot_code(d: &Decoded, site: u64, slot: u64) -> Result<Vec<u8>, XolError> {
+    slot_relocated(d, site, slot).map(|r| r.code)
+}
+
+fn slot_relocated(d: &Decoded, site: u64, slot: u64) -> Result<super::reloc::Relocated, XolError> {
     debug_assert!(d.emu.is_none());
-    let code = super::reloc::relocate(d, site, slot)?.code;
-    if code.len() > SLOT_SIZE {
+    let r = super::reloc::relocate(d, site, slot)?;
+    if r.code.len() > SLOT_SIZE {
         return Err(XolError::Relocate { insn: d.text(), why: "slot too small".into() });
     }
-    Ok(code)
+    Ok(r)
 }
 
 /// Every XOL slot written so far, by (site address, original bytes): a site that is removed and
@@ -46,7 +50,17 @@ impl Slots {
             return Ok(*m);
         }
         let slot = areas.alloc_near(site, SLOT_SIZE as u64, 16, maps)?;
-        let code = slot_code(d, site, slot)?;
+        let r = slot_relocated(d, site, slot)?;
+        let note = super::cfi::Note {
+            lo: slot,
+            hi: slot + r.code.len() as u64,
+            site,
+            site_len: d.len as u8,
+            rows: &r.rows,
+            what: super::cfi::What::Slot,
+        };
+        areas.cfi.note(note, maps);
+        let code = r.code;
         let len = d.len;
         let mut padded = code.clone();
         padded.resize(SLOT_SIZE, 0xcc); // the whole slot: consecutive slots are written at once
