@@ -8,7 +8,7 @@
 //! exec) the rest is drained before the summary, so every event of a process that exits normally,
 //! and of its threads that exited before, reaches the output.
 
-use std::collections::{HashMap, HashSet};
+use crate::runtime::hash::{FastMap, FastSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use serde_json::{json, Value};
@@ -40,7 +40,7 @@ type ProbeMeta = (String, String, Vec<ArgType>, bool);
 
 /// Probe metadata by id, fetched from the registry on first sight.
 struct Meta {
-    by_probe: Option<HashMap<u32, ProbeMeta>>,
+    by_probe: Option<FastMap<u32, ProbeMeta>>,
     chrome: Option<Chrome>,
     /// Every probe's consumer as of registry generation `generation` (kept after the probe is
     /// removed, so that its last losses are still said), and its losses said so far.
@@ -54,9 +54,9 @@ struct Meta {
 #[derive(Default)]
 struct Chrome {
     named_pid: i32,
-    named_threads: HashSet<i32>,
+    named_threads: FastSet<i32>,
     /// By thread: (probe, entry time, the entry's arguments as a JSON object's members).
-    open: HashMap<i32, Vec<(u32, u64, String)>>,
+    open: FastMap<i32, Vec<(u32, u64, String)>>,
 }
 
 /// Clients of the control socket that asked for the event stream (`events`), by format (text,
@@ -361,7 +361,7 @@ fn refresh_consumers(meta: &mut Meta) {
 
 fn format_event(meta: &mut Meta, format: Format, pid: i32, e: &Event, out: &mut String) {
     use std::fmt::Write;
-    let by_probe = meta.by_probe.get_or_insert_with(HashMap::new);
+    let by_probe = meta.by_probe.get_or_insert_with(FastMap::default);
     let (symbol, quoted, types, ret) = &*by_probe.entry(e.probe).or_insert_with(|| {
         let m = registry::with_registry(|r| r.event_meta(e.probe)).flatten();
         let (symbol, types, ret) =

@@ -4,7 +4,9 @@
 //! (addr2line), else `object+0xOFFSET`; each stack folded as `stackcollapse` and inferno read it:
 //! `outermost;...;probed_function COUNT`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use crate::runtime::hash::FastMap;
 use std::sync::atomic::Ordering;
 
 use crate::objects::elf::ElfFile;
@@ -22,7 +24,7 @@ pub fn collect() -> (BTreeMap<u32, Folded>, u64) {
         return (BTreeMap::new(), lost);
     }
     // Raw stacks, the same one taken twice (two hits claiming entries at once) added together.
-    let mut raw: HashMap<(u32, Vec<u64>), u64> = HashMap::new();
+    let mut raw: FastMap<(u32, Vec<u64>), u64> = FastMap::default();
     for i in 0..ENTRIES {
         let Some(e) = stacks::entry(i) else { break };
         if !stacks::ready(e) {
@@ -70,7 +72,7 @@ pub fn collect() -> (BTreeMap<u32, Folded>, u64) {
 /// Names of code addresses, with each object's symbols and debug information read once.
 #[derive(Default)]
 struct Symbolizer {
-    files: HashMap<String, (Option<ElfFile>, Option<addr2line::Loader>)>,
+    files: FastMap<String, (Option<ElfFile>, Option<addr2line::Loader>)>,
 }
 
 impl Symbolizer {

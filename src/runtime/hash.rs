@@ -2,7 +2,7 @@
 //! instruction bytes, never chosen by anyone hostile: the multiply-rotate hash of rustc's FxHasher
 //! instead of SipHash (which was a tenth of planning `libc.so.6:*`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
 #[derive(Default, Clone, Copy)]
@@ -63,3 +63,4 @@ impl Hasher for FxHasher {
 
 /// A `HashMap` with [`FxHasher`].
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+pub type FastSet<K> = HashSet<K, BuildHasherDefault<FxHasher>>;
