@@ -71,19 +71,21 @@ impl Served {
         // A failure says what became of the program (a crash shows as a zombie, `Z`).
         let state = || {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()));
-            stat.map(|s| s.rsplit(')').next().unwrap_or_default().trim().to_string())
+            let stat = stat.map(|s| s.rsplit(')').next().unwrap_or_default().trim().to_string());
+            let report = std::fs::read_to_string(&self.report).unwrap_or_default();
+            format!("{stat:?}; its report so far: {report:?}")
         };
         let mut s = UnixStream::connect(&self.socket)
-            .unwrap_or_else(|e| panic!("{line}: connect: {e}; the program: {:?}", state()));
+            .unwrap_or_else(|e| panic!("{line}: connect: {e}; the program: {}", state()));
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(format!("{line}\n").as_bytes())
-            .unwrap_or_else(|e| panic!("{line}: write: {e}; the program: {:?}", state()));
+            .unwrap_or_else(|e| panic!("{line}: write: {e}; the program: {}", state()));
         let mut answer = String::new();
         BufReader::new(s)
             .read_line(&mut answer)
-            .unwrap_or_else(|e| panic!("{line}: read: {e}; the program: {:?}", state()));
+            .unwrap_or_else(|e| panic!("{line}: read: {e}; the program: {}", state()));
         serde_json::from_str(&answer)
-            .unwrap_or_else(|e| panic!("{line}: {answer:?}: {e}; the program: {:?}", state()))
+            .unwrap_or_else(|e| panic!("{line}: {answer:?}: {e}; the program: {}", state()))
     }
 
     /// A line to the program; its one-line answer.
