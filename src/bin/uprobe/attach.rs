@@ -110,12 +110,26 @@ fn why_no_ptrace(pid: i32, errno: i32) -> String {
         return base;
     }
     // A process that is exiting has let go of its memory, and ptrace calls that not dumpable.
-    let state = status_field(&status, "State:").unwrap_or_default();
-    if status.is_empty() || state.starts_with('Z') || state.starts_with('X') {
-        return format!("{base}: the process exited");
-    }
-    if std::fs::read_link(format!("/proc/{pid}/exe")).is_err() && me == 0 {
-        return format!("{base}: the process exited (it has no memory left)");
+    // Root is refused only then (or by Yama's scope 3, or a security module): an exit under way
+    // shows within moments (a zombie, no memory), so root looks a few times before saying more.
+    let exited = |status: &str| {
+        let state = status_field(status, "State:").unwrap_or_default();
+        status.is_empty() || state.starts_with('Z') || state.starts_with('X')
+    };
+    let looks = if me == 0 && scope != Some(3) { 40 } else { 1 };
+    for look in 0..looks {
+        let status = if look == 0 {
+            status.clone()
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+            read(&format!("/proc/{pid}/status")).unwrap_or_default()
+        };
+        if exited(&status) {
+            return format!("{base}: the process exited");
+        }
+        if me == 0 && std::fs::read_link(format!("/proc/{pid}/exe")).is_err() {
+            return format!("{base}: the process exited (it has no memory left)");
+        }
     }
     if me != 0 && target_uid != me {
         return format!(
@@ -135,6 +149,11 @@ fn why_no_ptrace(pid: i32, errno: i32) -> String {
             "{base}: Yama's kernel.yama.ptrace_scope is 1: only a process's ancestors may attach to \
              it; run as root, or `sysctl kernel.yama.ptrace_scope=0`, or have the program allow it \
              with prctl(PR_SET_PTRACER)"
+        ),
+        // Root is not held back by dumpability: what refuses it is a security module.
+        _ if me == 0 => format!(
+            "{base}: root was refused, and the process is not exiting: a security module \
+             (AppArmor, SELinux) forbids tracing it"
         ),
         _ => format!(
             "{base}: the process may not be dumpable (a setuid program, or prctl(PR_SET_DUMPABLE, \
