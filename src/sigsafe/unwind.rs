@@ -327,8 +327,9 @@ fn parse_cie(at: u64, m: &Module) -> Option<Cie> {
 
 /// Run call frame instructions from `c` until the location passes `target`.
 ///
-/// `keep` is given the bytes of each instruction that sets a rule (every one but the advances),
-/// in order: replayed from an empty row, they give the row at `target`.
+/// `keep`, when there is one, is given the bytes of each instruction that sets a rule (every one
+/// but the advances), in order: replayed from an empty row, they give the row at `target`. An
+/// unwind has none (the operands would be read twice, at every frame).
 fn execute(
     c: &mut Cursor,
     cie: &Cie,
@@ -336,7 +337,7 @@ fn execute(
     initial: &Row,
     loc: &mut u64,
     target: u64,
-    keep: &mut dyn FnMut(u64, u64),
+    mut keep: Option<&mut dyn FnMut(u64, u64)>,
 ) -> Option<()> {
     let mut saved = [*row; 8];
     let mut depth = 0usize;
@@ -357,7 +358,8 @@ fn execute(
     while c.at < c.end {
         let start = c.at;
         let op = c.u8()?;
-        if !(op >> 6 == 1 || (0x01..=0x04).contains(&op)) {
+        if let Some(keep) = keep.as_mut().filter(|_| !(op >> 6 == 1 || (0x01..=0x04).contains(&op)))
+        {
             // Not an advance: its bytes go into a replay whatever follows (the operands are
             // read below; the length is known once they are).
             let mut probe = Cursor { at: c.at, end: c.end };
@@ -565,43 +567,41 @@ fn find_fde(m: &Module, pc: u64) -> Option<(Cie, Cursor, u64, u64)> {
     Some((cie, c, pc_begin, pc_begin.wrapping_add(pc_range)))
 }
 
-/// The rules at `pc` in module `m`; None when it has no FDE for `pc` (or one this unwinder does
-/// not follow). `keep` is given the instructions that rebuild them (see [`execute`]).
-/// Also returns where the next row starts (the first location past `pc` where a rule changes,
-/// or the FDE's end).
-fn rules_at(
-    m: &Module,
-    pc: u64,
-    keep: &mut dyn FnMut(u64, u64),
-) -> Option<(Row, Cie, u64, u64, u64)> {
-    rules_at_cached(m, pc, keep, &mut CieCache::default())
-}
-
 /// CIEs already read, with their initial rules (by the CIE's address): most FDEs of an object
 /// share one or two.
 #[derive(Default)]
 pub struct CieCache {
     entries: [Option<(u64, Row)>; 4],
+    /// The entry the next miss replaces (round robin: no moves, which would be a `memmove`).
+    next: usize,
 }
 
+/// The rules at `pc` in module `m` (None: no FDE for it, or one this unwinder does not follow), with
+/// its CIE, the FDE's range and where the next row starts; `keep` is given the instructions that
+/// rebuild them (see [`execute`]). For `xol::cfi`, which asks for many sites at once; an unwind
+/// asks [`row_at`].
 fn rules_at_cached(
     m: &Module,
     pc: u64,
-    keep: &mut dyn FnMut(u64, u64),
+    keep: Option<&mut dyn FnMut(u64, u64)>,
     cache: &mut CieCache,
 ) -> Option<(Row, Cie, u64, u64, u64)> {
     let (cie, mut c, pc_begin, pc_end) = find_fde(m, pc)?;
     let key = cie.instructions.at;
-    let initial = match cache.entries.iter().flatten().find(|(k, _)| *k == key) {
+    let cached = cache.entries.iter().flatten().find(|(k, _)| *k == key);
+    let initial = match cached {
         Some(&(_, row)) => row,
         None => {
             let mut row = ENTRY_ROW;
             let mut loc = pc_begin;
             let mut init = Cursor { at: cie.instructions.at, end: cie.instructions.end };
             let start_row = row;
-            execute(&mut init, &cie, &mut row, &start_row, &mut loc, u64::MAX, &mut |_, _| {})?;
-            cache.entries.rotate_right(1);
-            cache.entries[0] = Some((key, row));
+            execute(&mut init, &cie, &mut row, &start_row, &mut loc, u64::MAX, None)?;
+            let at = cache.next % cache.entries.len();
+            if let Some(e) = cache.entries.get_mut(at) {
+                *e = Some((key, row));
+            }
+            cache.next = at + 1;
             row
         }
     };
@@ -613,8 +613,17 @@ fn rules_at_cached(
     Some((row, cie, pc_begin, pc_end, next_row))
 }
 
+/// The rules at `pc` alone: what an unwind asks at every frame, on the shortest way.
 fn row_at(m: &Module, pc: u64) -> Option<Row> {
-    rules_at(m, pc, &mut |_, _| {}).map(|r| r.0)
+    let (cie, mut c, pc_begin, _) = find_fde(m, pc)?;
+    let mut row = ENTRY_ROW;
+    let mut loc = pc_begin;
+    let mut init = Cursor { at: cie.instructions.at, end: cie.instructions.end };
+    execute(&mut init, &cie, &mut row, &ENTRY_ROW, &mut loc, u64::MAX, None)?;
+    let initial = row;
+    loc = pc_begin;
+    execute(&mut c, &cie, &mut row, &initial, &mut loc, pc, None)?;
+    Some(row)
 }
 
 /// What another unwinder needs to rebuild the rules at `pc` of module `m` (not for a handler:
@@ -641,7 +650,7 @@ pub fn site_rules(
     keep: &mut dyn FnMut(u64, u64),
     cache: &mut CieCache,
 ) -> Option<SiteRules> {
-    let (row, cie, lo, hi, next_row) = rules_at_cached(m, pc, keep, cache)?;
+    let (row, cie, lo, hi, next_row) = rules_at_cached(m, pc, Some(keep), cache)?;
     Some(SiteRules {
         code_align: cie.code_align,
         data_align: cie.data_align,
@@ -669,8 +678,21 @@ const SIGRETURN: [u8; 7] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00];
 /// Is `pc` the restorer a signal handler returns to? Its `syscall` may be probed: libuprobe's mask
 /// fix puts an int3 or a jump on it.
 pub fn is_sigreturn(pc: u64) -> bool {
-    let mut b = [0u8; 8];
-    sys::read_bytes_safely(pc, &mut b) && b[..7] == SIGRETURN && matches!(b[7], 0x0f | 0xcc | 0xe9)
+    // Asked at every frame of every unwind: one aligned load decides for nearly every pc (its
+    // first byte is not the restorer's); a second (the next word) only when it may be.
+    let (word, shift) = (pc & !7, (pc & 7) * 8);
+    let Some(lo) = sys::read_u64_safely(word) else { return false };
+    if (lo >> shift) as u8 != SIGRETURN[0] {
+        return false;
+    }
+    let v = if shift == 0 {
+        lo
+    } else {
+        let Some(hi) = sys::read_u64_safely(word.wrapping_add(8)) else { return false };
+        (lo >> shift) | (hi << (64 - shift))
+    };
+    let b = v.to_le_bytes();
+    b[..7] == SIGRETURN && matches!(b[7], 0x0f | 0xcc | 0xe9)
 }
 
 /// The registers a signal interrupted, from the frame at `sp` (where the restorer runs: the
