@@ -147,7 +147,7 @@ fn main() {
     row("traced event, 2 arguments", cost(&traced, "probe_args"), cost(&traced_trap, "probe_args"));
     row("hit with its stack, 20 frames", cost(&stacked, "deep20"), cost(&stacked_trap, "deep20"));
     println!(
-        "  entry+return pair with durations (UPROBES_LATENCY=1, two clock reads): {:.2} ns",
+        "  entry+return pair with durations (UPROBES_LATENCY=1, two reads of the durations' clock): {:.2} ns",
         cost(&timed, "probe_ret")
     );
     let ev = cost(&traced, "probe_args");

@@ -8,7 +8,10 @@
  *   fork        forker() forks; parent and child both return from it
  *   forkdeep N  deep(N-1) (too deep: missed returns), then fork; the child calls deep(9)
  *   tail N      tail_outer(i) N times: it tail-calls tail_inner(i + 1) with a jmp (assembly, so
- *               that no compiler setting changes it); both return i + 2 */
+ *               that no compiler setting changes it); both return i + 2
+ *   sleep N     sleeper() N times, each sleeping 1 ms; on stderr, the time each call took as the
+ *               caller measured it around the call (CLOCK_MONOTONIC): the shortest, the longest
+ *               and their sum, in ns */
 #define _GNU_SOURCE
 #include <execinfo.h>
 #include <pthread.h>
@@ -17,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 __attribute__((noipa)) long add3(long a, long b, long c) { return a + b + c; }
@@ -53,6 +57,16 @@ static void *exit_thread(void *arg) {
 }
 
 __attribute__((noipa)) pid_t forker(void) { return fork(); }
+
+__attribute__((noipa)) long sleeper(void) {
+  struct timespec ms = {0, 1000000};
+  return nanosleep(&ms, NULL);
+}
+static long long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
 
 long tail_outer(long x);
 __attribute__((noipa, used)) long tail_inner(long x) { return x + 1; }
@@ -97,6 +111,17 @@ int main(int argc, char **argv) {
     waitpid(pid, &st, 0);
   } else if (!strcmp(mode, "tail")) {
     for (long i = 0; i < n; i++) s += tail_outer(i);
+  } else if (!strcmp(mode, "sleep")) {
+    long long lo = -1, hi = 0, sum = 0;
+    for (long i = 0; i < n; i++) {
+      long long a = now_ns();
+      s += sleeper() + 1;
+      long long d = now_ns() - a;
+      lo = lo < 0 || d < lo ? d : lo;
+      hi = d > hi ? d : hi;
+      sum += d;
+    }
+    fprintf(stderr, "outer %lld %lld %lld\n", lo, hi, sum);
   } else {
     return 2;
   }

@@ -46,6 +46,9 @@ use sigsafe::{chain, trap};
 /// What the runtime needs before the first probe: libuprobe's handlers for SIGTRAP and the
 /// synchronous faults (the program's dispositions become virtual), and the link-map hook.
 fn setup() -> Result<(), String> {
+    // The clock of durations (the CPU's counter where the kernel keeps time with it).
+    let source = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
+    sigsafe::clock::init(&runtime::fs::read_string(source).unwrap_or_default());
     chain::take(libc::SIGTRAP, trap::sigtrap_handler(), trap::HANDLER_FLAGS)
         .map_err(|e| format!("cannot install the SIGTRAP handler: {e}; no probes"))?;
     let mut faults = 0;

@@ -216,3 +216,42 @@ fn a_forked_child_starts_with_no_missed_returns_and_no_durations() {
         "the child: its own 10 returns, none missed; the parent: 64 followed, 36 missed"
     );
 }
+
+/// Durations without events are timed by the CPU's counter (where the kernel keeps time with it,
+/// see `sigsafe::clock`), converted to nanoseconds: the shortest, the longest and the sum of 50
+/// calls that each sleep 1 ms lie within what the caller measured around each call with
+/// `CLOCK_MONOTONIC` (a part in a thousand for the calibration, far above its error), and are at
+/// least the time slept. Counted in ticks, or converted at a wrong rate, they would not.
+#[test]
+fn durations_agree_with_the_callers_clock() {
+    let o = run_probed("ret", &["sleep", "50"], "ret:sleeper%return");
+    assert_eq!(o.stdout, "ret sleep: 50\n", "{}", o.stderr);
+    let outer: Vec<u64> = o
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("outer "))
+        .expect(&o.stderr)
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (lo, hi, sum) = (outer[0], outer[1], outer[2]);
+    let p = o.probe("sleeper");
+    let l = &p["latency"];
+    let get = |k: &str| l[k].as_u64().unwrap_or_else(|| panic!("{k} in {l}"));
+    assert_eq!(get("calls"), 50, "{l}");
+    let within = |inner: u64, outer: u64| inner <= outer + outer / 1000;
+    assert!(
+        within(get("min_ns"), lo),
+        "shortest {} ns, the caller saw {lo} at least: {l}",
+        get("min_ns")
+    );
+    assert!(
+        within(get("max_ns"), hi),
+        "longest {} ns, the caller saw {hi} at most: {l}",
+        get("max_ns")
+    );
+    assert!(within(get("total_ns"), sum), "sum {} ns, the caller's {sum}: {l}", get("total_ns"));
+    let slept = 1_000_000u64;
+    assert!(get("min_ns") >= slept - slept / 1000, "a call sleeps 1 ms at least: {l}");
+    assert!(get("total_ns") >= 50 * (slept - slept / 1000), "{l}");
+}

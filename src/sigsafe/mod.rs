@@ -42,6 +42,7 @@
 )]
 
 pub mod chain;
+pub mod clock;
 pub mod consumer;
 pub mod emulate;
 pub mod events;

@@ -7,11 +7,12 @@ use core::arch::global_asm;
 use core::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::clock;
 use super::consumer::Consumer;
 use super::events;
 use super::sys;
 use super::table::ReadGuard;
-use super::thread::{self, Block, FRAME_SLOW, RET_STACK};
+use super::thread::{self, Block, FRAME_SLOW, FRAME_TSC, RET_STACK};
 
 /// How far below the current stack pointer a pending frame may be and still be on the same stack
 /// (and so abandoned, when it is below the current call): frames on another stack (a signal's
@@ -75,9 +76,18 @@ pub fn hijack(block: Option<&Block>, rsp: u64, h: &Hijack, consumers: &[Arc<Cons
     // that frame's return comes right after this one's (same slot, chained).
     f.real.store(current, Ordering::Relaxed);
     f.site.store(h.site, Ordering::Relaxed);
-    f.entry_ns.store(if h.timed { sys::monotonic_ns() } else { 0 }, Ordering::Relaxed);
+    // Durations by the cheap clock, unless events are traced (their timestamps are the
+    // monotonic clock's, and a slice's end is its entry's timestamp and its duration).
+    let by_ticks = h.timed && clock::tsc() && !events::TRACING.load(Ordering::Relaxed);
+    let entry = match (h.timed, by_ticks) {
+        (false, _) => 0,
+        (true, true) => clock::ticks(),
+        (true, false) => sys::monotonic_ns(),
+    };
+    f.entry_ns.store(entry, Ordering::Relaxed);
     f.counter.store(h.counter, Ordering::Relaxed);
-    f.flags.store(if h.slow { FRAME_SLOW } else { 0 }, Ordering::Relaxed);
+    let flags = if h.slow { FRAME_SLOW } else { 0 } | if by_ticks { FRAME_TSC } else { 0 };
+    f.flags.store(flags, Ordering::Relaxed);
     core::sync::atomic::compiler_fence(Ordering::SeqCst);
     f.slot.store(rsp, Ordering::Relaxed);
     // SAFETY: the same slot, which the function's `ret` will read.
@@ -299,8 +309,13 @@ unsafe extern "C" fn on_return(regs: *mut SavedRegs) -> u64 {
     if flags & FRAME_SLOW == 0 && !tracing {
         return real;
     }
-    let now = if entry_ns != 0 || tracing { sys::monotonic_ns() } else { 0 };
-    let duration = if entry_ns != 0 { now.saturating_sub(entry_ns) } else { 0 };
+    let (now, duration) = if flags & FRAME_TSC != 0 {
+        let d = clock::ticks_to_ns(clock::ticks().wrapping_sub(entry_ns));
+        (if tracing { sys::monotonic_ns() } else { 0 }, d)
+    } else {
+        let now = if entry_ns != 0 || tracing { sys::monotonic_ns() } else { 0 };
+        (now, if entry_ns != 0 { now.saturating_sub(entry_ns) } else { 0 })
+    };
     let guard = ReadGuard::enter();
     let Some(table) = guard.table() else { return real };
     for c in table.return_consumers_at(site) {

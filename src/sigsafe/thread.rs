@@ -37,7 +37,8 @@ pub struct RetFrame {
     pub real: AtomicU64,
     /// The probed function's entry, to find its consumers.
     pub site: AtomicU64,
-    /// When the call began (0 when no consumer of the site wants durations).
+    /// When the call began (0 when no consumer of the site wants durations): nanoseconds of
+    /// `CLOCK_MONOTONIC`, or ticks with [`FRAME_TSC`].
     pub entry_ns: AtomicU64,
     /// The site's return counter.
     pub counter: AtomicU32,
@@ -47,6 +48,8 @@ pub struct RetFrame {
 
 /// The return of this frame needs more than a count.
 pub const FRAME_SLOW: u32 = 1;
+/// The frame's `entry_ns` is the time-stamp counter's (see `sigsafe::clock`), not nanoseconds.
+pub const FRAME_TSC: u32 = 2;
 
 /// The start of a thread's block.
 #[repr(C)]
