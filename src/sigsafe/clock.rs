@@ -8,8 +8,8 @@
 //! events were traced is timed with it too.
 //!
 //! Calibration: the counter and the clock are read together when the runtime starts; the rate is
-//! the ratio of what each advanced since, taken once at least `SETTLED_NS` has passed (until then,
-//! each conversion takes it afresh, from an interval too short to be kept).
+//! the ratio of what each advanced since, kept once at least `SETTLED_NS` has passed (until then,
+//! taken afresh every quarter of a millisecond or so, from an interval too short to be kept).
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -85,9 +85,22 @@ pub fn ticks_to_ns(d: u64) -> u64 {
     ((u128::from(d) * u128::from(m)) >> 32) as u64
 }
 
+/// Before the rate is kept: the last one taken, and when (in ticks). It is taken again at most
+/// every [`RETAKE_TICKS`], so that the calls of a process's first milliseconds do not each read
+/// the clock.
+static PROVISIONAL: AtomicU64 = AtomicU64::new(0);
+static PROVISIONAL_AT: AtomicU64 = AtomicU64::new(0);
+/// About a quarter of a millisecond at 4 GHz.
+const RETAKE_TICKS: u64 = 1 << 20;
+
 /// Nanoseconds per tick (32.32) since the anchor; kept once the interval is long enough.
 #[cold]
 fn rate() -> u64 {
+    let now = ticks();
+    let provisional = PROVISIONAL.load(Ordering::Relaxed);
+    if provisional != 0 && now.wrapping_sub(PROVISIONAL_AT.load(Ordering::Relaxed)) < RETAKE_TICKS {
+        return provisional;
+    }
     let (t0, n0) = (ANCHOR_TICKS.load(Ordering::Relaxed), ANCHOR_NS.load(Ordering::Relaxed));
     let (t, n) = sample();
     let (dt, dn) = (t.wrapping_sub(t0), n.saturating_sub(n0));
@@ -98,6 +111,8 @@ fn rate() -> u64 {
     if dn >= SETTLED_NS && m != 0 {
         MULT.store(m, Ordering::Relaxed);
     }
+    PROVISIONAL.store(m.max(1), Ordering::Relaxed);
+    PROVISIONAL_AT.store(now, Ordering::Relaxed);
     m.max(1)
 }
 
