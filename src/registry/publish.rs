@@ -118,6 +118,8 @@ fn entry_of(site: &Site, j: &Jump) -> u64 {
     match (ret, timed) {
         (false, _) => b.count,
         (true, false) => b.ret,
+        // Durations timed in the body need the time-stamp counter (see `sigsafe::clock`).
+        (true, true) if crate::sigsafe::clock::tsc() => b.ret_timed,
         (true, true) => b.full,
     }
 }

@@ -60,6 +60,8 @@ pub struct Body {
     pub full: u64,
     /// Where a hit of a site with return probes enters (the same as `full` when it has none).
     pub ret: u64,
+    /// The same, taking the entry's time (a site whose return probes keep durations).
+    pub ret_timed: u64,
     /// The relocated instruction: where a trap at the site resumes, too.
     pub insn: u64,
     pub slot: SlotMap,
@@ -248,11 +250,19 @@ fn write_body(
         tail: (r.code.len() - r.insn_len) as u32,
         syscall: r.syscall,
     };
-    Ok(Body { count: at + asm.count, full: at + asm.full, ret: at + asm.ret, insn, slot, counters })
+    Ok(Body {
+        count: at + asm.count,
+        full: at + asm.full,
+        ret: at + asm.ret,
+        ret_timed: at + asm.ret_timed,
+        insn,
+        slot,
+        counters,
+    })
 }
 
 /// An assembled body: its code, its labels' offsets, and what it pushed from each offset on.
-type Finished = (Vec<u8>, [usize; 10], Vec<(usize, u16)>);
+type Finished = (Vec<u8>, [usize; LABELS], Vec<(usize, u16)>);
 
 struct Assembled {
     code: Vec<u8>,
@@ -264,6 +274,7 @@ struct Assembled {
     count: u64,
     full: u64,
     ret: u64,
+    ret_timed: u64,
     insn_offset: u64,
 }
 
@@ -280,14 +291,20 @@ enum L {
     RetSlow,
     FullPtr,
     Guard,
+    RetTimed,
+    RetTimedPush,
+    RetTimedSlow,
 }
+
+/// How many labels a body has.
+const LABELS: usize = 13;
 
 /// A tiny assembler for the bodies: fixed encodings (rel32 branches, disp32 where a constant
 /// varies), so that a body's layout depends only on its shape. (iced's block encoder builds its
 /// tables on first use: half a millisecond of each process's setup.)
 struct Asm {
     code: Vec<u8>,
-    labels: [Option<usize>; 10],
+    labels: [Option<usize>; LABELS],
     /// (offset of a rel32 field, the label it reaches)
     fixups: Vec<(usize, L)>,
     /// How many bytes the code has pushed below the program's rsp, from each offset on: the frame
@@ -299,7 +316,7 @@ impl Asm {
     fn new() -> Asm {
         Asm {
             code: Vec::with_capacity(256),
-            labels: [None; 10],
+            labels: [None; LABELS],
             fixups: Vec::new(),
             pushed: Vec::with_capacity(24),
         }
@@ -397,7 +414,7 @@ impl Asm {
     }
 
     fn finish(mut self) -> Option<Finished> {
-        let mut at = [0; 10];
+        let mut at = [0; LABELS];
         for (i, l) in self.labels.iter().enumerate() {
             at[i] = (*l)?;
         }
@@ -456,63 +473,8 @@ fn assemble_body(
     a.pushed(0);
     a.enter_red_zone();
     a.jmp(L::Common);
-    a.label(L::Ret);
-    a.pushed(0);
-    if counters.returns == NO_COUNTER {
-        a.jmp(L::Full);
-        a.label(L::RetPush);
-        a.label(L::RetSlow);
-    } else {
-        a.save();
-        a.push3();
-        a.check_tls(L::RetSlow);
-        a.load_block(tls);
-        a.b(&[0x48, 0x85, 0xc0]); // test rax, rax
-        a.jcc(JZ, L::RetSlow);
-        a.b(&[0x8b, 0x88]).d32(RET_DEPTH_AT); // mov ecx, dword ptr [rax + ret_depth]
-        a.b(&[0x81, 0xf9]).d32(thread::RET_STACK as i32); // cmp ecx, RET_STACK
-        a.jcc(JAE, L::RetSlow);
-        // lea rsi, [rsp + 168]: the program's rsp (5 pushes and the red zone)
-        a.b(&[0x48, 0x8d, 0xb4, 0x24]).d32(168);
-        a.b(&[0x85, 0xc9]); // test ecx, ecx
-        a.jcc(JZ, L::RetPush);
-        // A pending frame at or below this one (a longjmp abandoned it, or a tail call chains
-        // to it) is the full entry's to sort out.
-        a.b(&[0x48, 0x8d, 0x14, 0x89]); // lea rdx, [rcx + rcx*4]
-                                        // cmp qword ptr [rax + rdx*8 + frames - frame], rsi
-        a.b(&[0x48, 0x39, 0xb4, 0xd0]).d32(FRAMES_AT - FRAME_SIZE);
-        a.jcc(JBE, L::RetSlow);
-        a.label(L::RetPush);
-        a.b(&[0x48, 0x8d, 0x14, 0x89]); // lea rdx, [rcx + rcx*4]
-        a.b(&[0x48, 0x8d, 0x94, 0xd0]).d32(FRAMES_AT); // lea rdx, [rax + rdx*8 + frames]
-                                                       // A signal handler may run a return-probed function anywhere in here: the frame is
-                                                       // taken (depth + 1) with a slot above every stack first, so that a nested hijack
-                                                       // neither overwrites it nor takes it for abandoned; its slot is written last.
-        a.b(&[0x48, 0xc7, 0x02]).d32(-1); // mov qword ptr [rdx], -1
-        a.b(&[0xff, 0x80]).d32(RET_DEPTH_AT); // inc dword ptr [rax + ret_depth]
-        a.b(&[0x48, 0x8b, 0x0e]); // mov rcx, qword ptr [rsi]
-        a.b(&[0x48, 0x89, 0x4a, 0x08]); // mov qword ptr [rdx+8], rcx: the real return address
-        a.b(&[0x48, 0xb9]).q64(site); // mov rcx, site
-        a.b(&[0x48, 0x89, 0x4a, 0x10]); // mov qword ptr [rdx+16], rcx: the site
-        a.b(&[0x48, 0xc7, 0x42, 0x18]).d32(0); // mov qword ptr [rdx+24], 0: no entry_ns here
-                                               // mov qword ptr [rdx+32], counter (flags 0)
-        a.b(&[0x48, 0xc7, 0x42, 0x20]).d32(counters.returns as i32);
-        a.b(&[0x48, 0x89, 0x32]); // mov qword ptr [rdx], rsi: the slot
-        if counters.hits != NO_COUNTER {
-            a.b(&[0x48, 0xff, 0x80]).d32(counter_at(counters.hits)); // inc qword ptr [rax+disp32]
-        }
-        a.b(&[0x48, 0xb9]).q64(ret::trampoline()); // mov rcx, trampoline
-        a.b(&[0x48, 0x89, 0x0e]); // mov qword ptr [rsi], rcx
-        a.pop3();
-        a.restore();
-        a.leave_red_zone();
-        a.jmp(L::Insn);
-        a.label(L::RetSlow);
-        a.pushed(168);
-        a.pop3();
-        a.restore();
-        a.jmp(L::Common);
-    }
+    ret_entry(&mut a, site, counters, tls, false);
+    ret_entry(&mut a, site, counters, tls, true);
     let code_end = a.code.len();
     a.label(L::FullPtr);
     a.q64(jump::full_entry());
@@ -526,11 +488,98 @@ fn assemble_body(
         count: off(L::Count),
         full: off(L::Full),
         ret: off(L::Ret),
+        ret_timed: off(L::RetTimed),
         insn_offset: off(L::Insn),
         code,
         pushed,
         code_end,
     })
+}
+
+/// A return probe's entry: push the thread's frame and hijack the return address; with `timed`,
+/// the entry's time-stamp counter goes into the frame (durations, see `sigsafe::clock`). Anything
+/// else (no block, a full return stack, a pending frame below) takes the full entry.
+fn ret_entry(a: &mut Asm, site: u64, counters: Counters, tls: i32, timed: bool) {
+    let counter_at = |c: u32| (COUNTERS_AT + c as u64 * 8) as i32;
+    let (entry, push, slow) = if timed {
+        (L::RetTimed, L::RetTimedPush, L::RetTimedSlow)
+    } else {
+        (L::Ret, L::RetPush, L::RetSlow)
+    };
+    a.label(entry);
+    a.pushed(0);
+    if counters.returns == NO_COUNTER {
+        a.jmp(L::Full);
+        a.label(push);
+        a.label(slow);
+    } else {
+        a.save();
+        a.push3();
+        a.check_tls(slow);
+        a.load_block(tls);
+        a.b(&[0x48, 0x85, 0xc0]); // test rax, rax
+        a.jcc(JZ, slow);
+        a.b(&[0x8b, 0x88]).d32(RET_DEPTH_AT); // mov ecx, dword ptr [rax + ret_depth]
+        a.b(&[0x81, 0xf9]).d32(thread::RET_STACK as i32); // cmp ecx, RET_STACK
+        a.jcc(JAE, slow);
+        // lea rsi, [rsp + 168]: the program's rsp (5 pushes and the red zone)
+        a.b(&[0x48, 0x8d, 0xb4, 0x24]).d32(168);
+        a.b(&[0x85, 0xc9]); // test ecx, ecx
+        a.jcc(JZ, push);
+        // A pending frame at or below this one (a longjmp abandoned it, or a tail call chains
+        // to it) is the full entry's to sort out.
+        a.b(&[0x48, 0x8d, 0x14, 0x89]); // lea rdx, [rcx + rcx*4]
+                                        // cmp qword ptr [rax + rdx*8 + frames - frame], rsi
+        a.b(&[0x48, 0x39, 0xb4, 0xd0]).d32(FRAMES_AT - FRAME_SIZE);
+        a.jcc(JBE, slow);
+        a.label(push);
+        a.b(&[0x48, 0x8d, 0x14, 0x89]); // lea rdx, [rcx + rcx*4]
+        a.b(&[0x48, 0x8d, 0x94, 0xd0]).d32(FRAMES_AT); // lea rdx, [rax + rdx*8 + frames]
+                                                       // A signal handler may run a return-probed function anywhere in here: the frame is
+                                                       // taken (depth + 1) with a slot above every stack first, so that a nested hijack
+                                                       // neither overwrites it nor takes it for abandoned; its slot is written last.
+        a.b(&[0x48, 0xc7, 0x02]).d32(-1); // mov qword ptr [rdx], -1
+        a.b(&[0xff, 0x80]).d32(RET_DEPTH_AT); // inc dword ptr [rax + ret_depth]
+        a.b(&[0x48, 0x8b, 0x0e]); // mov rcx, qword ptr [rsi]
+        a.b(&[0x48, 0x89, 0x4a, 0x08]); // mov qword ptr [rdx+8], rcx: the real return address
+        a.b(&[0x48, 0xb9]).q64(site); // mov rcx, site
+        a.b(&[0x48, 0x89, 0x4a, 0x10]); // mov qword ptr [rdx+16], rcx: the site
+        if timed {
+            // The entry's time-stamp counter in entry_ns (rax, the block, parked there while
+            // rdtsc takes eax and edx), then counter and flags (durations, in ticks).
+            a.b(&[0x48, 0x89, 0xd1]); // mov rcx, rdx
+            a.b(&[0x48, 0x89, 0x41, 0x18]); // mov qword ptr [rcx+24], rax
+            a.b(&[0x0f, 0x31]); // rdtsc
+            a.b(&[0x48, 0xc1, 0xe2, 0x20]); // shl rdx, 32
+            a.b(&[0x48, 0x09, 0xd0]); // or rax, rdx
+            a.b(&[0x48, 0x89, 0xc2]); // mov rdx, rax
+            a.b(&[0x48, 0x8b, 0x41, 0x18]); // mov rax, qword ptr [rcx+24]
+            a.b(&[0x48, 0x89, 0x51, 0x18]); // mov qword ptr [rcx+24], rdx
+            a.b(&[0x48, 0x89, 0xca]); // mov rdx, rcx
+            a.b(&[0xc7, 0x42, 0x20]).d32(counters.returns as i32); // mov dword ptr [rdx+32], counter
+            a.b(&[0xc7, 0x42, 0x24]).d32((thread::FRAME_SLOW | thread::FRAME_TSC) as i32);
+        // flags
+        } else {
+            a.b(&[0x48, 0xc7, 0x42, 0x18]).d32(0); // mov qword ptr [rdx+24], 0: no entry_ns here
+                                                   // mov qword ptr [rdx+32], counter (flags 0)
+            a.b(&[0x48, 0xc7, 0x42, 0x20]).d32(counters.returns as i32);
+        }
+        a.b(&[0x48, 0x89, 0x32]); // mov qword ptr [rdx], rsi: the slot
+        if counters.hits != NO_COUNTER {
+            a.b(&[0x48, 0xff, 0x80]).d32(counter_at(counters.hits)); // inc qword ptr [rax+disp32]
+        }
+        a.b(&[0x48, 0xb9]).q64(ret::trampoline()); // mov rcx, trampoline
+        a.b(&[0x48, 0x89, 0x0e]); // mov qword ptr [rsi], rcx
+        a.pop3();
+        a.restore();
+        a.leave_red_zone();
+        a.jmp(L::Insn);
+        a.label(slow);
+        a.pushed(168);
+        a.pop3();
+        a.restore();
+        a.jmp(L::Common);
+    }
 }
 
 /// Offsets in a thread's block (see `sigsafe::thread::Block`).
@@ -741,6 +790,9 @@ mod tests {
         let mut ret_slow = a.create_label();
         let mut full_ptr = a.create_label();
         let mut guard = a.create_label();
+        let mut ret_t = a.create_label();
+        let mut ret_t_push = a.create_label();
+        let mut ret_t_slow = a.create_label();
         let save = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
             a.lea(rsp, ptr(rsp - 128))?;
             a.push(rax)?;
@@ -841,6 +893,73 @@ mod tests {
                 restore(&mut a)?;
                 a.jmp(common)?;
             }
+            a.set_label(&mut ret_t)?;
+            if counters.returns == NO_COUNTER {
+                a.jmp(full)?;
+            } else {
+                save(&mut a)?;
+                a.push(rcx)?;
+                a.push(rdx)?;
+                a.push(rsi)?;
+                a.mov(rax, qword_ptr(0x28).fs())?;
+                a.cmp(rax, qword_ptr(guard))?;
+                a.jne(ret_t_slow)?;
+                a.db(&load_block)?;
+                a.test(rax, rax)?;
+                a.jz(ret_t_slow)?;
+                a.mov(ecx, dword_ptr(rax + RET_DEPTH_AT))?;
+                a.cmp(ecx, thread::RET_STACK as u32)?;
+                a.jae(ret_t_slow)?;
+                a.lea(rsi, ptr(rsp + 168))?; // the program's rsp: 5 pushes and the red zone
+                a.test(ecx, ecx)?;
+                a.jz(ret_t_push)?;
+                // A pending frame at or below this one (a longjmp abandoned it, or a tail call
+                // chains to it) is the full entry's to sort out.
+                a.lea(rdx, ptr(rcx + rcx * 4))?;
+                a.cmp(qword_ptr(rax + rdx * 8 + (FRAMES_AT - FRAME_SIZE)), rsi)?;
+                a.jbe(ret_t_slow)?;
+                a.set_label(&mut ret_t_push)?;
+                a.lea(rdx, ptr(rcx + rcx * 4))?;
+                a.lea(rdx, ptr(rax + rdx * 8 + FRAMES_AT))?;
+                // A signal handler may run a return-probed function anywhere in here: the frame is
+                // taken (depth + 1) with a slot above every stack first, so that a nested hijack
+                // neither overwrites it nor takes it for abandoned; its slot is written last.
+                a.mov(qword_ptr(rdx), -1)?;
+                a.inc(dword_ptr(rax + RET_DEPTH_AT))?;
+                a.mov(rcx, qword_ptr(rsi))?;
+                a.mov(qword_ptr(rdx + 8), rcx)?; // real return address
+                a.mov(rcx, site)?;
+                a.mov(qword_ptr(rdx + 16), rcx)?; // site
+                a.mov(rcx, rdx)?;
+                a.mov(qword_ptr(rcx + 24), rax)?;
+                a.rdtsc()?;
+                a.shl(rdx, 32)?;
+                a.or(rax, rdx)?;
+                a.mov(rdx, rax)?;
+                a.mov(rax, qword_ptr(rcx + 24))?;
+                a.mov(qword_ptr(rcx + 24), rdx)?; // entry_ns: the time-stamp counter
+                a.mov(rdx, rcx)?;
+                a.mov(dword_ptr(rdx + 32), counters.returns)?; // counter
+                a.mov(dword_ptr(rdx + 36), thread::FRAME_SLOW | thread::FRAME_TSC)?; // flags
+                a.mov(qword_ptr(rdx), rsi)?; // slot
+                if counters.hits != NO_COUNTER {
+                    a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
+                }
+                a.mov(rcx, ret::trampoline())?;
+                a.mov(qword_ptr(rsi), rcx)?;
+                a.pop(rsi)?;
+                a.pop(rdx)?;
+                a.pop(rcx)?;
+                restore(&mut a)?;
+                a.lea(rsp, ptr(rsp + 128))?;
+                a.jmp(insn)?;
+                a.set_label(&mut ret_t_slow)?;
+                a.pop(rsi)?;
+                a.pop(rdx)?;
+                a.pop(rcx)?;
+                restore(&mut a)?;
+                a.jmp(common)?;
+            }
             a.set_label(&mut full_ptr)?;
             a.db(&jump::full_entry().to_le_bytes())?;
             a.set_label(&mut guard)?;
@@ -855,6 +974,7 @@ mod tests {
             count: off(&count)?,
             full: off(&full)?,
             ret: off(&ret)?,
+            ret_timed: off(&ret_t)?,
             insn_offset: off(&insn)?,
             code: res.inner.code_buffer,
             pushed: Vec::new(), // not compared
@@ -919,6 +1039,7 @@ mod tests {
                 (ours.count, theirs.count),
                 (ours.full, theirs.full),
                 (ours.ret, theirs.ret),
+                (ours.ret_timed, theirs.ret_timed),
                 (ours.insn_offset, theirs.insn_offset),
             ] {
                 assert_eq!(nth(&ours.code, x), nth(&theirs.code, y), "counters {hits} {returns}");
