@@ -215,6 +215,18 @@ fn check(pid: i32, force: bool) -> Result<(Vec<Map>, String), String> {
     }
     let libc = maps.iter().find(|m| is_libc(m)).map(|m| m.path.clone());
     let Some(libc) = libc else {
+        // A process that is exiting has let go of its memory: no mapping at all (a static
+        // program has its own), a zombie, or no executable left.
+        let status = read(&format!("/proc/{pid}/status")).unwrap_or_default();
+        let state = status_field(&status, "State:").unwrap_or_default();
+        if maps.is_empty()
+            || status.is_empty()
+            || state.starts_with('Z')
+            || state.starts_with('X')
+            || std::fs::read_link(format!("/proc/{pid}/exe")).is_err()
+        {
+            return Err(format!("process {pid} exited"));
+        }
         if maps.iter().any(is_loader) {
             return Err(format!(
                 "process {pid} has its dynamic loader but no libc mapped: it does not use libc, \
