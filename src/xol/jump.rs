@@ -835,131 +835,90 @@ mod tests {
             a.set_label(&mut full)?;
             a.lea(rsp, ptr(rsp - 128))?;
             a.jmp(common)?;
-            a.set_label(&mut ret)?;
-            if counters.returns == NO_COUNTER {
-                a.jmp(full)?;
-            } else {
-                save(&mut a)?;
-                a.push(rcx)?;
-                a.push(rdx)?;
-                a.push(rsi)?;
-                a.mov(rax, qword_ptr(0x28).fs())?;
-                a.cmp(rax, qword_ptr(guard))?;
-                a.jne(ret_slow)?;
-                a.db(&load_block)?;
-                a.test(rax, rax)?;
-                a.jz(ret_slow)?;
-                a.mov(ecx, dword_ptr(rax + RET_DEPTH_AT))?;
-                a.cmp(ecx, thread::RET_STACK as u32)?;
-                a.jae(ret_slow)?;
-                a.lea(rsi, ptr(rsp + 168))?; // the program's rsp: 5 pushes and the red zone
-                a.test(ecx, ecx)?;
-                a.jz(ret_push)?;
-                // A pending frame at or below this one (a longjmp abandoned it, or a tail call
-                // chains to it) is the full entry's to sort out.
-                a.lea(rdx, ptr(rcx + rcx * 4))?;
-                a.cmp(qword_ptr(rax + rdx * 8 + (FRAMES_AT - FRAME_SIZE)), rsi)?;
-                a.jbe(ret_slow)?;
-                a.set_label(&mut ret_push)?;
-                a.lea(rdx, ptr(rcx + rcx * 4))?;
-                a.lea(rdx, ptr(rax + rdx * 8 + FRAMES_AT))?;
-                // A signal handler may run a return-probed function anywhere in here: the frame is
-                // taken (depth + 1) with a slot above every stack first, so that a nested hijack
-                // neither overwrites it nor takes it for abandoned; its slot is written last.
-                a.mov(qword_ptr(rdx), -1)?;
-                a.inc(dword_ptr(rax + RET_DEPTH_AT))?;
-                a.mov(rcx, qword_ptr(rsi))?;
-                a.mov(qword_ptr(rdx + 8), rcx)?; // real return address
-                a.mov(rcx, site)?;
-                a.mov(qword_ptr(rdx + 16), rcx)?; // site
-                a.mov(qword_ptr(rdx + 24), 0)?; // entry_ns: no durations here
-                a.mov(qword_ptr(rdx + 32), counters.returns as i32)?; // counter, flags 0
-                a.mov(qword_ptr(rdx), rsi)?; // slot
-                if counters.hits != NO_COUNTER {
-                    a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
+            // A return probe's entry (see `ret_entry`), untimed and timed.
+            let ret_block = |a: &mut CodeAssembler,
+                             timed: bool,
+                             entry: &mut CodeLabel,
+                             push: &mut CodeLabel,
+                             slow: &mut CodeLabel|
+             -> Result<(), iced_x86::IcedError> {
+                a.set_label(entry)?;
+                if counters.returns == NO_COUNTER {
+                    a.jmp(full)?;
+                } else {
+                    save(a)?;
+                    a.push(rcx)?;
+                    a.push(rdx)?;
+                    a.push(rsi)?;
+                    a.mov(rax, qword_ptr(0x28).fs())?;
+                    a.cmp(rax, qword_ptr(guard))?;
+                    a.jne(*slow)?;
+                    a.db(&load_block)?;
+                    a.test(rax, rax)?;
+                    a.jz(*slow)?;
+                    a.mov(ecx, dword_ptr(rax + RET_DEPTH_AT))?;
+                    a.cmp(ecx, thread::RET_STACK as u32)?;
+                    a.jae(*slow)?;
+                    a.lea(rsi, ptr(rsp + 168))?; // the program's rsp: 5 pushes and the red zone
+                    a.test(ecx, ecx)?;
+                    a.jz(*push)?;
+                    // A pending frame at or below this one (a longjmp abandoned it, or a tail call
+                    // chains to it) is the full entry's to sort out.
+                    a.lea(rdx, ptr(rcx + rcx * 4))?;
+                    a.cmp(qword_ptr(rax + rdx * 8 + (FRAMES_AT - FRAME_SIZE)), rsi)?;
+                    a.jbe(*slow)?;
+                    a.set_label(push)?;
+                    a.lea(rdx, ptr(rcx + rcx * 4))?;
+                    a.lea(rdx, ptr(rax + rdx * 8 + FRAMES_AT))?;
+                    // A signal handler may run a return-probed function anywhere in here: the frame is
+                    // taken (depth + 1) with a slot above every stack first, so that a nested hijack
+                    // neither overwrites it nor takes it for abandoned; its slot is written last.
+                    a.mov(qword_ptr(rdx), -1)?;
+                    a.inc(dword_ptr(rax + RET_DEPTH_AT))?;
+                    a.mov(rcx, qword_ptr(rsi))?;
+                    a.mov(qword_ptr(rdx + 8), rcx)?; // real return address
+                    a.mov(rcx, site)?;
+                    a.mov(qword_ptr(rdx + 16), rcx)?; // site
+                    if timed {
+                        a.mov(rcx, rdx)?;
+                        a.mov(qword_ptr(rcx + 24), rax)?;
+                        a.rdtsc()?;
+                        a.shl(rdx, 32)?;
+                        a.or(rax, rdx)?;
+                        a.mov(rdx, rax)?;
+                        a.mov(rax, qword_ptr(rcx + 24))?;
+                        a.mov(qword_ptr(rcx + 24), rdx)?; // entry_ns: the time-stamp counter
+                        a.mov(rdx, rcx)?;
+                        a.mov(dword_ptr(rdx + 32), counters.returns)?; // counter
+                        a.mov(dword_ptr(rdx + 36), thread::FRAME_SLOW | thread::FRAME_TSC)?;
+                    // flags
+                    } else {
+                        a.mov(qword_ptr(rdx + 24), 0)?; // entry_ns: no durations here
+                        a.mov(qword_ptr(rdx + 32), counters.returns as i32)?; // counter, flags 0
+                    }
+                    a.mov(qword_ptr(rdx), rsi)?; // slot
+                    if counters.hits != NO_COUNTER {
+                        a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
+                    }
+                    a.mov(rcx, ret::trampoline())?;
+                    a.mov(qword_ptr(rsi), rcx)?;
+                    a.pop(rsi)?;
+                    a.pop(rdx)?;
+                    a.pop(rcx)?;
+                    restore(a)?;
+                    a.lea(rsp, ptr(rsp + 128))?;
+                    a.jmp(insn)?;
+                    a.set_label(slow)?;
+                    a.pop(rsi)?;
+                    a.pop(rdx)?;
+                    a.pop(rcx)?;
+                    restore(a)?;
+                    a.jmp(common)?;
                 }
-                a.mov(rcx, ret::trampoline())?;
-                a.mov(qword_ptr(rsi), rcx)?;
-                a.pop(rsi)?;
-                a.pop(rdx)?;
-                a.pop(rcx)?;
-                restore(&mut a)?;
-                a.lea(rsp, ptr(rsp + 128))?;
-                a.jmp(insn)?;
-                a.set_label(&mut ret_slow)?;
-                a.pop(rsi)?;
-                a.pop(rdx)?;
-                a.pop(rcx)?;
-                restore(&mut a)?;
-                a.jmp(common)?;
-            }
-            a.set_label(&mut ret_t)?;
-            if counters.returns == NO_COUNTER {
-                a.jmp(full)?;
-            } else {
-                save(&mut a)?;
-                a.push(rcx)?;
-                a.push(rdx)?;
-                a.push(rsi)?;
-                a.mov(rax, qword_ptr(0x28).fs())?;
-                a.cmp(rax, qword_ptr(guard))?;
-                a.jne(ret_t_slow)?;
-                a.db(&load_block)?;
-                a.test(rax, rax)?;
-                a.jz(ret_t_slow)?;
-                a.mov(ecx, dword_ptr(rax + RET_DEPTH_AT))?;
-                a.cmp(ecx, thread::RET_STACK as u32)?;
-                a.jae(ret_t_slow)?;
-                a.lea(rsi, ptr(rsp + 168))?; // the program's rsp: 5 pushes and the red zone
-                a.test(ecx, ecx)?;
-                a.jz(ret_t_push)?;
-                // A pending frame at or below this one (a longjmp abandoned it, or a tail call
-                // chains to it) is the full entry's to sort out.
-                a.lea(rdx, ptr(rcx + rcx * 4))?;
-                a.cmp(qword_ptr(rax + rdx * 8 + (FRAMES_AT - FRAME_SIZE)), rsi)?;
-                a.jbe(ret_t_slow)?;
-                a.set_label(&mut ret_t_push)?;
-                a.lea(rdx, ptr(rcx + rcx * 4))?;
-                a.lea(rdx, ptr(rax + rdx * 8 + FRAMES_AT))?;
-                // A signal handler may run a return-probed function anywhere in here: the frame is
-                // taken (depth + 1) with a slot above every stack first, so that a nested hijack
-                // neither overwrites it nor takes it for abandoned; its slot is written last.
-                a.mov(qword_ptr(rdx), -1)?;
-                a.inc(dword_ptr(rax + RET_DEPTH_AT))?;
-                a.mov(rcx, qword_ptr(rsi))?;
-                a.mov(qword_ptr(rdx + 8), rcx)?; // real return address
-                a.mov(rcx, site)?;
-                a.mov(qword_ptr(rdx + 16), rcx)?; // site
-                a.mov(rcx, rdx)?;
-                a.mov(qword_ptr(rcx + 24), rax)?;
-                a.rdtsc()?;
-                a.shl(rdx, 32)?;
-                a.or(rax, rdx)?;
-                a.mov(rdx, rax)?;
-                a.mov(rax, qword_ptr(rcx + 24))?;
-                a.mov(qword_ptr(rcx + 24), rdx)?; // entry_ns: the time-stamp counter
-                a.mov(rdx, rcx)?;
-                a.mov(dword_ptr(rdx + 32), counters.returns)?; // counter
-                a.mov(dword_ptr(rdx + 36), thread::FRAME_SLOW | thread::FRAME_TSC)?; // flags
-                a.mov(qword_ptr(rdx), rsi)?; // slot
-                if counters.hits != NO_COUNTER {
-                    a.inc(qword_ptr(rax + counter_at(counters.hits)))?;
-                }
-                a.mov(rcx, ret::trampoline())?;
-                a.mov(qword_ptr(rsi), rcx)?;
-                a.pop(rsi)?;
-                a.pop(rdx)?;
-                a.pop(rcx)?;
-                restore(&mut a)?;
-                a.lea(rsp, ptr(rsp + 128))?;
-                a.jmp(insn)?;
-                a.set_label(&mut ret_t_slow)?;
-                a.pop(rsi)?;
-                a.pop(rdx)?;
-                a.pop(rcx)?;
-                restore(&mut a)?;
-                a.jmp(common)?;
-            }
+                Ok(())
+            };
+            ret_block(&mut a, false, &mut ret, &mut ret_push, &mut ret_slow)?;
+            ret_block(&mut a, true, &mut ret_t, &mut ret_t_push, &mut ret_t_slow)?;
             a.set_label(&mut full_ptr)?;
             a.db(&jump::full_entry().to_le_bytes())?;
             a.set_label(&mut guard)?;
