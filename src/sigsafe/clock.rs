@@ -44,15 +44,15 @@ pub fn init(clocksource: &str) {
     if clocksource.trim() != "tsc" || !invariant {
         return;
     }
-    let (t, n) = sample();
+    let (t, n, _) = sample();
     ANCHOR_TICKS.store(t, Ordering::Relaxed);
     ANCHOR_NS.store(n, Ordering::Relaxed);
     TSC.store(true, Ordering::Release);
 }
 
-/// The counter and the clock at one instant: the counter read between two reads of the clock,
-/// the tightest of a few tries (a preemption between them would skew the rate).
-fn sample() -> (u64, u64) {
+/// The counter and the clock at one instant, and how far apart the clock's two reads around the
+/// counter's were: the tightest of a few tries (a preemption between them would skew the rate).
+fn sample() -> (u64, u64, u64) {
     let mut best = (0, 0, u64::MAX);
     for _ in 0..8 {
         let a = sys::monotonic_ns();
@@ -66,7 +66,7 @@ fn sample() -> (u64, u64) {
             break;
         }
     }
-    (best.0, best.1)
+    best
 }
 
 /// Is the counter the clock of durations?
@@ -102,7 +102,7 @@ fn rate() -> u64 {
         return provisional;
     }
     let (t0, n0) = (ANCHOR_TICKS.load(Ordering::Relaxed), ANCHOR_NS.load(Ordering::Relaxed));
-    let (t, n) = sample();
+    let (t, n, _) = sample();
     let (dt, dn) = (t.wrapping_sub(t0), n.saturating_sub(n0));
     if dt == 0 {
         return 1 << 32;
@@ -128,27 +128,11 @@ mod tests {
             eprintln!("the clocksource is not an invariant tsc: clock_gettime is the clock here");
             return;
         }
-        // The counter read between two reads of the clock: the pair's error is at most the gap
-        // (retried until it is small, whatever preempts the test).
-        let pair = || {
-            let mut best = (0, 0, u64::MAX);
-            for _ in 0..1000 {
-                let a = sys::monotonic_ns();
-                let t = ticks();
-                let b = sys::monotonic_ns();
-                if b - a < best.2 {
-                    best = (t, a + (b - a) / 2, b - a);
-                }
-                if best.2 < 20_000 {
-                    break;
-                }
-            }
-            best
-        };
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let (t0, n0, e0) = pair();
+        // Each sample's error is at most its gap (the counter was read between the clock's).
+        let (t0, n0, e0) = sample();
         std::thread::sleep(std::time::Duration::from_millis(30));
-        let (t1, n1, e1) = pair();
+        let (t1, n1, e1) = sample();
         let (by_ticks, by_clock) = (ticks_to_ns(t1 - t0), n1 - n0);
         // The rate was taken over at least 10 ms, with the same bracketing error at each end.
         let diff = by_ticks.abs_diff(by_clock);

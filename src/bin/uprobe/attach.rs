@@ -92,6 +92,20 @@ fn maps(pid: i32) -> Result<Vec<Map>, String> {
 }
 
 /// Why ptrace is refused, as precisely as can be told.
+/// Is process `pid` exiting, and how it shows: gone, a zombie, or (`exe_readable`: where its
+/// executable could be read at all) no executable left, which an exit releases with its memory.
+fn exiting(pid: i32, exe_readable: bool) -> Option<&'static str> {
+    let status = read(&format!("/proc/{pid}/status")).unwrap_or_default();
+    let state = status_field(&status, "State:").unwrap_or_default();
+    if status.is_empty() || state.starts_with('Z') || state.starts_with('X') {
+        return Some("the process exited");
+    }
+    if exe_readable && std::fs::read_link(format!("/proc/{pid}/exe")).is_err() {
+        return Some("the process exited (it has no memory left)");
+    }
+    None
+}
+
 fn why_no_ptrace(pid: i32, errno: i32) -> String {
     let status = read(&format!("/proc/{pid}/status")).unwrap_or_default();
     let target_uid: u32 = status_field(&status, "Uid:")
@@ -112,23 +126,13 @@ fn why_no_ptrace(pid: i32, errno: i32) -> String {
     // A process that is exiting has let go of its memory, and ptrace calls that not dumpable.
     // Root is refused only then (or by Yama's scope 3, or a security module): an exit under way
     // shows within moments (a zombie, no memory), so root looks a few times before saying more.
-    let exited = |status: &str| {
-        let state = status_field(status, "State:").unwrap_or_default();
-        status.is_empty() || state.starts_with('Z') || state.starts_with('X')
-    };
     let looks = if me == 0 && scope != Some(3) { 40 } else { 1 };
     for look in 0..looks {
-        let status = if look == 0 {
-            status.clone()
-        } else {
+        if look > 0 {
             std::thread::sleep(Duration::from_millis(5));
-            read(&format!("/proc/{pid}/status")).unwrap_or_default()
-        };
-        if exited(&status) {
-            return format!("{base}: the process exited");
         }
-        if me == 0 && std::fs::read_link(format!("/proc/{pid}/exe")).is_err() {
-            return format!("{base}: the process exited (it has no memory left)");
+        if let Some(how) = exiting(pid, me == 0) {
+            return format!("{base}: {how}");
         }
     }
     if me != 0 && target_uid != me {
@@ -216,15 +220,8 @@ fn check(pid: i32, force: bool) -> Result<(Vec<Map>, String), String> {
     let libc = maps.iter().find(|m| is_libc(m)).map(|m| m.path.clone());
     let Some(libc) = libc else {
         // A process that is exiting has let go of its memory: no mapping at all (a static
-        // program has its own), a zombie, or no executable left.
-        let status = read(&format!("/proc/{pid}/status")).unwrap_or_default();
-        let state = status_field(&status, "State:").unwrap_or_default();
-        if maps.is_empty()
-            || status.is_empty()
-            || state.starts_with('Z')
-            || state.starts_with('X')
-            || std::fs::read_link(format!("/proc/{pid}/exe")).is_err()
-        {
+        // program has its own), or see `exiting` (its maps were readable: so is its executable).
+        if maps.is_empty() || exiting(pid, true).is_some() {
             return Err(format!("process {pid} exited"));
         }
         if maps.iter().any(is_loader) {
